@@ -1,0 +1,87 @@
+"""Turn whatever a user passes as "parameters" into a list of gradients.
+
+Accepted everywhere: an ``nn.Module``, a single tensor, an iterable of tensors,
+or an iterable of ``(name, tensor)`` pairs such as ``model.named_parameters()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import NamedTuple, TypeAlias
+
+import torch
+from torch import Tensor, nn
+
+ParamsLike: TypeAlias = nn.Module | Tensor | Iterable[Tensor] | Iterable[tuple[str, Tensor]]
+
+
+def named_params(parameters: ParamsLike) -> tuple[list[Tensor], list[str] | None]:
+    """Return the parameters as a list, with their names when the input carries them."""
+    if isinstance(parameters, nn.Module):
+        pairs = list(parameters.named_parameters())
+        return [p for _, p in pairs], [n for n, _ in pairs]
+    if isinstance(parameters, Tensor):
+        return [parameters], None
+    try:
+        items = list(parameters)
+    except TypeError:
+        raise TypeError(
+            "parameters must be a module, a tensor, or an iterable of tensors or "
+            f"(name, tensor) pairs, got {type(parameters).__name__}"
+        ) from None
+    if items and isinstance(items[0], tuple):
+        names: list[str] = []
+        tensors: list[Tensor] = []
+        for index, item in enumerate(items):
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], Tensor)):
+                raise TypeError(
+                    f"parameters[{index}] must be a (name, tensor) pair like those of "
+                    f"named_parameters(), got {type(item).__name__}"
+                )
+            names.append(str(item[0]))
+            tensors.append(item[1])
+        return tensors, names
+    for index, item in enumerate(items):
+        if not isinstance(item, Tensor):
+            raise TypeError(
+                f"parameters[{index}] must be a torch.Tensor, got {type(item).__name__}"
+            )
+    return items, None
+
+
+def check_grad(grad: Tensor, where: str) -> None:
+    """Reject gradient layouts gradguard cannot measure, naming the parameter."""
+    if grad.layout != torch.strided:
+        raise TypeError(
+            f"parameters: the gradient of {where} has layout {grad.layout}; gradguard "
+            "supports dense (strided) gradients only. Densify it with grad.to_dense() "
+            "or leave this parameter out."
+        )
+
+
+class Collected(NamedTuple):
+    """Parameters that have a gradient, their gradients and names, and how many were given."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    names: list[str] | None
+    given: int
+
+
+def grads_with_names(parameters: ParamsLike) -> Collected:
+    """Collect the parameters with a gradient, skipping ``grad is None``."""
+    params, names = named_params(parameters)
+    kept_params: list[Tensor] = []
+    grads: list[Tensor] = []
+    kept_names: list[str] | None = [] if names is not None else None
+    for index, param in enumerate(params):
+        grad = param.grad
+        if grad is None:
+            continue
+        label = repr(names[index]) if names is not None else f"parameters[{index}]"
+        check_grad(grad, label)
+        kept_params.append(param)
+        grads.append(grad)
+        if kept_names is not None and names is not None:
+            kept_names.append(names[index])
+    return Collected(kept_params, grads, kept_names, len(params))

@@ -1,0 +1,74 @@
+"""Argument checks shared by every public entry point.
+
+Each check raises with the argument's name and the allowed range, so a bad
+hyper-parameter fails at construction instead of corrupting a run later.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+
+
+def _as_float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (Real, torch.Tensor)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise TypeError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+        return float(value.detach().cpu())
+    return float(value)
+
+
+def non_negative(name: str, value: object) -> float:
+    """Return ``value`` as a float, requiring a finite number >= 0."""
+    number = _as_float(name, value)
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {number}")
+    return number
+
+
+def positive(name: str, value: object) -> float:
+    """Return ``value`` as a float, requiring a finite number > 0."""
+    number = _as_float(name, value)
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {number}")
+    return number
+
+
+def in_open_unit(name: str, value: object) -> float:
+    """Return ``value`` as a float, requiring 0 < value < 1."""
+    number = _as_float(name, value)
+    if not 0.0 < number < 1.0:
+        raise ValueError(f"{name} must lie strictly between 0 and 1, got {number}")
+    return number
+
+
+def in_range(name: str, value: object, low: float, high: float) -> float:
+    """Return ``value`` as a float, requiring low <= value <= high."""
+    number = _as_float(name, value)
+    if not low <= number <= high:
+        raise ValueError(f"{name} must lie in [{low}, {high}], got {number}")
+    return number
+
+
+def norm_type(value: object) -> float:
+    """Return a p-norm order: a number > 0 or ``inf`` (strings like 'inf' accepted)."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise TypeError(f"norm_type must be a number or 'inf', got {value!r}") from None
+    if math.isnan(number) or number <= 0:
+        raise ValueError(f"norm_type must be > 0 or inf, got {number}")
+    return number
+
+
+def positive_int(name: str, value: object, minimum: int = 1) -> int:
+    """Return ``value`` as an int, requiring an integer >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
