@@ -34,7 +34,12 @@ def groups(tensors: Sequence[Tensor], foreach: bool | None = None) -> list[Group
     ``foreach=None`` picks the foreach path where the device supports it;
     ``foreach=True`` raises torch's own error where it does not.
     """
-    grouped = _group_tensors_by_device_and_dtype([list(tensors)])  # type: ignore[list-item]
+    if not tensors:
+        return []
+    grouped = _group_tensors_by_device_and_dtype(
+        [list(tensors)],
+        with_indices=True,  # type: ignore[list-item]
+    )
     result = []
     for (device, _), ([device_tensors], indices) in grouped.items():
         if foreach is None:

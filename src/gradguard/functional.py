@@ -5,8 +5,10 @@ return values and errors, bit-identical results. Two deliberate differences,
 both on inputs torch silently mishandles: a negative or NaN ``max_norm`` /
 ``clip_value`` raises ``ValueError`` (torch would flip or NaN the gradients), and a
 sparse gradient raises a ``TypeError`` naming the parameter (torch raises
-``NotImplementedError`` from deep inside). ``clip_grad_norm_`` can also hand back
-the :class:`~gradguard.GradStats` it computed, so per-layer norms cost nothing.
+``NotImplementedError`` from deep inside); and ``clip_grad_value_`` on parameters
+none of which has a gradient does nothing (torch raises an internal error).
+``clip_grad_norm_`` can also hand back the :class:`~gradguard.GradStats` it
+computed, so per-layer norms cost nothing.
 """
 
 from __future__ import annotations
@@ -183,7 +185,7 @@ def clip_tensor_norms_(
     if found.grads:
         coefs = clip_coefficient(limit, stats.norms)
         for group in _foreach.groups(found.grads, foreach):
-            index = torch.tensor(group.indices, device=coefs.device)
+            index = torch.tensor(group.indices, dtype=torch.long, device=coefs.device)
             group_coefs = coefs.index_select(0, index).to(group.device).unbind()
             _foreach.mul_(group, [c.to(t.dtype) for c, t in zip(group_coefs, group.tensors)])
     return stats

@@ -174,8 +174,13 @@ def measure(
     if found.given == 0:
         raise ValueError("parameters is empty: there is nothing to measure")
     return measure_grads(
-        found.grads, p, names=found.names, foreach=foreach, dtype=dtype,
-        max_abs=max_abs, zero_fraction=zero_fraction,
+        found.grads,
+        p,
+        names=found.names,
+        foreach=foreach,
+        dtype=dtype,
+        max_abs=max_abs,
+        zero_fraction=zero_fraction,
     )
 
 
@@ -206,7 +211,9 @@ def measure_grads(
     if len(groups) == 1:
         per_tensor = stacked
     else:
-        order = torch.tensor([i for g in groups for i in g.indices], device=first_device)
+        order = torch.tensor(
+            [i for g in groups for i in g.indices], dtype=torch.long, device=first_device
+        )
         per_tensor = torch.empty_like(stacked).index_copy_(0, order, stacked)
     return GradStats(
         norms=per_tensor,
