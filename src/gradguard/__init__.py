@@ -9,21 +9,50 @@ from .functional import (
     clip_tensor_norms_,
     get_total_norm,
 )
+from .guard import Guard, StepResult
+from .policies import (
+    AGC,
+    AdaptiveTensorClip,
+    AutoClip,
+    ClipNorm,
+    ClipTensorNorm,
+    ClipValue,
+    Policy,
+    SkipNonFinite,
+    SkipSpike,
+    ZClip,
+    chain,
+    default_policy,
+)
 from .stats import GradStats, HostStats, LayerNorms, measure
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AGC",
+    "AdaptiveTensorClip",
+    "AutoClip",
+    "ClipNorm",
+    "ClipTensorNorm",
+    "ClipValue",
     "GradStats",
+    "Guard",
     "HostStats",
     "LayerNorms",
+    "Policy",
+    "SkipNonFinite",
+    "SkipSpike",
+    "StepResult",
+    "ZClip",
     "__version__",
     "adaptive_clip_grad_",
+    "chain",
     "clip_coefficient",
     "clip_grad_norm_",
     "clip_grad_value_",
     "clip_grads_with_norm_",
     "clip_tensor_norms_",
+    "default_policy",
     "get_total_norm",
     "measure",
 ]

@@ -1,0 +1,24 @@
+"""Clipping and skipping policies, composable with :func:`chain`."""
+
+from .adaptive import AdaptiveTensorClip, AutoClip, ZClip
+from .base import Decision, Policy
+from .chain import Chain, chain, default_policy
+from .fixed import AGC, ClipNorm, ClipTensorNorm, ClipValue
+from .skip import SkipNonFinite, SkipSpike
+
+__all__ = [
+    "AGC",
+    "AdaptiveTensorClip",
+    "AutoClip",
+    "Chain",
+    "ClipNorm",
+    "ClipTensorNorm",
+    "ClipValue",
+    "Decision",
+    "Policy",
+    "SkipNonFinite",
+    "SkipSpike",
+    "ZClip",
+    "chain",
+    "default_policy",
+]
