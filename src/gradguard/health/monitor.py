@@ -116,7 +116,7 @@ class HealthMonitor:
                        skipped == 1.0, reason, float(loss), snapshots, names, out)
         for step, norms in zip(batch.tensor_steps, batch.tensor_norms):
             self._layers(int(step), names, [float(v) for v in norms], out)
-        out.sort(key=lambda f: f.steps[0])
+        out.sort(key=lambda f: f.steps[1])  # the step each finding was decided at
         for finding in out:
             self.counts[finding.kind] = self.counts.get(finding.kind, 0) + 1
         return out
@@ -317,9 +317,12 @@ class HealthMonitor:
         largest = max(values)
         dead: list[tuple[str, float, int]] = []
         vanishing: list[tuple[str, float, int]] = []
+        weak: set[str] = set()  # dead or vanishing now: their own findings explain them
         for name, v in zip(layers, values):
             is_dead = v == 0.0
             is_low = not is_dead and (v < c.vanish_layer or v < c.vanish_layer_relative * largest)
+            if is_dead or is_low:
+                weak.add(name)
             for kind, hit, found in ((Kind.DEAD_LAYER, is_dead, dead),
                                      (Kind.VANISHING_LAYER, is_low, vanishing)):
                 run = self._run((kind, name))
@@ -328,7 +331,8 @@ class HealthMonitor:
                     found.append((name, v, run.first))
         ratios: list[tuple[str, str, float, int]] = []
         for (a, va), (b, vb) in zip(zip(layers, values), zip(layers[1:], values[1:])):
-            ratio = max(va, vb) / min(va, vb) if va > 0.0 and vb > 0.0 else 1.0
+            comparable = a not in weak and b not in weak
+            ratio = max(va, vb) / min(va, vb) if comparable else 1.0
             run = self._run((Kind.LAYER_RATIO, a, b))
             held = run.update(ratio > c.layer_ratio, step, ratio)
             if self._fire((Kind.LAYER_RATIO, a, b), held >= c.tensor_sustain,
