@@ -79,6 +79,11 @@ class BackwardOrder:
             self._order = tuple(self._seen)
 
     @property
+    def attached(self) -> bool:
+        """Whether hooks are still installed (only until the first backward is seen)."""
+        return bool(self._handles)
+
+    @property
     def learned(self) -> bool:
         """Whether a backward pass has been observed."""
         return self._order is not None or bool(self._seen)
@@ -118,7 +123,9 @@ class BackwardOrder:
         if isinstance(names_or_flags, Tensor):
             names_or_flags = names_or_flags.detach().reshape(-1).cpu().tolist()
         items = list(names_or_flags)
-        if items and all(isinstance(item, str) for item in items):
+        if not items:
+            return set()
+        if all(isinstance(item, str) for item in items):
             return set(items)
         if all(isinstance(item, bool) for item in items):
             if len(items) != len(self.names):
