@@ -183,3 +183,18 @@ def test_recommend_threshold_bad_windows():
         recommend_threshold([-1.0] * 50)
     with pytest.raises(TypeError, match="norms_or_run"):
         recommend_threshold(object())
+
+
+def test_only_origin_imports_torch():
+    import ast
+    import pathlib
+
+    import gradguard.health as health
+
+    for path in pathlib.Path(health.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree)
+                    if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
+                     if isinstance(node, ast.ImportFrom) and node.level == 0}
+        assert ("torch" in imported) == (path.name == "origin.py"), path.name
