@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Iterator
 
@@ -61,10 +60,6 @@ def step_metrics(batch: HostBatch) -> Iterator[tuple[int, dict[str, float]]]:
     for step, norms in snaps.items():  # snapshots at steps outside the batch's steps
         if step not in seen:
             yield step, {TENSOR_PREFIX + n: float(v) for n, v in zip(batch.names, norms)}
-
-
-def finite(value: float) -> bool:
-    return math.isfinite(value)
 
 
 def missing(extra: str, package: str) -> ImportError:
