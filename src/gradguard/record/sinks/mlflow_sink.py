@@ -31,6 +31,7 @@ class MLflowSink:
         run_name: str | None = None,
     ) -> None:
         try:
+            import mlflow  # noqa: F401
             from mlflow.entities import Metric, Param
             from mlflow.tracking import MlflowClient
         except ImportError as e:
