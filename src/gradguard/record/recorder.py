@@ -183,7 +183,7 @@ class Recorder:
                 continue
             mask |= 1 << i
             if isinstance(v, Tensor):
-                tensors.append(v.reshape(()))
+                tensors.append(v if v.dim() == 0 else v.reshape(()))
                 slots.append(i)
             else:
                 host[i] = float(v)

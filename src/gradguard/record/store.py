@@ -20,10 +20,11 @@ Schema (``schema_version`` 1)::
            kind TEXT NOT NULL, message TEXT NOT NULL, data TEXT NOT NULL)  -- data: JSON
 
 SQLite stores a NaN REAL as NULL, so NaN and "not recorded" read back alike (NaN);
-infinities are kept. Size at the defaults: a steps row takes ~40-60 bytes (integral
-REALs such as ``clip_coef=1.0`` are stored compactly), a snapshot of ``n`` tensors
-takes ``4n`` bytes; 1M steps x 1000 tensors with snapshots every 50 steps is about
-20k x 4 kB = 80 MB of norms plus ~50 MB of steps (``benchmarks/bench_record.py``).
+infinities are kept. Size at the defaults (measured by ``benchmarks/bench_record.py``):
+a steps row takes ~60 bytes (integral REALs such as ``threshold=1.0`` are stored
+compactly, NULLs take none), a snapshot of ``n`` tensors ``4n`` bytes plus page slack.
+1M steps x 1000 tensors with snapshots every 50 steps: 20k x 4 kB ~ 83 MB of norms
+plus ~60 MB of steps, ~145 MB in all; a 150-tensor run takes ~78 kB per 1k steps.
 """
 
 from __future__ import annotations
