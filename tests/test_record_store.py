@@ -354,3 +354,21 @@ def _env() -> dict:
 
     src = str(Path(__file__).resolve().parents[1] / "src")
     return {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_values_round_trip_through_pinned_transfer(tmp_path):
+    rec = Recorder(tmp_path, log_every=4, tensor_every=2)
+    rec.start(NAMES)
+    for s in range(4):
+        values = {k: (v.cuda() if isinstance(v, torch.Tensor) else v)
+                  for k, v in _step_values(s).items()}
+        stats = _Stats(_norms(s).cuda()) if rec.wants_tensor_norms(s) else None
+        batch = rec.record(s, stats=stats, **values)
+    assert rec.transfers == 1 and batch is not None
+    rec.close()
+    store = RunStore.open(tmp_path)
+    want = [float(_step_values(s)["total_norm"]) for s in range(4)]
+    np.testing.assert_allclose(store.steps()["total_norm"], want, rtol=1e-6)
+    np.testing.assert_array_equal(store.tensor_norms()[2][1], _norms(2).numpy())
+    store.close()
