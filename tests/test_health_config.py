@@ -102,8 +102,12 @@ class TextTransformer(nn.Module):
 @pytest.mark.parametrize(
     ("model", "family"),
     [
-        (nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16), 1,
-                               enable_nested_tensor=False), "transformer"),
+        (
+            nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(8, 2, 16), 1, enable_nested_tensor=False
+            ),
+            "transformer",
+        ),
         (nn.Sequential(nn.Linear(8, 8), SelfAttention()), "transformer"),
         (TextTransformer(), "transformer"),
         (Recsys(), "embedding"),
@@ -193,8 +197,15 @@ def test_only_origin_imports_torch():
 
     for path in pathlib.Path(health.__file__).parent.glob("*.py"):
         tree = ast.parse(path.read_text())
-        imported = {alias.name.split(".")[0] for node in ast.walk(tree)
-                    if isinstance(node, ast.Import) for alias in node.names}
-        imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
-                     if isinstance(node, ast.ImportFrom) and node.level == 0}
+        imported = {
+            alias.name.split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Import)
+            for alias in node.names
+        }
+        imported |= {
+            (node.module or "").split(".")[0]
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.level == 0
+        }
         assert ("torch" in imported) == (path.name == "origin.py"), path.name

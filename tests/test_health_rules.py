@@ -15,8 +15,9 @@ from gradguard.record.batch import HostBatch, SkipReason
 INF = math.inf
 
 
-def batch(norms, *, start=0, threshold=INF, loss=None, skipped=None, reason=None,
-          names=(), snapshots=()):
+def batch(
+    norms, *, start=0, threshold=INF, loss=None, skipped=None, reason=None, names=(), snapshots=()
+):
     n = len(norms)
     steps = list(range(start, start + n))
     columns = {
@@ -27,8 +28,9 @@ def batch(norms, *, start=0, threshold=INF, loss=None, skipped=None, reason=None
         "skipped": list(skipped) if skipped is not None else [0.0] * n,
         "reason": list(reason) if reason is not None else [0.0] * n,
     }
-    return HostBatch(steps, columns, tuple(names), [s for s, _ in snapshots],
-                     [list(r) for _, r in snapshots])
+    return HostBatch(
+        steps, columns, tuple(names), [s for s, _ in snapshots], [list(r) for _, r in snapshots]
+    )
 
 
 def kinds(findings):
@@ -257,8 +259,9 @@ def test_rearmed_after_condition_clears():
 def test_monitor_state_is_bounded():
     monitor = HealthMonitor()
     for i in range(30):
-        monitor.update(batch(noisy(0.5, 100, seed=i), start=100 * i, threshold=1.0,
-                             loss=[1.0] * 100))
+        monitor.update(
+            batch(noisy(0.5, 100, seed=i), start=100 * i, threshold=1.0, loss=[1.0] * 100)
+        )
     config = monitor.config
     assert len(monitor._baseline) <= config.baseline_window
     assert len(monitor._clip) <= config.clip_window
@@ -293,11 +296,17 @@ def test_diagnose_matches_online_and_accepts_numpy():
 def test_diagnose_is_independent_of_chunking(chunk, seed, bursts):
     series = noisy(0.5, 300, seed=seed)
     for at, level in bursts:
-        series[at:at + 6] = [level] * len(series[at:at + 6])
+        series[at : at + 6] = [level] * len(series[at : at + 6])
     names = ("a.weight", "b.weight")
     rows = [[series[s] * 1e-9, series[s]] for s in range(0, 300, 10)]
-    args = ({"total_norm": series, "threshold": [2.0] * 300}, range(300), names,
-            range(0, 300, 10), rows)
+    args = (
+        {"total_norm": series, "threshold": [2.0] * 300},
+        range(300),
+        names,
+        range(0, 300, 10),
+        rows,
+    )
+
     def key(f):
         return (f.steps, f.kind.value, f.params)
 

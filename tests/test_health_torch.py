@@ -61,8 +61,9 @@ class Recorder:
 
     def flush(self):
         if self.steps:
-            batch = HostBatch(self.steps, self.cols, self.names, self.tensor_steps,
-                              self.tensor_norms)
+            batch = HostBatch(
+                self.steps, self.cols, self.names, self.tensor_steps, self.tensor_norms
+            )
             self.findings += self.monitor.update(batch)
         self._reset()
 
@@ -92,8 +93,9 @@ def train_layer_view(model, steps=4):
         loss.backward()
         stats = gradguard.measure(model)
         layers = stats.by_module()
-        recorder.record(step, layers.names, stats.total_norm.item(), layers.norms.tolist(),
-                        loss.item())
+        recorder.record(
+            step, layers.names, stats.total_norm.item(), layers.norms.tolist(), loss.item()
+        )
         opt.step()
     recorder.flush()
     return recorder.findings

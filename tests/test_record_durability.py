@@ -54,8 +54,9 @@ def _start(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
     run_dir, progress = tmp_path / "run", tmp_path / "progress.txt"
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.Popen([sys.executable, str(script), str(run_dir), str(progress)], env=env,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(run_dir), str(progress)], env=env, stderr=subprocess.PIPE
+    )
     return proc, run_dir, progress
 
 

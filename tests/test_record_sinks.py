@@ -26,9 +26,17 @@ def _record(sink, steps: int = 6) -> dict[int, float]:
         stats = None
         if rec.wants_tensor_norms(s):
             stats = _Stats(torch.tensor([0.25 * (s + 1), 2.0 * (s + 1)]))
-        rec.record(s, total_norm=torch.tensor(total), clipped_norm=torch.tensor(min(total, 1.0)),
-                   clip_coef=torch.tensor(min(1.0, 1.0 / total)), threshold=1.0,
-                   skipped=torch.tensor(False), reason=0, loss=torch.tensor(3.0 - s), stats=stats)
+        rec.record(
+            s,
+            total_norm=torch.tensor(total),
+            clipped_norm=torch.tensor(min(total, 1.0)),
+            clip_coef=torch.tensor(min(1.0, 1.0 / total)),
+            threshold=1.0,
+            skipped=torch.tensor(False),
+            reason=0,
+            loss=torch.tensor(3.0 - s),
+            stats=stats,
+        )
         totals[s] = total
     rec.event(Event(4, "finding", "norm above threshold"))
     rec.close()
@@ -59,8 +67,14 @@ def test_tensorboard_event_files_read_back(tmp_path):
     acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "histograms": 0})
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"grad/total_norm", "grad/clipped_norm", "grad/clip_coef", "grad/threshold",
-            "grad/skipped", "train/loss"} <= tags
+    assert {
+        "grad/total_norm",
+        "grad/clipped_norm",
+        "grad/clip_coef",
+        "grad/threshold",
+        "grad/skipped",
+        "train/loss",
+    } <= tags
     assert "train/lr" not in tags  # never given
     assert {"grad/norm/encoder.layers.0.weight", "grad/norm/head_bias"} <= tags
     got = {e.step: e.value for e in acc.Scalars("grad/total_norm")}
@@ -95,8 +109,10 @@ def _wandb_history(path) -> dict[int, dict[str, float]]:
             record.ParseFromString(chunk)
             chunk = b""
             if record.WhichOneof("record_type") == "history":
-                row = {(i.key or "/".join(i.nested_key)): json.loads(i.value_json)
-                       for i in record.history.item}
+                row = {
+                    (i.key or "/".join(i.nested_key)): json.loads(i.value_json)
+                    for i in record.history.item
+                }
                 rows[int(row["_step"])] = row
     return rows
 
@@ -166,8 +182,11 @@ def test_console_with_rich():
 def test_missing_backend_names_the_extra(monkeypatch):
     from gradguard.record.sinks import MLflowSink, TensorBoardSink, WandbSink
 
-    for module, sink, extra in (("tensorboard", TensorBoardSink, "tensorboard"),
-                                ("wandb", WandbSink, "wandb"), ("mlflow", MLflowSink, "mlflow")):
+    for module, sink, extra in (
+        ("tensorboard", TensorBoardSink, "tensorboard"),
+        ("wandb", WandbSink, "wandb"),
+        ("mlflow", MLflowSink, "mlflow"),
+    ):
         monkeypatch.setitem(sys.modules, module, None)  # makes `import module` fail
         with pytest.raises(ImportError, match=rf"pip install 'gradguard\[{extra}\]'"):
             sink()
@@ -176,10 +195,24 @@ def test_missing_backend_names_the_extra(monkeypatch):
 def test_nan_values_reach_the_metrics():
     rec = Recorder(False, log_every=2)
     rec.start(NAMES)
-    rec.record(0, total_norm=torch.tensor(float("nan")), clipped_norm=0.0, clip_coef=0.0,
-               threshold=1.0, skipped=True, reason=1)
-    batch = rec.record(1, total_norm=torch.tensor(float("inf")), clipped_norm=0.0, clip_coef=0.0,
-                       threshold=1.0, skipped=True, reason=1)
+    rec.record(
+        0,
+        total_norm=torch.tensor(float("nan")),
+        clipped_norm=0.0,
+        clip_coef=0.0,
+        threshold=1.0,
+        skipped=True,
+        reason=1,
+    )
+    batch = rec.record(
+        1,
+        total_norm=torch.tensor(float("inf")),
+        clipped_norm=0.0,
+        clip_coef=0.0,
+        threshold=1.0,
+        skipped=True,
+        reason=1,
+    )
     rows = dict(_naming.step_metrics(batch))
     assert math.isnan(rows[0]["grad/total_norm"]) and math.isinf(rows[1]["grad/total_norm"])
     assert "train/loss" not in rows[0]

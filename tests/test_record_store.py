@@ -159,8 +159,15 @@ def test_in_place_updates_after_record_do_not_change_history(tmp_path):
     rec = Recorder(tmp_path, log_every=10)
     threshold = torch.tensor(1.0)
     for s in range(3):
-        rec.record(s, total_norm=threshold * 2, clipped_norm=threshold, clip_coef=0.5,
-                   threshold=threshold, skipped=False, reason=0)
+        rec.record(
+            s,
+            total_norm=threshold * 2,
+            clipped_norm=threshold,
+            clip_coef=0.5,
+            threshold=threshold,
+            skipped=False,
+            reason=0,
+        )
         threshold.add_(1.0)  # a policy state updated in place
     batch = rec.flush()
     assert batch.columns["threshold"] == [1.0, 2.0, 3.0]
@@ -173,8 +180,16 @@ def test_with_real_grad_stats(tmp_path):
     model(torch.randn(8, 4)).pow(2).mean().backward()
     stats = measure(model.named_parameters())
     with Recorder(tmp_path, log_every=2) as rec:
-        rec.record(0, total_norm=stats.total_norm, clipped_norm=stats.total_norm, clip_coef=1.0,
-                   threshold=float("inf"), skipped=False, reason=0, stats=stats)
+        rec.record(
+            0,
+            total_norm=stats.total_norm,
+            clipped_norm=stats.total_norm,
+            clip_coef=1.0,
+            threshold=float("inf"),
+            skipped=False,
+            reason=0,
+            stats=stats,
+        )
     store = RunStore.open(tmp_path)
     _, names, norms = store.tensor_norms()
     assert names == stats.labels()
@@ -309,8 +324,13 @@ def test_reader_in_another_process(tmp_path):
         "import sys; from gradguard.record import RunStore; "
         "print(len(RunStore.open(sys.argv[1]).steps()['step']))"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
-                         text=True, check=True, env=_env())
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=_env(),
+    )
     assert out.stdout.strip() == "8"
     rec.close()
 
@@ -343,8 +363,9 @@ def test_importing_gradguard_imports_no_backend():
         "names = ('tensorboard', 'wandb', 'mlflow', 'rich', 'pandas'); "
         "print([m for m in names if m in sys.modules])"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env=_env())
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=_env()
+    )
     assert out.stdout.strip() == "[]"
 
 
@@ -361,8 +382,9 @@ def test_cuda_values_round_trip_through_pinned_transfer(tmp_path):
     rec = Recorder(tmp_path, log_every=4, tensor_every=2)
     rec.start(NAMES)
     for s in range(4):
-        values = {k: (v.cuda() if isinstance(v, torch.Tensor) else v)
-                  for k, v in _step_values(s).items()}
+        values = {
+            k: (v.cuda() if isinstance(v, torch.Tensor) else v) for k, v in _step_values(s).items()
+        }
         stats = _Stats(_norms(s).cuda()) if rec.wants_tensor_norms(s) else None
         batch = rec.record(s, stats=stats, **values)
     assert rec.transfers == 1 and batch is not None

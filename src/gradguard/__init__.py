@@ -10,6 +10,7 @@ from .functional import (
     get_total_norm,
 )
 from .guard import Guard, StepResult
+from .health import HealthConfig, recommend_threshold
 from .policies import (
     AGC,
     AdaptiveTensorClip,
@@ -24,6 +25,7 @@ from .policies import (
     chain,
     default_policy,
 )
+from .record import Recorder, RunStore, StoreError
 from .stats import GradStats, HostStats, LayerNorms, measure
 
 __version__ = "0.1.0"
@@ -37,12 +39,16 @@ __all__ = [
     "ClipValue",
     "GradStats",
     "Guard",
+    "HealthConfig",
     "HostStats",
     "LayerNorms",
     "Policy",
+    "Recorder",
+    "RunStore",
     "SkipNonFinite",
     "SkipSpike",
     "StepResult",
+    "StoreError",
     "ZClip",
     "__version__",
     "adaptive_clip_grad_",
@@ -55,4 +61,5 @@ __all__ = [
     "default_policy",
     "get_total_norm",
     "measure",
+    "recommend_threshold",
 ]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+import os
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +22,7 @@ from . import _amp, _foreach
 from . import _validate as check
 from ._params import ParamsLike, named_params
 from .policies import Decision, Policy, default_policy
-from .record.batch import SkipReason
+from .record.batch import Event, HostBatch, Sink, SkipReason
 from .stats import GradStats, measure_grads
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -68,7 +70,14 @@ class Guard:
         policy: what to do each step; default :func:`~gradguard.policies.default_policy`
             (skip non-finite steps, clip norm spikes with ZClip).
         norm_type: the p-norm measured and clipped.
-        recorder: a :class:`~gradguard.record.Recorder`, or ``None`` to record nothing.
+        store: record to this run directory or ``.db`` file (SQLite run store); with
+            ``sinks`` or ``store`` given, the guard builds a :class:`~gradguard.record.Recorder`.
+        log_every: steps per flush to the store and sinks (one device→host copy each).
+        sinks: further sinks (TensorBoard, W&B, MLflow, console).
+        recorder: a ready :class:`~gradguard.record.Recorder` instead of ``store``/``sinks``.
+        health: evaluate the health rules at each flush, record findings as events and
+            warn once per finding (``True``), with a given
+            :class:`~gradguard.health.HealthConfig`, or not at all (``False``).
         accumulate_dtype: dtype in which norms of fp16/bf16 gradients are accumulated;
             fp32 by default, since an fp16 norm overflows above 65504.
         fold_fused: with a fused optimizer (``fused=True``), fold the clip coefficient and
@@ -82,7 +91,11 @@ class Guard:
         policy: Policy | None = None,
         *,
         norm_type: float | str = 2.0,
+        store: str | os.PathLike[str] | None = None,
+        log_every: int = 50,
+        sinks: Sequence[Sink] = (),
         recorder: Any = None,
+        health: Any = True,
         accumulate_dtype: torch.dtype | None = torch.float32,
         fold_fused: bool = True,
     ) -> None:
@@ -95,12 +108,21 @@ class Guard:
         self.names = names
         self.policy = policy if policy is not None else default_policy()
         self.norm_type = check.norm_type(norm_type)
+        if recorder is None and (store is not None or sinks):
+            from .record import Recorder
+
+            recorder = Recorder(store if store is not None else False, sinks, log_every)
         self.recorder = recorder
+        self._order = _backward_order(model)
+        if recorder is not None and health is not False:
+            self._attach_health(model, health)
         self.accumulate_dtype = accumulate_dtype
         self.fold_fused = fold_fused
         self._step = 0
         self._accumulating = False
         self._started = False
+        self._warned_skip = False
+        self.health: Any = None
 
     # -- accumulation -----------------------------------------------------------------
 
@@ -165,8 +187,61 @@ class Guard:
 
         result = self._result(stats, decision, skip, reason, grads)
         self._record(result, optimizer, scaler if amp else None, loss)
+        if decision.skip is not None and not folded and bool(decision.skip):
+            self._report_skip(result)  # the skip was read on the host already: no new sync
         self._step += 1
         return result
+
+    def nonfinite_origin(self, result: StepResult) -> str | None:
+        """The first parameter in backward order whose gradient was non-finite. Syncs.
+
+        A NaN spreads to every gradient upstream of where it appears, so the names of all
+        non-finite gradients say little; the first in backward order is where it began.
+        Needs a module (not bare parameters) and one observed backward pass.
+        """
+        names = result.nonfinite_names()
+        if not names:
+            return None
+        if self._order is not None:
+            origin = self._order.first_nonfinite(names)
+            if origin is not None:
+                return origin
+        return names[-1]  # registration order, reversed, is the usual backward order
+
+    def _report_skip(self, result: StepResult) -> None:
+        reason = result.reason_label
+        names = result.nonfinite_names() if reason == "nonfinite" else []
+        origin = self.nonfinite_origin(result) if names else None
+        where = f"; non-finite gradients from {origin!r} ({len(names)} tensors)" if origin else ""
+        message = f"step {result.step} skipped ({reason}){where}"
+        if self.recorder is not None:
+            data = {"reason": reason, "nonfinite": names, "origin": origin}
+            self.recorder.event(Event(result.step, "skip", message, data))
+        if not self._warned_skip:
+            self._warned_skip = True
+            warnings.warn(f"gradguard: {message}", RuntimeWarning, stacklevel=3)
+
+    def _attach_health(self, model: ParamsLike, health: Any) -> None:
+        from .health import HealthConfig, HealthMonitor
+
+        if isinstance(health, HealthConfig):
+            config = health
+        elif isinstance(model, torch.nn.Module):
+            config = HealthConfig.for_model(model)
+        else:
+            config = HealthConfig()
+        monitor = HealthMonitor(config, order=self._order)
+        self.health = monitor
+
+        def listen(batch: HostBatch) -> list[Event]:
+            findings = monitor.update(batch)
+            for finding in findings:
+                if str(finding.severity) != "info":
+                    warnings.warn(f"gradguard: {finding.message}", RuntimeWarning, stacklevel=2)
+            return [finding.to_event() for finding in findings]
+
+        assert self.recorder is not None
+        self.recorder.add_listener(listen)
 
     # -- internals --------------------------------------------------------------------
 
@@ -304,6 +379,18 @@ class Guard:
         """Flush and close the recorder, if any."""
         if self.recorder is not None:
             self.recorder.close()
+
+
+def _backward_order(model: ParamsLike) -> Any:
+    """Learn the backward order of a module's parameters (hooks live for one backward)."""
+    if not isinstance(model, torch.nn.Module):
+        return None
+    from .health import BackwardOrder
+
+    try:
+        return BackwardOrder(model)
+    except ValueError:
+        return None
 
 
 def _supports_folding(optimizer: torch.optim.Optimizer) -> bool:

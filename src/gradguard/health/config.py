@@ -78,15 +78,25 @@ class HealthConfig:
         set_(self, "explode_above", check.positive("explode_above", explode))
         for name in ("vanish_total", "vanish_layer", "stall_tolerance"):
             set_(self, name, check.positive(name, getattr(self, name)))
-        set_(self, "vanish_layer_relative",
-             check.fraction("vanish_layer_relative", self.vanish_layer_relative))
+        set_(
+            self,
+            "vanish_layer_relative",
+            check.fraction("vanish_layer_relative", self.vanish_layer_relative),
+        )
         for name in ("layer_ratio", "jump_factor"):
             value = check.positive(name, getattr(self, name))
             if value <= 1.0:
                 raise ValueError(f"{name} must be > 1, got {value}")
             set_(self, name, value)
-        for name in ("jump_sustain", "baseline_window", "min_history", "sustain",
-                     "tensor_sustain", "rearm_steps", "rearm_snapshots"):
+        for name in (
+            "jump_sustain",
+            "baseline_window",
+            "min_history",
+            "sustain",
+            "tensor_sustain",
+            "rearm_steps",
+            "rearm_snapshots",
+        ):
             check.count(name, getattr(self, name))
         check.count("clip_window", self.clip_window, minimum=2)
         check.count("stall_window", self.stall_window, minimum=4)
@@ -95,8 +105,7 @@ class HealthConfig:
                 f"min_history must be <= baseline_window ({self.baseline_window}), "
                 f"got {self.min_history}"
             )
-        for name in ("clip_idle_below", "clip_idle_share", "clip_saturated_share",
-                     "hover_share"):
+        for name in ("clip_idle_below", "clip_idle_share", "clip_saturated_share", "hover_share"):
             set_(self, name, check.fraction(name, getattr(self, name)))
         low, high = check.band("hover_band", self.hover_band)
         if not low < 1.0 < high:

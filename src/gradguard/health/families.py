@@ -44,16 +44,37 @@ class Family:
 #: The family table, in inference precedence order (first match wins; ``default`` last).
 FAMILIES: tuple[Family, ...] = (
     Family(
-        "transformer", (0.01, 2.0), (1.0, 2.0), 10.0,
-        ("MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer",
-         "Transformer"),
+        "transformer",
+        (0.01, 2.0),
+        (1.0, 2.0),
+        10.0,
+        ("MultiheadAttention", "TransformerEncoderLayer", "TransformerDecoderLayer", "Transformer"),
     ),
     Family("embedding", (0.01, 20.0), (10.0, 20.0), 40.0, ("Embedding", "EmbeddingBag")),
-    Family("rnn", (0.01, 10.0), (5.0, 10.0), 20.0,
-           ("RNNBase", "RNNCellBase", "RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell")),
-    Family("cnn", (0.01, 10.0), (5.0, 10.0), 20.0,
-           ("Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d",
-            "ConvTranspose3d", "LazyConv1d", "LazyConv2d", "LazyConv3d")),
+    Family(
+        "rnn",
+        (0.01, 10.0),
+        (5.0, 10.0),
+        20.0,
+        ("RNNBase", "RNNCellBase", "RNN", "LSTM", "GRU", "RNNCell", "LSTMCell", "GRUCell"),
+    ),
+    Family(
+        "cnn",
+        (0.01, 10.0),
+        (5.0, 10.0),
+        20.0,
+        (
+            "Conv1d",
+            "Conv2d",
+            "Conv3d",
+            "ConvTranspose1d",
+            "ConvTranspose2d",
+            "ConvTranspose3d",
+            "LazyConv1d",
+            "LazyConv2d",
+            "LazyConv3d",
+        ),
+    ),
     Family("default", (0.01, 5.0), (1.0, 5.0), 10.0),
 )
 

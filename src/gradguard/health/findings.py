@@ -93,7 +93,7 @@ class Finding:
         data: Mapping = event.data
         steps = data.get("steps", (event.step, event.step))
         return cls(
-            kind=Kind(event.kind[len(EVENT_PREFIX):]),
+            kind=Kind(event.kind[len(EVENT_PREFIX) :]),
             severity=Severity(data.get("severity", "info")),
             steps=(int(steps[0]), int(steps[1])),
             params=tuple(data.get("params", ())),

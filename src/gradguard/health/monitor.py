@@ -91,9 +91,7 @@ class HealthMonitor:
         n = len(batch.steps)
         for name, values in batch.columns.items():
             if len(values) != n:
-                raise ValueError(
-                    f"batch.columns[{name!r}] has {len(values)} values for {n} steps"
-                )
+                raise ValueError(f"batch.columns[{name!r}] has {len(values)} values for {n} steps")
         if len(batch.tensor_steps) != len(batch.tensor_norms):
             raise ValueError(
                 f"batch.tensor_steps has {len(batch.tensor_steps)} entries but "
@@ -108,12 +106,27 @@ class HealthMonitor:
 
         out: list[Finding] = []
         rows = zip(
-            batch.steps, column("total_norm"), column("threshold"), column("clipped"),
-            column("skipped"), column("reason"), column("loss"),
+            batch.steps,
+            column("total_norm"),
+            column("threshold"),
+            column("clipped"),
+            column("skipped"),
+            column("reason"),
+            column("loss"),
         )
         for step, norm, threshold, clipped, skipped, reason, loss in rows:
-            self._step(int(step), float(norm), float(threshold), float(clipped),
-                       skipped == 1.0, reason, float(loss), snapshots, names, out)
+            self._step(
+                int(step),
+                float(norm),
+                float(threshold),
+                float(clipped),
+                skipped == 1.0,
+                reason,
+                float(loss),
+                snapshots,
+                names,
+                out,
+            )
         for step, norms in zip(batch.tensor_steps, batch.tensor_norms):
             self._layers(int(step), names, [float(v) for v in norms], out)
         out.sort(key=lambda f: f.steps[1])  # the step each finding was decided at
@@ -123,9 +136,19 @@ class HealthMonitor:
 
     # --------------------------------------------------------------- step rules
 
-    def _step(self, step: int, norm: float, threshold: float, clipped: float, skipped: bool,
-              reason: float, loss: float, snapshots: Mapping[int, Sequence[float]],
-              names: tuple[str, ...], out: list[Finding]) -> None:
+    def _step(
+        self,
+        step: int,
+        norm: float,
+        threshold: float,
+        clipped: float,
+        skipped: bool,
+        reason: float,
+        loss: float,
+        snapshots: Mapping[int, Sequence[float]],
+        names: tuple[str, ...],
+        out: list[Finding],
+    ) -> None:
         c = self.config
         if skipped and reason == SkipReason.AMP_OVERFLOW:
             return  # the GradScaler handles its own overflows; the norm is of scaled grads
@@ -140,8 +163,9 @@ class HealthMonitor:
         self._loss_stall(step, norm, loss, out)
         self._last_step = step
 
-    def _nonfinite(self, step: int, norm: float, snapshot: Sequence[float] | None,
-                   names: tuple[str, ...]) -> Finding:
+    def _nonfinite(
+        self, step: int, norm: float, snapshot: Sequence[float] | None, names: tuple[str, ...]
+    ) -> Finding:
         evidence: dict[str, float] = {"total_norm": norm}
         params: tuple[str, ...] = ()
         extra: tuple[str, ...] = ()
@@ -161,8 +185,9 @@ class HealthMonitor:
             extra = ("Record per-tensor norms at non-finite steps to locate the origin.",)
         where = f"; origin {origin}" if origin else ""
         message = f"non-finite gradient at step {step}{where}"
-        return make_finding(self.config, Kind.NONFINITE, (step, step), message, evidence,
-                            params, extra)
+        return make_finding(
+            self.config, Kind.NONFINITE, (step, step), message, evidence, params, extra
+        )
 
     def _magnitude(self, step: int, norm: float, out: list[Finding]) -> None:
         c = self.config
@@ -178,44 +203,65 @@ class HealthMonitor:
         spike_ended = not outlier and 0 < before < c.jump_sustain
         if self._fire(Kind.SPIKE, spike_ended, c.rearm_steps):
             base = self._outlier_base
-            out.append(make_finding(
-                c, Kind.SPIKE, (first, self._last_step),
-                f"gradient norm spiked {peak:.0f}× above its recent median ({base:.3g}) "
-                f"for {before} step(s)",
-                {"peak_ratio": peak, "baseline_median": base, "length": before},
-            ))
+            out.append(
+                make_finding(
+                    c,
+                    Kind.SPIKE,
+                    (first, self._last_step),
+                    f"gradient norm spiked {peak:.0f}× above its recent median ({base:.3g}) "
+                    f"for {before} step(s)",
+                    {"peak_ratio": peak, "baseline_median": base, "length": before},
+                )
+            )
         above = self._run("above").update(norm > c.explode_above, step, norm)
         jump = outlier and length >= c.jump_sustain
         sustained = above >= c.sustain
         if self._fire(Kind.EXPLODING, jump or sustained, c.rearm_steps):
             if sustained:
                 run = self._run("above")
-                message = (f"gradient norm above {c.explode_above:g} for {above} steps "
-                           f"(now {norm:.3g}; healthy up to {c.healthy_range[1]:g})")
-                evidence = {"total_norm": norm, "peak": run.peak, "steps_above": above,
-                            "explode_above": c.explode_above,
-                            "healthy_high": c.healthy_range[1]}
+                message = (
+                    f"gradient norm above {c.explode_above:g} for {above} steps "
+                    f"(now {norm:.3g}; healthy up to {c.healthy_range[1]:g})"
+                )
+                evidence = {
+                    "total_norm": norm,
+                    "peak": run.peak,
+                    "steps_above": above,
+                    "explode_above": c.explode_above,
+                    "healthy_high": c.healthy_range[1],
+                }
                 first_step = run.first
             else:
                 base = self._outlier_base
-                message = (f"gradient norm jumped {self._outlier.peak:.0f}× above its recent "
-                           f"median ({base:.3g} → {norm:.3g}) and stayed there")
-                evidence = {"total_norm": norm, "peak_ratio": self._outlier.peak,
-                            "baseline_median": base, "steps_above": length}
+                message = (
+                    f"gradient norm jumped {self._outlier.peak:.0f}× above its recent "
+                    f"median ({base:.3g} → {norm:.3g}) and stayed there"
+                )
+                evidence = {
+                    "total_norm": norm,
+                    "peak_ratio": self._outlier.peak,
+                    "baseline_median": base,
+                    "steps_above": length,
+                }
                 first_step = self._outlier.first
             out.append(make_finding(c, Kind.EXPLODING, (first_step, step), message, evidence))
         low = self._run("low").update(norm < c.vanish_total, step, norm)
         if self._fire(Kind.VANISHING, low >= c.sustain, c.rearm_steps):
-            out.append(make_finding(
-                c, Kind.VANISHING, (self._run("low").first, step),
-                f"gradient norm below {c.vanish_total:g} for {low} steps (now {norm:.2e})",
-                {"total_norm": norm, "vanish_total": c.vanish_total, "steps_below": low},
-            ))
+            out.append(
+                make_finding(
+                    c,
+                    Kind.VANISHING,
+                    (self._run("low").first, step),
+                    f"gradient norm below {c.vanish_total:g} for {low} steps (now {norm:.2e})",
+                    {"total_norm": norm, "vanish_total": c.vanish_total, "steps_below": low},
+                )
+            )
         if norm > 0.0:
             self._baseline.push(math.log10(norm))
 
-    def _clip_activity(self, step: int, norm: float, threshold: float, clipped: float,
-                       out: list[Finding]) -> None:
+    def _clip_activity(
+        self, step: int, norm: float, threshold: float, clipped: float, out: list[Finding]
+    ) -> None:
         c = self.config
         if not (math.isfinite(threshold) and threshold > 0.0):
             return  # no clip in force: clip activity says nothing
@@ -236,31 +282,53 @@ class HealthMonitor:
                 median, suggested = advice.median, advice.threshold
             except ValueError:  # all-zero norms: nothing to recommend
                 median = suggested = 0.0
-            out.append(make_finding(
-                c, Kind.CLIP_INACTIVE, (first, step),
-                f"clipping never acts: {window.share(_IDLE):.0%} of the last {len(window)} "
-                f"steps are below {c.clip_idle_below:g}× the threshold {threshold:g}",
-                {"idle_share": window.share(_IDLE), "threshold": threshold,
-                 "median_norm": median, "recommended_threshold": suggested},
-            ))
+            out.append(
+                make_finding(
+                    c,
+                    Kind.CLIP_INACTIVE,
+                    (first, step),
+                    f"clipping never acts: {window.share(_IDLE):.0%} of the last {len(window)} "
+                    f"steps are below {c.clip_idle_below:g}× the threshold {threshold:g}",
+                    {
+                        "idle_share": window.share(_IDLE),
+                        "threshold": threshold,
+                        "median_norm": median,
+                        "recommended_threshold": suggested,
+                    },
+                )
+            )
         if self._fire(Kind.CLIP_SATURATED, saturated, c.rearm_steps):
             median = float(np.median(np.asarray(window.values)))
-            out.append(make_finding(
-                c, Kind.CLIP_SATURATED, (first, step),
-                f"clipping acts on {window.share(_CLIPPED):.0%} of the last {len(window)} "
-                f"steps; median norm {median / threshold:.3g}× the threshold {threshold:g}",
-                {"clipped_share": window.share(_CLIPPED), "threshold": threshold,
-                 "median_norm": median},
-            ))
+            out.append(
+                make_finding(
+                    c,
+                    Kind.CLIP_SATURATED,
+                    (first, step),
+                    f"clipping acts on {window.share(_CLIPPED):.0%} of the last {len(window)} "
+                    f"steps; median norm {median / threshold:.3g}× the threshold {threshold:g}",
+                    {
+                        "clipped_share": window.share(_CLIPPED),
+                        "threshold": threshold,
+                        "median_norm": median,
+                    },
+                )
+            )
         if self._fire(Kind.CLIP_HOVERING, hover, c.rearm_steps):
-            out.append(make_finding(
-                c, Kind.CLIP_HOVERING, (first, step),
-                f"gradient norm hovers at the clip threshold {threshold:g}: "
-                f"{window.share(_HOVER):.0%} of the last {len(window)} steps within "
-                f"{low:g}–{high:g}× of it",
-                {"hover_share": window.share(_HOVER), "threshold": threshold,
-                 "clipped_share": window.share(_CLIPPED)},
-            ))
+            out.append(
+                make_finding(
+                    c,
+                    Kind.CLIP_HOVERING,
+                    (first, step),
+                    f"gradient norm hovers at the clip threshold {threshold:g}: "
+                    f"{window.share(_HOVER):.0%} of the last {len(window)} steps within "
+                    f"{low:g}–{high:g}× of it",
+                    {
+                        "hover_share": window.share(_HOVER),
+                        "threshold": threshold,
+                        "clipped_share": window.share(_CLIPPED),
+                    },
+                )
+            )
 
     def _loss_stall(self, step: int, norm: float, loss: float, out: list[Finding]) -> None:
         c = self.config
@@ -276,18 +344,28 @@ class HealthMonitor:
             stalled = improvement < c.stall_tolerance and self._large.share(0) >= 0.5
         if self._fire(Kind.LOSS_STALL, stalled, c.rearm_steps):
             window = len(self._large)
-            out.append(make_finding(
-                c, Kind.LOSS_STALL, (step - window + 1, step),
-                f"loss flat over {window} steps ({old:.4g} → {new:.4g}) while gradient "
-                f"norms stay above {c.healthy_range[1]:g}",
-                {"loss_old": old, "loss_new": new, "improvement": improvement,
-                 "large_share": self._large.share(0), "healthy_high": c.healthy_range[1]},
-            ))
+            out.append(
+                make_finding(
+                    c,
+                    Kind.LOSS_STALL,
+                    (step - window + 1, step),
+                    f"loss flat over {window} steps ({old:.4g} → {new:.4g}) while gradient "
+                    f"norms stay above {c.healthy_range[1]:g}",
+                    {
+                        "loss_old": old,
+                        "loss_new": new,
+                        "improvement": improvement,
+                        "large_share": self._large.share(0),
+                        "healthy_high": c.healthy_range[1],
+                    },
+                )
+            )
 
     # -------------------------------------------------------------- layer rules
 
-    def _group(self, names: tuple[str, ...], norms: list[float]) -> tuple[tuple[str, ...],
-                                                                            list[float]]:
+    def _group(
+        self, names: tuple[str, ...], norms: list[float]
+    ) -> tuple[tuple[str, ...], list[float]]:
         if not self.config.group_by_module:
             return names, norms
         if self._groups is None or self._groups[0] != names:
@@ -303,14 +381,16 @@ class HealthMonitor:
             sums[i] += v * v
         return groups, [math.sqrt(s) for s in sums]
 
-    def _layers(self, step: int, names: tuple[str, ...], norms: list[float],
-                out: list[Finding]) -> None:
+    def _layers(
+        self, step: int, names: tuple[str, ...], norms: list[float], out: list[Finding]
+    ) -> None:
         c = self.config
         if not names:
             names = tuple(f"tensor[{i}]" for i in range(len(norms)))
         if len(names) != len(norms):
-            raise ValueError(f"batch.tensor_norms rows have {len(norms)} values for "
-                             f"{len(names)} names")
+            raise ValueError(
+                f"batch.tensor_norms rows have {len(norms)} values for {len(names)} names"
+            )
         if not norms or not all(math.isfinite(v) for v in norms):
             return  # the non-finite rule speaks for this snapshot
         layers, values = self._group(names, norms)
@@ -323,8 +403,10 @@ class HealthMonitor:
             is_low = not is_dead and (v < c.vanish_layer or v < c.vanish_layer_relative * largest)
             if is_dead or is_low:
                 weak.add(name)
-            for kind, hit, found in ((Kind.DEAD_LAYER, is_dead, dead),
-                                     (Kind.VANISHING_LAYER, is_low, vanishing)):
+            for kind, hit, found in (
+                (Kind.DEAD_LAYER, is_dead, dead),
+                (Kind.VANISHING_LAYER, is_low, vanishing),
+            ):
                 run = self._run((kind, name))
                 held = run.update(hit, step, v)
                 if self._fire((kind, name), held >= c.tensor_sustain, c.rearm_snapshots):
@@ -335,35 +417,50 @@ class HealthMonitor:
             ratio = max(va, vb) / min(va, vb) if comparable else 1.0
             run = self._run((Kind.LAYER_RATIO, a, b))
             held = run.update(ratio > c.layer_ratio, step, ratio)
-            if self._fire((Kind.LAYER_RATIO, a, b), held >= c.tensor_sustain,
-                          c.rearm_snapshots):
+            if self._fire((Kind.LAYER_RATIO, a, b), held >= c.tensor_sustain, c.rearm_snapshots):
                 ratios.append((a, b, ratio, run.first))
         if dead:
-            out.append(make_finding(
-                c, Kind.DEAD_LAYER, (min(f for *_, f in dead), step),
-                f"{len(dead)} layer(s) get exactly zero gradient, e.g. {dead[0][0]}",
-                {"layers": len(dead), "largest_layer_norm": largest},
-                tuple(name for name, *_ in dead),
-            ))
+            out.append(
+                make_finding(
+                    c,
+                    Kind.DEAD_LAYER,
+                    (min(f for *_, f in dead), step),
+                    f"{len(dead)} layer(s) get exactly zero gradient, e.g. {dead[0][0]}",
+                    {"layers": len(dead), "largest_layer_norm": largest},
+                    tuple(name for name, *_ in dead),
+                )
+            )
         if vanishing:
             name, v, _ = min(vanishing, key=lambda item: item[1])
-            out.append(make_finding(
-                c, Kind.VANISHING_LAYER, (min(f for *_, f in vanishing), step),
-                f"{len(vanishing)} layer(s) with vanishing gradients; smallest {name}: "
-                f"{v:.2e} ({v / largest:.1e} of the largest layer norm {largest:.3g})",
-                {"layers": len(vanishing), "min_norm": v, "largest_layer_norm": largest,
-                 "min_share": v / largest},
-                tuple(name for name, *_ in vanishing),
-            ))
+            out.append(
+                make_finding(
+                    c,
+                    Kind.VANISHING_LAYER,
+                    (min(f for *_, f in vanishing), step),
+                    f"{len(vanishing)} layer(s) with vanishing gradients; smallest {name}: "
+                    f"{v:.2e} ({v / largest:.1e} of the largest layer norm {largest:.3g})",
+                    {
+                        "layers": len(vanishing),
+                        "min_norm": v,
+                        "largest_layer_norm": largest,
+                        "min_share": v / largest,
+                    },
+                    tuple(name for name, *_ in vanishing),
+                )
+            )
         if ratios:
             a, b, ratio, _ = max(ratios, key=lambda item: item[2])
-            out.append(make_finding(
-                c, Kind.LAYER_RATIO, (min(f for *_, f in ratios), step),
-                f"adjacent layers differ by up to {ratio:.0f}× ({a} vs {b}); "
-                f"limit {c.layer_ratio:g}×",
-                {"max_ratio": ratio, "pairs": len(ratios), "layer_ratio": c.layer_ratio},
-                tuple(dict.fromkeys(name for a, b, *_ in ratios for name in (a, b))),
-            ))
+            out.append(
+                make_finding(
+                    c,
+                    Kind.LAYER_RATIO,
+                    (min(f for *_, f in ratios), step),
+                    f"adjacent layers differ by up to {ratio:.0f}× ({a} vs {b}); "
+                    f"limit {c.layer_ratio:g}×",
+                    {"max_ratio": ratio, "pairs": len(ratios), "layer_ratio": c.layer_ratio},
+                    tuple(dict.fromkeys(name for a, b, *_ in ratios for name in (a, b))),
+                )
+            )
 
 
 def diagnose(
@@ -388,23 +485,31 @@ def diagnose(
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
         raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
     step_list = [int(s) for s in steps]
-    data = {key: np.asarray(values, dtype=np.float64).reshape(-1).tolist()
-            for key, values in columns.items()}
+    data = {
+        key: np.asarray(values, dtype=np.float64).reshape(-1).tolist()
+        for key, values in columns.items()
+    }
     for key, values in data.items():
         if len(values) != len(step_list):
-            raise ValueError(f"columns[{key!r}] has {len(values)} values for "
-                             f"{len(step_list)} steps")
+            raise ValueError(
+                f"columns[{key!r}] has {len(values)} values for {len(step_list)} steps"
+            )
     if len(tensor_steps) != len(tensor_norms):
-        raise ValueError(f"tensor_steps has {len(tensor_steps)} entries but tensor_norms "
-                         f"has {len(tensor_norms)}")
-    snapshots = sorted(zip((int(s) for s in tensor_steps),
-                           (np.asarray(row, dtype=np.float64).tolist() for row in tensor_norms)),
-                       key=lambda item: item[0])
+        raise ValueError(
+            f"tensor_steps has {len(tensor_steps)} entries but tensor_norms has {len(tensor_norms)}"
+        )
+    snapshots = sorted(
+        zip(
+            (int(s) for s in tensor_steps),
+            (np.asarray(row, dtype=np.float64).tolist() for row in tensor_norms),
+        ),
+        key=lambda item: item[0],
+    )
     monitor = HealthMonitor(config, order=order)
     found: list[Finding] = []
     fed = 0
     for start in range(0, max(len(step_list), 1), chunk):
-        part = step_list[start:start + chunk]
+        part = step_list[start : start + chunk]
         last = part[-1] if part else math.inf
         is_last = start + chunk >= len(step_list)
         take = fed
@@ -412,7 +517,7 @@ def diagnose(
             take += 1
         batch = HostBatch(
             steps=part,
-            columns={key: values[start:start + chunk] for key, values in data.items()},
+            columns={key: values[start : start + chunk] for key, values in data.items()},
             names=tuple(names),
             tensor_steps=[s for s, _ in snapshots[fed:take]],
             tensor_norms=[row for _, row in snapshots[fed:take]],

@@ -42,7 +42,9 @@ _INIT = "Use He initialisation for ReLU layers, Xavier/Glorot for tanh/sigmoid l
 
 RULES: tuple[RuleSpec, ...] = (
     RuleSpec(
-        Kind.NONFINITE, Severity.CRITICAL, "step",
+        Kind.NONFINITE,
+        Severity.CRITICAL,
+        "step",
         "total_norm is NaN/inf, or a step was skipped for a non-finite gradient "
         "(AMP overflow skips excluded); origin = first non-finite parameter in backward order",
         (
@@ -56,7 +58,9 @@ RULES: tuple[RuleSpec, ...] = (
         ),
     ),
     RuleSpec(
-        Kind.EXPLODING, Severity.WARNING, "step",
+        Kind.EXPLODING,
+        Severity.WARNING,
+        "step",
         "total_norm > explode_above for `sustain` steps, or >= jump_factor × the rolling "
         "median for `jump_sustain` steps (an order-of-magnitude jump)",
         (
@@ -68,7 +72,9 @@ RULES: tuple[RuleSpec, ...] = (
         ),
     ),
     RuleSpec(
-        Kind.SPIKE, Severity.INFO, "step",
+        Kind.SPIKE,
+        Severity.INFO,
+        "step",
         "total_norm >= jump_factor × the rolling median for fewer than `jump_sustain` steps",
         (
             "Inspect the batches at these steps for corrupt or outlier samples.",
@@ -76,7 +82,9 @@ RULES: tuple[RuleSpec, ...] = (
         ),
     ),
     RuleSpec(
-        Kind.VANISHING, Severity.WARNING, "step",
+        Kind.VANISHING,
+        Severity.WARNING,
+        "step",
         "total_norm < vanish_total for `sustain` steps",
         (
             _ACTIVATIONS,
@@ -86,13 +94,17 @@ RULES: tuple[RuleSpec, ...] = (
         ),
     ),
     RuleSpec(
-        Kind.VANISHING_LAYER, Severity.WARNING, "layer",
+        Kind.VANISHING_LAYER,
+        Severity.WARNING,
+        "layer",
         "a layer's norm is < vanish_layer, or < vanish_layer_relative × the largest layer "
         "norm, for `tensor_sustain` snapshots",
         (_ACTIVATIONS, _RESIDUAL_NORM, _INIT),
     ),
     RuleSpec(
-        Kind.DEAD_LAYER, Severity.WARNING, "layer",
+        Kind.DEAD_LAYER,
+        Severity.WARNING,
+        "layer",
         "a layer's gradient norm is exactly 0 for `tensor_sustain` snapshots",
         (
             "Check the layer is used in forward and its output is not detached or zeroed.",
@@ -102,7 +114,9 @@ RULES: tuple[RuleSpec, ...] = (
         ),
     ),
     RuleSpec(
-        Kind.LAYER_RATIO, Severity.WARNING, "layer",
+        Kind.LAYER_RATIO,
+        Severity.WARNING,
+        "layer",
         "adjacent layers' norms differ by more than layer_ratio for `tensor_sustain` snapshots",
         (
             _RESIDUAL_NORM,
@@ -111,7 +125,9 @@ RULES: tuple[RuleSpec, ...] = (
         ),
     ),
     RuleSpec(
-        Kind.CLIP_INACTIVE, Severity.INFO, "window",
+        Kind.CLIP_INACTIVE,
+        Severity.INFO,
+        "window",
         "over `clip_window` steps, >= clip_idle_share of them are below "
         "clip_idle_below × threshold",
         (
@@ -121,7 +137,9 @@ RULES: tuple[RuleSpec, ...] = (
         ),
     ),
     RuleSpec(
-        Kind.CLIP_SATURATED, Severity.WARNING, "window",
+        Kind.CLIP_SATURATED,
+        Severity.WARNING,
+        "window",
         "over `clip_window` steps, >= clip_saturated_share of them are clipped, with norms "
         "well above the threshold (not hovering)",
         (
@@ -132,16 +150,19 @@ RULES: tuple[RuleSpec, ...] = (
         ),
     ),
     RuleSpec(
-        Kind.CLIP_HOVERING, Severity.WARNING, "window",
-        "over `clip_window` steps, >= hover_share of the norms lie within hover_band × "
-        "threshold",
+        Kind.CLIP_HOVERING,
+        Severity.WARNING,
+        "window",
+        "over `clip_window` steps, >= hover_share of the norms lie within hover_band × threshold",
         (
             "The learning rate is likely too high: lower it or add decay.",
             "Add or lengthen warmup.",
         ),
     ),
     RuleSpec(
-        Kind.LOSS_STALL, Severity.WARNING, "window",
+        Kind.LOSS_STALL,
+        Severity.WARNING,
+        "window",
         "over `stall_window` steps the loss improves by < stall_tolerance (second half vs "
         "first) while most norms exceed the healthy range",
         (
@@ -168,8 +189,11 @@ def make_finding(
     """Build a finding of ``kind`` with the table's severity and formatted advice."""
     spec = SPECS[kind]
     row = config.family_row
-    fill = {"family": row.name, "clip_low": f"{row.clip_range[0]:g}",
-            "clip_high": f"{row.clip_range[1]:g}"}
+    fill = {
+        "family": row.name,
+        "clip_low": f"{row.clip_range[0]:g}",
+        "clip_high": f"{row.clip_range[1]:g}",
+    }
     advice = tuple(text.format(**fill) for text in spec.advice) + extra_advice
     return Finding(
         kind=kind,

@@ -38,8 +38,9 @@ class ExitHooks:
         if self._installed_signal and threading.current_thread() is threading.main_thread():
             self._installed_signal = False
             if signal.getsignal(signal.SIGTERM) == self._handle:
-                signal.signal(signal.SIGTERM, self._previous if self._previous is not None
-                              else signal.SIG_DFL)
+                signal.signal(
+                    signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL
+                )
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self._on_signal(signum):

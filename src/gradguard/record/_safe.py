@@ -48,7 +48,9 @@ class Guarded:
 
 def _describe(target: Any) -> str:
     path = getattr(target, "path", None)
-    name = type(target).__name__ if not callable(target) or hasattr(target, "write") else getattr(
-        target, "__qualname__", repr(target)
+    name = (
+        type(target).__name__
+        if not callable(target) or hasattr(target, "write")
+        else getattr(target, "__qualname__", repr(target))
     )
     return f"{name}({str(path)!r})" if path is not None else name

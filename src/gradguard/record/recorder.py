@@ -70,7 +70,8 @@ class Recorder:
     ) -> None:
         self.log_every = check.positive_int("log_every", log_every)
         self.tensor_every = (
-            self.log_every if tensor_every is None
+            self.log_every
+            if tensor_every is None
             else check.positive_int("tensor_every", tensor_every)
         )
         self.rank = _default_rank() if rank is None else int(rank)
@@ -172,8 +173,18 @@ class Recorder:
         if not self._started:
             names = stats.labels() if stats is not None else ()
             self.start(names, [tuple(s) for s in stats.shapes] if stats is not None else None)
-        values = (total_norm, clipped_norm, clip_coef, threshold, clipped, skipped, reason,
-                  loss, lr, loss_scale)
+        values = (
+            total_norm,
+            clipped_norm,
+            clip_coef,
+            threshold,
+            clipped,
+            skipped,
+            reason,
+            loss,
+            lr,
+            loss_scale,
+        )
         host = [_NAN] * _NCOL
         tensors: list[Tensor] = []
         slots: list[int] = []
@@ -337,8 +348,10 @@ class Recorder:
         self.close()
 
     def __repr__(self) -> str:
-        return (f"Recorder(store={self.store!r}, sinks={len(self._sinks)}, "
-                f"log_every={self.log_every}, rank={self.rank})")
+        return (
+            f"Recorder(store={self.store!r}, sinks={len(self._sinks)}, "
+            f"log_every={self.log_every}, rank={self.rank})"
+        )
 
 
 def _stack(tensors: list[Tensor]) -> Tensor:

@@ -239,9 +239,7 @@ class RunStore:
         if not events:
             return
         conn = self._writer()
-        rows = [
-            (int(e.step), e.kind, e.message, json.dumps(e.data, default=repr)) for e in events
-        ]
+        rows = [(int(e.step), e.kind, e.message, json.dumps(e.data, default=repr)) for e in events]
         with self._lock, conn:
             conn.executemany(
                 "INSERT INTO events (step, kind, message, data) VALUES (?, ?, ?, ?)", rows
@@ -370,7 +368,5 @@ def _numpy() -> Any:
     try:
         import numpy
     except ImportError as e:
-        raise ImportError(
-            "reading a run store needs numpy: pip install 'gradguard[numpy]'"
-        ) from e
+        raise ImportError("reading a run store needs numpy: pip install 'gradguard[numpy]'") from e
     return numpy

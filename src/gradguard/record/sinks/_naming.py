@@ -64,6 +64,4 @@ def step_metrics(batch: HostBatch) -> Iterator[tuple[int, dict[str, float]]]:
 
 def missing(extra: str, package: str) -> ImportError:
     """The ImportError raised when a sink's backend is not installed."""
-    return ImportError(
-        f"this sink needs {package}: pip install 'gradguard[{extra}]'"
-    )
+    return ImportError(f"this sink needs {package}: pip install 'gradguard[{extra}]'")

@@ -53,8 +53,10 @@ class MLflowSink:
     def start(self, names: Sequence[str], config: dict) -> None:
         if self.run_id is None:
             exp = self.client.get_experiment_by_name(self._experiment_name)
-            exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(
-                self._experiment_name
+            exp_id = (
+                exp.experiment_id
+                if exp is not None
+                else self.client.create_experiment(self._experiment_name)
             )
             self.run_id = self.client.create_run(exp_id, run_name=self._run_name).info.run_id
         params = [
