@@ -37,9 +37,21 @@ def _step_inputs(steps: int, n: int) -> list[tuple[dict, torch.Tensor]]:
         norms = torch.rand(n, generator=g)
         total = norms.norm()
         coef = torch.clamp(1.0 / (total + 1e-6), max=1.0)
-        out.append((dict(total_norm=total, clipped_norm=total * coef, clip_coef=coef,
-                         threshold=1.0, skipped=torch.tensor(False), reason=torch.tensor(0),
-                         loss=torch.rand((), generator=g) + 2.0, lr=3e-4), norms))
+        out.append(
+            (
+                dict(
+                    total_norm=total,
+                    clipped_norm=total * coef,
+                    clip_coef=coef,
+                    threshold=1.0,
+                    skipped=torch.tensor(False),
+                    reason=torch.tensor(0),
+                    loss=torch.rand((), generator=g) + 2.0,
+                    lr=3e-4,
+                ),
+                norms,
+            )
+        )
     return out
 
 
@@ -71,8 +83,10 @@ def size_report(tmp: Path, steps: int, n: int, log_every: int = 50) -> dict[str,
     with RunStore.open(run) as store:
         assert len(store.steps()["step"]) == steps
     tables = _table_bytes(db)
-    return {"file": db.stat().st_size, **{k: v for k, v in tables.items() if k in
-            ("steps", "tensor_norms", "meta", "events")}}
+    return {
+        "file": db.stat().st_size,
+        **{k: v for k, v in tables.items() if k in ("steps", "tensor_norms", "meta", "events")},
+    }
 
 
 def time_record(steps: int, n: int, log_every: int | None, repeats: int = 3) -> float:
@@ -107,19 +121,25 @@ def main() -> None:
         for n in (150, 1000):
             sizes = size_report(tmp_path, args.steps, n)
             per_k = {k: v / args.steps * 1000 for k, v in sizes.items()}
-            print(f"{n} tensors, log_every=50, {args.steps} steps: " + ", ".join(
-                f"{k} {v / 1024:.1f} KiB/1k steps" for k, v in per_k.items()))
+            print(
+                f"{n} tensors, log_every=50, {args.steps} steps: "
+                + ", ".join(f"{k} {v / 1024:.1f} KiB/1k steps" for k, v in per_k.items())
+            )
             if n == 1000:
                 growing = per_k.get("steps", 0) + per_k.get("tensor_norms", 0)
                 fixed = sizes["file"] - sizes.get("steps", 0) - sizes.get("tensor_norms", 0)
-                print(f"projected 1M steps x 1000 tensors: {(growing * 1000 + fixed) / 1e6:.0f} MB "
-                      f"(steps {per_k.get('steps', 0) * 1000 / 1e6:.0f} MB, "
-                      f"tensor_norms {per_k.get('tensor_norms', 0) * 1000 / 1e6:.0f} MB)")
+                print(
+                    f"projected 1M steps x 1000 tensors: {(growing * 1000 + fixed) / 1e6:.0f} MB "
+                    f"(steps {per_k.get('steps', 0) * 1000 / 1e6:.0f} MB, "
+                    f"tensor_norms {per_k.get('tensor_norms', 0) * 1000 / 1e6:.0f} MB)"
+                )
     base = time_record(args.steps, 150, None)
     for log_every in (1, 50):
         t = time_record(args.steps, 150, log_every)
-        print(f"record(), 150 tensors, log_every={log_every}: {t - base:.1f} us/step "
-              f"(loop without recording {base:.2f} us/step)")
+        print(
+            f"record(), 150 tensors, log_every={log_every}: {t - base:.1f} us/step "
+            f"(loop without recording {base:.2f} us/step)"
+        )
 
 
 if __name__ == "__main__":

@@ -180,15 +180,16 @@ class Guard:
         if decision.scale is not None and not folded:
             for group in _foreach.groups(grads):
                 _foreach.mul_(group, decision.scale)
+        skipped_on_host = False
         if folded:
             self._step_fused(optimizer, scaler if amp else None, decision)
         else:
-            self._step_plain(optimizer, scaler if amp else None, decision.skip)
+            skipped_on_host = self._step_plain(optimizer, scaler if amp else None, decision.skip)
 
         result = self._result(stats, decision, skip, reason, grads)
         self._record(result, optimizer, scaler if amp else None, loss)
-        if decision.skip is not None and not folded and bool(decision.skip):
-            self._report_skip(result)  # the skip was read on the host already: no new sync
+        if skipped_on_host:
+            self._report_skip(result)  # only on skipped steps: naming the culprits syncs
         self._step += 1
         return result
 
@@ -291,15 +292,19 @@ class Guard:
         return skip, reason
 
     @staticmethod
-    def _step_plain(optimizer, scaler, policy_skip: Tensor | None) -> None:
-        # The one host sync the guard allows: a policy's skip with a non-fused optimizer.
-        # An AMP overflow needs none: scaler.step skips on its own.
+    def _step_plain(optimizer, scaler, policy_skip: Tensor | None) -> bool:
+        """Step unless the policy skips; returns whether it skipped.
+
+        The one host sync the guard allows: a policy's skip with a non-fused optimizer.
+        An AMP overflow needs none: ``scaler.step`` skips on its own.
+        """
         if policy_skip is not None and bool(policy_skip):
-            return
+            return True
         if scaler is not None:
             scaler.step(optimizer)
         else:
             optimizer.step()
+        return False
 
     @staticmethod
     def _step_fused(optimizer, scaler, decision: Decision) -> None:
