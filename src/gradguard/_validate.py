@@ -1,7 +1,8 @@
 """Argument checks shared by every public entry point.
 
 Each check raises with the argument's name and the allowed range, so a bad
-hyper-parameter fails at construction instead of corrupting a run later.
+hyper-parameter fails at construction instead of corrupting a run later. Free of
+torch, so the host-side packages (health, recording) and other front-ends use it too.
 """
 
 from __future__ import annotations
@@ -9,16 +10,15 @@ from __future__ import annotations
 import math
 from numbers import Real
 
-import torch
-
 
 def _as_float(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (Real, torch.Tensor)):
+    if hasattr(value, "numel") and hasattr(value, "shape"):  # a one-element tensor/array
+        if value.numel() != 1:  # type: ignore[attr-defined]
+            shape = tuple(value.shape)  # type: ignore[attr-defined]
+            raise TypeError(f"{name} must be a scalar, got a tensor of shape {shape}")
+        value = value.item()  # type: ignore[attr-defined]
+    if isinstance(value, bool) or not isinstance(value, Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise TypeError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        return float(value.detach().cpu())
     return float(value)
 
 

@@ -1,4 +1,4 @@
-"""Argument checks for the health package, free of torch so rules run on plain hosts.
+"""Argument checks for the health package; the shared ones come from ``gradguard._validate``.
 
 Each check raises ``ValueError`` (or ``TypeError`` for a wrong type) naming the
 argument and the allowed range.
@@ -7,21 +7,13 @@ argument and the allowed range.
 from __future__ import annotations
 
 import math
-from numbers import Real
 
+from .._validate import _as_float as _number
+from .._validate import in_open_unit as fraction
+from .._validate import in_range, positive
+from .._validate import positive_int as count
 
-def _number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    return float(value)
-
-
-def positive(name: str, value: object) -> float:
-    """A finite number > 0."""
-    number = _number(name, value)
-    if not math.isfinite(number) or number <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {number}")
-    return number
+__all__ = ["at_least", "band", "count", "fraction", "in_range", "positive"]
 
 
 def at_least(name: str, value: object, low: float) -> float:
@@ -30,31 +22,6 @@ def at_least(name: str, value: object, low: float) -> float:
     if not math.isfinite(number) or number < low:
         raise ValueError(f"{name} must be a finite number >= {low}, got {number}")
     return number
-
-
-def fraction(name: str, value: object) -> float:
-    """A number in the open interval (0, 1)."""
-    number = _number(name, value)
-    if not 0.0 < number < 1.0:
-        raise ValueError(f"{name} must lie strictly between 0 and 1, got {number}")
-    return number
-
-
-def in_range(name: str, value: object, low: float, high: float) -> float:
-    """A number in the closed interval [low, high]."""
-    number = _number(name, value)
-    if not low <= number <= high:
-        raise ValueError(f"{name} must lie in [{low}, {high}], got {number}")
-    return number
-
-
-def count(name: str, value: object, minimum: int = 1) -> int:
-    """An int >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 def band(name: str, value: object) -> tuple[float, float]:
