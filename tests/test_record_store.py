@@ -6,6 +6,7 @@ import math
 import sqlite3
 import subprocess
 import sys
+import threading
 import warnings
 
 import numpy as np
@@ -307,9 +308,11 @@ def test_read_while_writing(tmp_path):
     rec = Recorder(tmp_path, log_every=5)
     rec.start(NAMES)
     _run(rec, range(10))
+    rec.drain()  # flushed batches are written on the recorder's writer thread
     reader = RunStore.open(tmp_path)
     assert len(reader.steps()["step"]) == 10
     _run(rec, range(10, 17))  # 15 flushed, 2 buffered
+    rec.drain()
     np.testing.assert_array_equal(reader.steps()["step"], np.arange(15))
     assert len(reader.tensor_norms()[0]) == 3  # steps 0, 5, 10
     rec.close()
@@ -320,6 +323,7 @@ def test_read_while_writing(tmp_path):
 def test_reader_in_another_process(tmp_path):
     rec = Recorder(tmp_path, log_every=4)
     _run(rec, range(8))
+    rec.drain()
     code = (
         "import sys; from gradguard.record import RunStore; "
         "print(len(RunStore.open(sys.argv[1]).steps()['step']))"
@@ -394,3 +398,45 @@ def test_cuda_values_round_trip_through_pinned_transfer(tmp_path):
     np.testing.assert_allclose(store.steps()["total_norm"], want, rtol=1e-6)
     np.testing.assert_array_equal(store.tensor_norms()[2][1], _norms(2).numpy())
     store.close()
+
+
+def test_slow_sink_does_not_stall_recording(tmp_path):
+    release, entered = threading.Event(), threading.Event()
+
+    class SlowSink:
+        def __init__(self):
+            self.written = []
+
+        def start(self, names, config):
+            pass
+
+        def write(self, batch):
+            entered.set()
+            release.wait(10)
+            self.written.append(list(batch.steps))
+
+        def write_events(self, events):
+            pass
+
+        def close(self):
+            pass
+
+    sink = SlowSink()
+    rec = Recorder(tmp_path, sinks=[sink], log_every=2)
+    rec.start(NAMES)
+    _run(rec, range(2))  # flush: handed to the writer, which blocks in the sink
+    assert entered.wait(10)
+    _run(rec, range(2, 3))  # recording goes on while the sink is stuck
+    assert sink.written == []
+    release.set()
+    rec.close()
+    assert sink.written == [[0, 1], [2]]
+    assert RunStore.open(tmp_path).steps()["step"].tolist() == [0, 1, 2]
+
+
+def test_inline_writer_writes_before_flush_returns(tmp_path):
+    rec = Recorder(tmp_path, log_every=3, background=False)
+    rec.start(NAMES)
+    _run(rec, range(3))
+    assert RunStore.open(tmp_path).steps()["step"].tolist() == [0, 1, 2]
+    rec.close()

@@ -23,6 +23,7 @@ from .. import _validate as check
 from ..stats import GradStats
 from ._lifecycle import ExitHooks
 from ._safe import Guarded
+from ._writer import BackgroundWriter, InlineWriter
 from .batch import STEP_COLUMNS, Event, HostBatch, Sink
 from .store import RunStore
 
@@ -54,6 +55,8 @@ class Recorder:
         rank: this process's rank; only rank 0 records. Defaults to
             ``torch.distributed.get_rank()`` when initialised, else 0.
         config: run configuration stored in the run's meta.
+        background: write (sinks, health listeners) on a background thread; ``False``
+            writes inside ``flush`` on the caller's thread.
 
     Use as a context manager, or call :meth:`close`; a SIGTERM or interpreter exit
     flushes too.
@@ -67,6 +70,7 @@ class Recorder:
         tensor_every: int | None = None,
         rank: int | None = None,
         config: dict | None = None,
+        background: bool = True,
     ) -> None:
         self.log_every = check.positive_int("log_every", log_every)
         self.tensor_every = (
@@ -102,6 +106,7 @@ class Recorder:
         self._hooks: ExitHooks | None = None
         self._pinned: Tensor | None = None
         self.transfers = 0  #: device→host transfers made so far (one per flush with data)
+        self._writer = BackgroundWriter(self._write) if background else InlineWriter(self._write)
 
     # ---------------------------------------------------------------- set-up
     def start(
@@ -214,9 +219,13 @@ class Recorder:
 
     # ---------------------------------------------------------------- flushing
     def flush(self) -> HostBatch | None:
-        """Move buffered steps to the host in one transfer and write them everywhere.
+        """Move buffered steps to the host in one transfer and hand them to the writer.
 
-        Returns the batch, or ``None`` when nothing was buffered.
+        The transfer happens here; listeners (health rules) and sinks run on the
+        background writer thread, so slow I/O (a remote MLflow server, a busy disk)
+        never stalls training. One batch is in the writer at a time: a flush waits for
+        the previous batch to be written, so a crash loses at most the batch being
+        written and the steps buffered since. Returns the batch, or ``None``.
         """
         if not self.active:
             return None
@@ -229,22 +238,30 @@ class Recorder:
             self._flushing = True
             try:
                 batch = self._to_host(rows, snaps) if rows or snaps else None
-                if batch is not None:
-                    for listener in self._listeners:
-                        found = listener.call("", batch)
-                        if found:
-                            events.extend(found)
-                    for s in self._sinks:
-                        s.call("write", batch)
-                if events:
-                    for s in self._sinks:
-                        s.call("write_events", events)
+                self._writer.submit(batch, events)
             finally:
                 self._flushing = False
             pending, self._pending_signal = self._pending_signal, None
         if pending is not None:
             self._finish_signal(pending)
         return batch
+
+    def drain(self) -> None:
+        """Wait until everything flushed so far has been written by the writer thread."""
+        self._writer.drain()
+
+    def _write(self, batch: HostBatch | None, events: list[Event]) -> None:
+        """Run listeners and sinks on one batch (on the writer thread)."""
+        if batch is not None:
+            for listener in self._listeners:
+                found = listener.call("", batch)
+                if found:
+                    events.extend(found)
+            for s in self._sinks:
+                s.call("write", batch)
+        if events:
+            for s in self._sinks:
+                s.call("write_events", events)
 
     def _to_host(
         self,
@@ -322,6 +339,7 @@ class Recorder:
             self.flush()
         finally:
             self._closed = True
+            self._writer.stop()
             for s in self._sinks:
                 s.call("close")
             if self._hooks is not None:
