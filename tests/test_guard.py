@@ -293,3 +293,20 @@ class TestBadInput:
         model = make_model()
         with pytest.raises(ValueError, match="backward"):
             gg.Guard(model).step(torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_monitor_policy_changes_nothing_but_still_measures():
+    ours, theirs = make_model(), make_model()
+    opt_ours = torch.optim.SGD(ours.parameters(), lr=1e-7)
+    opt_theirs = torch.optim.SGD(theirs.parameters(), lr=1e-7)
+    guard = gg.Guard(ours, gg.Monitor())
+    for step in range(5):
+        for model, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            opt.zero_grad()
+            (loss_of(model, step) * 1e4).backward()  # huge gradients: still not clipped
+        result = guard.step(opt_ours)
+        opt_theirs.step()
+        assert result.clip_coef.item() == 1.0 and not bool(result.skipped)
+        assert result.total_norm.item() > 1.0
+    for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert torch.equal(a, b)

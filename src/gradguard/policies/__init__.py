@@ -3,7 +3,7 @@
 from .adaptive import AdaptiveTensorClip, AutoClip, ZClip
 from .base import Decision, Policy
 from .chain import Chain, chain, default_policy
-from .fixed import AGC, ClipNorm, ClipTensorNorm, ClipValue
+from .fixed import AGC, ClipNorm, ClipTensorNorm, ClipValue, Monitor
 from .skip import SkipNonFinite, SkipSpike
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "ClipTensorNorm",
     "ClipValue",
     "Decision",
+    "Monitor",
     "Policy",
     "SkipNonFinite",
     "SkipSpike",

@@ -22,6 +22,14 @@ def _check_norm_type(policy: Policy, wanted: float, stats: GradStats) -> None:
         )
 
 
+class Monitor(Policy):
+    """Measure and record only: never clips, never skips (watch a run before guarding it)."""
+
+    def decide(self, stats: GradStats, params: Sequence[Tensor]) -> Decision:
+        require_grads(stats, self)
+        return Decision()
+
+
 class ClipNorm(Policy):
     """Scale all gradients together so their global norm is at most ``max_norm``.
 
