@@ -9,13 +9,18 @@ is clipped and the NaN step is skipped, and training goes on.
 from __future__ import annotations
 
 import math
+import os
 import time
+import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from ._progress import progress
 from .guard import Guard
+from .policies import Monitor
 
 SPIKE_STEPS = (300, 301)
 NAN_STEP = 450
@@ -29,9 +34,11 @@ class RunSummary:
     final_loss: float
     first_nonfinite_loss: int | None
     clipped_steps: list[int] = field(default_factory=list)
-    skipped: list[tuple[int, str, list[str]]] = field(default_factory=list)
+    skipped: list[tuple[int, str, list[str], str | None]] = field(default_factory=list)
     weights_finite: bool = True
     seconds: float = 0.0
+    store: Path | None = None
+    findings: list[str] = field(default_factory=list)
 
 
 def _model() -> nn.Module:
@@ -40,8 +47,15 @@ def _model() -> nn.Module:
     )
 
 
-def train(guarded: bool, steps: int = 600, seed: int = 0) -> RunSummary:
-    """Train the demo model once; with ``guarded`` the default :class:`Guard` keeps it alive."""
+def train(
+    guarded: bool, steps: int = 600, seed: int = 0, store: str | os.PathLike[str] | None = None
+) -> RunSummary:
+    """Train the demo model once; with ``guarded`` the default :class:`Guard` keeps it alive.
+
+    Unguarded runs go through a :class:`Guard` with the :class:`Monitor` policy, which
+    measures and records but never changes a gradient. With ``store``, the run is
+    recorded there and its health findings are read back into the summary.
+    """
     start = time.perf_counter()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
@@ -49,10 +63,27 @@ def train(guarded: bool, steps: int = 600, seed: int = 0) -> RunSummary:
     direction = direction / direction.norm()
     model = _model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    guard = Guard(model) if guarded else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # findings are read back from the store below
+        guard = Guard(model, None if guarded else Monitor(), store=store, log_every=25)
+        summary = _train_loop(model, optimizer, guard, gen, direction, guarded, steps)
+        guard.close()
+    if store is not None:
+        from .record import RunStore
+
+        summary.store = Path(store)
+        reader = RunStore.open(store)
+        summary.findings = [e.message for e in reader.events() if e.kind.startswith("health.")]
+        reader.close()
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _train_loop(model, optimizer, guard, gen, direction, guarded, steps) -> RunSummary:
     summary = RunSummary(guarded, math.nan, None)
     losses = []
-    for step in range(steps):
+    label = "guarded  " if guarded else "unguarded"
+    for step in progress(range(steps), f"training {label}"):
         x = torch.randn(64, 8, generator=gen)
         y = torch.sin(2.0 * x @ direction)
         if step in SPIKE_STEPS:
@@ -62,13 +93,13 @@ def train(guarded: bool, steps: int = 600, seed: int = 0) -> RunSummary:
         loss = nn.functional.mse_loss(model(x), y)
         optimizer.zero_grad()
         loss.backward()
-        if guard is None:
-            optimizer.step()
-        else:
-            result = guard.step(optimizer, loss=loss)
-            assert result is not None
+        result = guard.step(optimizer, loss=loss)
+        assert result is not None
+        if guarded:
             if bool(result.skipped):
-                summary.skipped.append((step, result.reason_label, result.nonfinite_names()))
+                names = result.nonfinite_names()
+                origin = guard.nonfinite_origin(result)
+                summary.skipped.append((step, result.reason_label, names, origin))
             elif result.clip_coef.item() < 0.999:
                 summary.clipped_steps.append(step)
         value = loss.item()
@@ -78,7 +109,6 @@ def train(guarded: bool, steps: int = 600, seed: int = 0) -> RunSummary:
     tail = losses[-50:]
     summary.final_loss = sum(tail) / len(tail)
     summary.weights_finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
-    summary.seconds = time.perf_counter() - start
     return summary
 
 
@@ -96,19 +126,46 @@ def describe(run: RunSummary) -> list[str]:
         shown = ", ".join(str(s) for s in run.clipped_steps[:8])
         more = " ..." if len(run.clipped_steps) > 8 else ""
         lines.append(f"  clipped {len(run.clipped_steps)} steps: {shown}{more}")
-        for step, reason, names in run.skipped:
-            where = f" in {', '.join(names)}" if names else ""
+        for step, reason, names, origin in run.skipped:
+            where = (
+                f" in {len(names)} gradients, first in backward order: {origin}" if names else ""
+            )
             lines.append(f"  skipped step {step}: {reason}{where}")
+    for message in run.findings[:6]:
+        lines.append(f"  finding: {message}")
+    if run.store is not None:
+        lines.append(f"  recorded in {run.store}")
     return lines
 
 
-def main(steps: int = 600) -> int:
-    """Run the demo and print what happened; returns a process exit code."""
+def main(steps: int = 600, out: str | os.PathLike[str] | None = None) -> int:
+    """Run the demo and print what happened; returns a process exit code.
+
+    With ``out``, both runs are recorded under it (``unguarded/``, ``guarded/``).
+    """
+    from .experiments import first_layer_norm_vs_depth, format_table, max_grad_vs_sequence_length
+
+    print("1. The seeds' experiments, measured with gradguard.measure\n")
+    depth = first_layer_norm_vs_depth()
+    print(format_table("First-layer gradient norm of an MLP vs depth:", "depth", depth))
+    print()
+    length = max_grad_vs_sequence_length()
+    print(format_table("Max |gradient| of a tanh RNN vs sequence length:", "length", length))
     print(
-        f"Training a tanh MLP with SGD+momentum for {steps} steps; corrupted batches "
+        "\nSigmoid and tanh stacks vanish with depth (< 1e-8 is the seeds' alarm level), and so\n"
+        "does ReLU with PyTorch's default init; He init keeps it alive far deeper. The seeds'\n"
+        "RNN (W_hh = 2.0) saturates tanh, so its gradient stops growing; an orthogonal W_hh\n"
+        "of gain 3 explodes with sequence length.\n"
+    )
+    print(
+        f"2. Training a tanh MLP with SGD+momentum for {steps} steps; corrupted batches "
         f"(inputs x100) at steps {SPIKE_STEPS}, a NaN label at step {NAN_STEP}.\n"
     )
-    runs = [train(False, steps), train(True, steps)]
+    root = Path(out) if out is not None else None
+    runs = [
+        train(False, steps, store=root / "unguarded" if root else None),
+        train(True, steps, store=root / "guarded" if root else None),
+    ]
     for run in runs:
         print("\n".join(describe(run)))
         print()
