@@ -47,7 +47,8 @@ class HostBatch:
 
     ``columns[c][i]`` is column ``c`` at ``steps[i]``. ``tensor_steps[j]`` is a step at
     which per-tensor norms were snapshotted, with values ``tensor_norms[j]`` aligned
-    with ``names``.
+    with ``names``. ``absent`` names the columns that were not given at any step of
+    the batch (their values are NaN placeholders, not measured NaNs); loggers skip them.
     """
 
     steps: list[int]
@@ -55,6 +56,7 @@ class HostBatch:
     names: tuple[str, ...] = ()
     tensor_steps: list[int] = field(default_factory=list)
     tensor_norms: list[list[float]] = field(default_factory=list)
+    absent: frozenset[str] = frozenset()
 
     def __len__(self) -> int:
         return len(self.steps)
