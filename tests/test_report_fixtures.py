@@ -125,11 +125,19 @@ def write_synthetic(
 def run_cli(
     *args: str, cwd: Path | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess:
-    """``python -m gradguard.cli ARGS`` in a subprocess."""
+    """``python -m gradguard.cli ARGS`` in a subprocess, importing this checkout's gradguard."""
+    import os
+
+    import gradguard
+
+    src = str(Path(gradguard.__file__).resolve().parent.parent)
+    path = os.environ.get("PYTHONPATH", "")
+    env = {**os.environ, "PYTHONPATH": src + (os.pathsep + path if path else "")}
     return subprocess.run(
         [sys.executable, "-m", "gradguard.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         cwd=cwd,
+        env=env,
     )

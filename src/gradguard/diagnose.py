@@ -142,10 +142,14 @@ def probe(factory: Callable[[], Any], steps: int = 5) -> Probe:
     except ValueError:
         low, high = get_family(family).clip_range
         result.threshold = start
-        median = sorted(finite)[len(finite) // 2] if finite else math.nan
+        seen = (
+            f"the probe's median norm is {sorted(finite)[len(finite) // 2]:.3g}"
+            if finite
+            else "the probe saw no finite norm"
+        )
         result.threshold_reason = (
-            f"{family} family table starts at {low:g}–{high:g}; the probe's median norm is "
-            f"{median:.3g} (run --steps 20 or more for a threshold from measured norms)"
+            f"{family} family table starts at {low:g}–{high:g}; {seen} "
+            "(run --steps 20 or more for a threshold from measured norms)"
         )
     return result
 
