@@ -138,12 +138,14 @@ def test_million_step_run_stays_under_the_size_bound(tmp_path):
     page = path.read_text()
     assert f"{n} steps in 2000 buckets" in page
     # the spikes survive downsampling: the chart's top decade reaches 1e4
-    run = load_run(tmp_path / "big", run_rules=False)
-    env = envelope(run.steps["step"], run.steps["total_norm"])
+    env = envelope(np.arange(n), truth["total_norm"])
     for i in truth["spikes"]:
         bucket = np.searchsorted(env.start, i, side="right") - 1
         assert env.high[bucket] == pytest.approx(1e4)
     assert ">1e4</text>" in page
+    # and each spike is drawn as a min-max stroke reaching the top of the plot (y = 16)
+    strokes = re.search(r'class="norm-range" d="([^"]+)"', page).group(1)
+    assert strokes.count("V16.0") >= len(truth["spikes"])
     assert f"{n // 50} snapshots in {MAX_COLUMNS} columns" in page
 
 

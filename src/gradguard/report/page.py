@@ -26,7 +26,8 @@ border-bottom:1px solid #dde;padding-bottom:4px}.sub{color:#667}.chart{width:100
 background:#fff;border:1px solid #e3e6ec;border-radius:4px}.plot-bg{fill:#fff}
 .grid{stroke:#eceef3;stroke-width:1}.tick{font-size:11px;fill:#556}.axis-label{font-size:12px;
 fill:#334}.norm-band{fill:#8fb3e8;fill-opacity:.55;stroke:none}.norm-line{fill:none;
-stroke:#1f4f9c;stroke-width:1.2}.rate-band{fill:#f2b36b;fill-opacity:.5;stroke:none}
+stroke:#1f4f9c;stroke-width:1.2}.norm-range{stroke:#6f98d8;stroke-width:1.2;fill:none}
+.rate-range{stroke:#e9a04f;stroke-width:1.2;fill:none}.rate-band{fill:#f2b36b;fill-opacity:.5;stroke:none}
 .rate-line{fill:none;stroke:#c0650c;stroke-width:1.2}.threshold{fill:none;stroke:#d62d2d;
 stroke-width:1.4;stroke-dasharray:6 4}.clip-mark{stroke:#e08a00;stroke-width:1.2}
 .skip-mark{stroke:#b00020;stroke-width:2}.nonfinite-mark{stroke:#b00020;stroke-width:3}

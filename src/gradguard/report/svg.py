@@ -126,22 +126,31 @@ def _points(xs: np.ndarray, ys: np.ndarray) -> str:
 
 
 def envelope_paths(frame: Frame, env: Envelope, cls: str) -> list[str]:
-    """A filled min/max band and a mean line for each run of buckets with finite values."""
+    """A filled min/max band, a min-max stroke per bucket, and a mean line.
+
+    The per-bucket strokes are at least one pixel wide, so a one-step spike inside a
+    bucket stays visible at any zoom (a polygon's sub-pixel tip would fade out).
+    """
     out = []
     xs = (frame.x(env.start) + frame.x(env.end)) / 2
-    for a, b in _runs(np.isfinite(env.high)):
-        upper = _points(xs[a:b], frame.y(env.high[a:b]))
-        lower = _points(xs[a:b][::-1], frame.y(env.low[a:b])[::-1])
-        if b - a == 1:  # a single bucket: draw it as a short vertical stroke
-            out.append(
-                f'<line class="{cls}-line" x1="{xs[a]:.1f}" x2="{xs[a]:.1f}" '
-                f'y1="{float(frame.y(env.high[a])):.1f}" '
-                f'y2="{float(frame.y(env.low[a])) + 0.5:.1f}"/>'
-            )
-            continue
-        out.append(f'<polygon class="{cls}-band" points="{upper} {lower}"/>')
-        mean = _points(xs[a:b], frame.y(env.mean[a:b]))
-        out.append(f'<polyline class="{cls}-line" points="{mean}"/>')
+    finite = np.isfinite(env.high)
+    top, bottom = frame.y(np.where(finite, env.high, 1.0)), frame.y(np.where(finite, env.low, 1.0))
+    strokes = " ".join(
+        f"M{x:.1f} {b + 0.5:.1f}V{t:.1f}"
+        for x, t, b, ok in zip(xs.tolist(), top.tolist(), bottom.tolist(), finite.tolist())
+        if ok
+    )
+    for a, b in _runs(finite):
+        if b - a > 1:
+            upper = _points(xs[a:b], top[a:b])
+            lower = _points(xs[a:b][::-1], bottom[a:b][::-1])
+            out.append(f'<polygon class="{cls}-band" points="{upper} {lower}"/>')
+    if strokes:
+        out.append(f'<path class="{cls}-range" d="{strokes}"/>')
+    for a, b in _runs(finite):
+        if b - a > 1:
+            mean = _points(xs[a:b], frame.y(env.mean[a:b]))
+            out.append(f'<polyline class="{cls}-line" points="{mean}"/>')
     return out
 
 
