@@ -155,3 +155,27 @@ def test_many_layers_are_bounded(tmp_path):
     page = render_report(tmp_path / "wide")
     assert len(page.encode()) < MAX_REPORT_BYTES
     assert re.search(r"m0 … m\d+ \(\d+ layers\)", page)
+
+
+def test_findings_stored_as_events_are_shown_once(tmp_path):
+    from gradguard.health import Finding, Kind, Severity
+
+    names = ["a.weight", "b.weight"]
+    write_synthetic(tmp_path / "ev", 300, names, every=10, batch=300)
+    stored = Finding(
+        Kind.LOSS_STALL,
+        Severity.WARNING,
+        (40, 90),
+        ("b.weight",),
+        {"improvement": 0.001},
+        ("Lower the <lr>.",),
+        "loss flat & stuck",
+    )
+    store = RunStore(tmp_path / "ev")
+    store.start(names)
+    store.write_events([stored.to_event(), stored.to_event()])
+    store.close()
+    run = load_run(tmp_path / "ev")
+    assert sum(f.message == stored.message for f in run.findings) == 1
+    page = render_report(tmp_path / "ev")
+    assert "loss flat &amp; stuck" in page and "Lower the &lt;lr&gt;." in page

@@ -106,7 +106,7 @@ def render_frame(run_dir: str | os.PathLike[str], width: int = 60) -> str:
         f"last {norms.size} steps: clip rate {clipped.mean():.1%}   skipped {int(skipped.sum())}"
         f"   non-finite {int((~np.isfinite(norms)).sum())}   median norm "
         f"{np.nanmedian(np.where(np.isfinite(norms), norms, np.nan)):.4g}",
-        f"norm (log, last {norms.size}) {sparkline(norms[-width * 10 :], width)}",
+        f"norm (log, last {min(norms.size, width * 10)}) {sparkline(norms[-width * 10 :], width)}",
     ]
     reasons = {int(r) for r in s["reason"][skipped] if math.isfinite(r)}
     if reasons:
