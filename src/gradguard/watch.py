@@ -1,0 +1,153 @@
+"""``gradguard watch``: a live terminal view of a run store while training writes it.
+
+Each frame reads only the latest steps and events through its own read-only SQLite
+connection (the store is in WAL mode, so reading never blocks the writer), so a
+frame costs the same at step 100 and at step 10M.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sqlite3
+import sys
+import time
+from collections.abc import Sequence
+from typing import TextIO
+
+import numpy as np
+
+from .health import HealthConfig, diagnose
+from .record.batch import STEP_COLUMNS, Event, SkipReason
+from .report.data import open_run
+
+BLOCKS = "▁▂▃▄▅▆▇█"
+RECENT = 1000  # steps read per frame
+
+
+def sparkline(values: Sequence[float], width: int = 60) -> str:
+    """A unicode sparkline of ``values`` on a log scale, max per character; ``!`` non-finite."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0:
+        return ""
+    starts = np.unique((np.arange(min(width, v.size)) * v.size) // min(width, v.size))
+    bad = np.add.reduceat((~np.isfinite(v)).astype(np.int64), starts) > 0
+    clean = np.where(np.isfinite(v) & (v > 0), v, np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        logs = np.log10(clean)
+    peak = np.fmax.reduceat(np.nan_to_num(logs, nan=-np.inf), starts)
+    finite = peak[np.isfinite(peak)]
+    lo, hi = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+    span = hi - lo if hi > lo else 1.0
+    out = []
+    for p, b in zip(peak.tolist(), bad.tolist()):
+        if b:
+            out.append("!")
+        elif not math.isfinite(p):
+            out.append(" ")
+        else:
+            out.append(BLOCKS[min(len(BLOCKS) - 1, int((p - lo) / span * len(BLOCKS)))])
+    return "".join(out)
+
+
+def _connect(path: os.PathLike[str] | str) -> sqlite3.Connection:
+    uri = os.path.abspath(os.fspath(path))
+    return sqlite3.connect(f"file:{uri}?mode=ro", uri=True, timeout=30.0)
+
+
+def read_recent(db: os.PathLike[str] | str, limit: int = RECENT) -> dict[str, np.ndarray]:
+    """The latest ``limit`` steps as numpy columns (ascending steps; NULL → NaN)."""
+    conn = _connect(db)
+    try:
+        rows = conn.execute(
+            f"SELECT step, {', '.join(STEP_COLUMNS)} FROM steps ORDER BY step DESC LIMIT ?",
+            (int(limit),),
+        ).fetchall()[::-1]
+    finally:
+        conn.close()
+    table = np.array(rows, dtype=np.float64).reshape(len(rows), len(STEP_COLUMNS) + 1)
+    out = {"step": table[:, 0].astype(np.int64)}
+    out.update({c: table[:, j] for j, c in enumerate(STEP_COLUMNS, start=1)})
+    return out
+
+
+def read_events(db: os.PathLike[str] | str, limit: int = 5) -> list[Event]:
+    """The latest ``limit`` events, oldest first."""
+    import json
+
+    conn = _connect(db)
+    try:
+        rows = conn.execute(
+            "SELECT step, kind, message, data FROM events ORDER BY step DESC, id DESC LIMIT ?",
+            (int(limit),),
+        ).fetchall()[::-1]
+    finally:
+        conn.close()
+    return [Event(s, k, m, json.loads(d)) for s, k, m, d in rows]
+
+
+def render_frame(run_dir: str | os.PathLike[str], width: int = 60) -> str:
+    """One text frame: step, norm, clip rate, sparkline, findings and events."""
+    with open_run(run_dir) as store:
+        db, meta = store.path, store.meta()
+    s = read_recent(db)
+    lines = [f"gradguard watch · {os.fspath(run_dir)}"]
+    if s["step"].size == 0:
+        lines.append("waiting for the first flushed steps…")
+        return "\n".join(lines)
+    norms = s["total_norm"]
+    last = -1
+    clipped = np.nan_to_num(s["clipped"]) > 0
+    skipped = np.nan_to_num(s["skipped"]) > 0
+    thr = s["threshold"][last]
+    lines += [
+        f"step {int(s['step'][last])}   total norm {norms[last]:.4g}   threshold "
+        f"{thr:.4g}   loss {s['loss'][last]:.4g}",
+        f"last {norms.size} steps: clip rate {clipped.mean():.1%}   skipped {int(skipped.sum())}"
+        f"   non-finite {int((~np.isfinite(norms)).sum())}   median norm "
+        f"{np.nanmedian(np.where(np.isfinite(norms), norms, np.nan)):.4g}",
+        f"norm (log, last {min(norms.size, width * 10)}) {sparkline(norms[-width * 10 :], width)}",
+    ]
+    reasons = {int(r) for r in s["reason"][skipped] if math.isfinite(r)}
+    if reasons:
+        lines.append(
+            "skip reasons: "
+            + ", ".join(
+                SkipReason(r).label for r in sorted(reasons) if r in SkipReason._value2member_map_
+            )
+        )
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    family = config.get("family") if isinstance(config.get("family"), str) else "default"
+    try:
+        health = HealthConfig(family=family)
+    except ValueError:
+        health = HealthConfig()
+    columns = {k: v for k, v in s.items() if k != "step"}
+    found = diagnose(columns, s["step"], config=health)
+    lines.append(f"findings in the last {norms.size} steps: {len(found) or 'none'}")
+    lines += [f"  {f}" for f in found[-5:]]
+    events = read_events(db)
+    lines.append(f"latest events: {len(events) or 'none'}")
+    lines += [f"  step {e.step} {e.kind}: {e.message}" for e in events]
+    return "\n".join(lines)
+
+
+def watch(
+    run_dir: str | os.PathLike[str],
+    interval: float = 2.0,
+    once: bool = False,
+    stream: TextIO | None = None,
+) -> int:
+    """Print frames every ``interval`` seconds until interrupted (one frame with ``once``)."""
+    out = stream or sys.stdout
+    clear = "\x1b[H\x1b[2J" if (not once and out.isatty()) else ""
+    try:
+        while True:
+            frame = render_frame(run_dir)
+            out.write(clear + frame + "\n")
+            out.flush()
+            if once:
+                return 0
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0
