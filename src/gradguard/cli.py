@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="train a run with bad batches, unguarded then guarded, and compare"
     )
     demo.add_argument("--steps", type=int, default=600, help="training steps per run")
+    demo.add_argument(
+        "--out",
+        metavar="DIR",
+        default="gradguard-demo",
+        help="where the runs and their HTML reports go (default ./gradguard-demo)",
+    )
 
     report = commands.add_parser(
         "report",
@@ -145,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--steps must be at least 500: the bad batches come at steps 300-450")
         from .demo import main as demo_main
 
-        return demo_main(args.steps)
+        return demo_main(args.steps, out=args.out)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE

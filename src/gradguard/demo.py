@@ -141,7 +141,8 @@ def describe(run: RunSummary) -> list[str]:
 def main(steps: int = 600, out: str | os.PathLike[str] | None = None) -> int:
     """Run the demo and print what happened; returns a process exit code.
 
-    With ``out``, both runs are recorded under it (``unguarded/``, ``guarded/``).
+    With ``out``, both runs are recorded under it (``unguarded/``, ``guarded/``) and
+    each gets an HTML report (``report.html`` in its run directory).
     """
     from .experiments import first_layer_norm_vs_depth, format_table, max_grad_vs_sequence_length
 
@@ -172,4 +173,15 @@ def main(steps: int = 600, out: str | os.PathLike[str] | None = None) -> int:
     guarded = runs[1]
     ok = guarded.weights_finite and math.isfinite(guarded.final_loss)
     print("The guard kept the run alive." if ok else "The guarded run failed: please report.")
+    if root is not None:
+        from .report import build_report
+
+        print()
+        for run in runs:
+            assert run.store is not None
+            started = time.perf_counter()
+            path = build_report(run.store)
+            took = time.perf_counter() - started
+            size = path.stat().st_size / 1e3
+            print(f"report: {path} ({size:.0f} kB, built in {took:.2f} s)")
     return 0 if ok else 1
