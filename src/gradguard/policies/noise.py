@@ -17,6 +17,7 @@ from torch import Tensor
 
 from .. import _foreach
 from .. import _validate as check
+from .._rng import DeviceGenerators, check_seed
 from ..stats import GradStats
 from .base import Decision, Policy, require_grads
 
@@ -44,17 +45,15 @@ class GradientNoise(Policy):
     def __init__(self, eta: float = 0.01, gamma: float = 0.55, seed: int | None = None) -> None:
         self.eta = check.positive("eta", eta)
         self.gamma = check.non_negative("gamma", gamma)
-        if seed is None:
-            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-        elif isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0 or None, got {seed!r}")
-        self.seed = seed
+        self._rng = DeviceGenerators(check_seed(seed))
         self.step = 0
-        self._generators: dict[str, torch.Generator] = {}
-        self._pending: dict[str, Tensor] = {}
 
     def _config(self) -> dict[str, Any]:
         return {"eta": self.eta, "gamma": self.gamma, "seed": self.seed}
+
+    @property
+    def seed(self) -> int:
+        return self._rng.seed
 
     def std(self, step: int) -> float:
         """The noise standard deviation at ``step``: ``sqrt(eta / (1 + step) ** gamma)``."""
@@ -71,26 +70,13 @@ class GradientNoise(Policy):
 
         return Decision(transforms=[add_noise])
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        gen = self._generators.get(key)
-        if gen is None:
-            gen = torch.Generator(device=device)
-            pending = self._pending.pop(key, None)
-            if pending is not None:
-                gen.set_state(pending)
-            else:
-                gen.manual_seed(self.seed)
-            self._generators[key] = gen
-        return gen
-
     def _add(self, group: _foreach.Group, sigma: float) -> None:
         """One draw for the whole (device, dtype) group, split into per-tensor views."""
         tensors = group.tensors
         sizes = [t.numel() for t in tensors]
         flat = torch.randn(
             sum(sizes),
-            generator=self._generator(group.device),
+            generator=self._rng.get(group.device),
             device=group.device,
             dtype=tensors[0].dtype,
         )
@@ -102,18 +88,14 @@ class GradientNoise(Policy):
                 t.add_(n, alpha=sigma)
 
     def state_dict(self) -> dict[str, Any]:
-        rng = {key: gen.get_state() for key, gen in self._generators.items()}
-        rng.update({k: v.clone() for k, v in self._pending.items() if k not in rng})
-        return {"step": self.step, "seed": self.seed, "rng": rng}
+        return {"step": self.step, "rng": self._rng.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = {"step", "seed", "rng"} - set(state)
+        missing = {"step", "rng"} - set(state)
         if missing:
             raise KeyError(
                 f"state_dict for GradientNoise lacks {sorted(missing)}; was it saved from "
                 "another policy?"
             )
         self.step = int(state["step"])
-        self.seed = int(state["seed"])
-        self._generators = {}
-        self._pending = {k: v.clone() for k, v in state["rng"].items()}
+        self._rng.load_state_dict(state["rng"])
