@@ -41,7 +41,8 @@ class PerSampleNorms:
 
     def fraction_clipped(self, clip_norm: float | Tensor) -> Tensor:
         """Share of examples whose norm exceeds ``clip_norm`` (0-d; NaN when empty)."""
-        return (self.total > clip_norm).float().mean()
+        total = self.total
+        return (total > clip_norm).to(total.dtype).mean()
 
     def quantiles(self, q: Sequence[float] = DEFAULT_QUANTILES, by_layer: bool = False) -> Tensor:
         """Quantiles of the per-example norms: ``(len(q),)``, or ``(P, len(q))`` by layer."""
