@@ -127,7 +127,8 @@ def from_functional(
     ``loss_fn(output, target)`` is applied to one example at a time (with a batch
     dimension of 1), so use the loss you train with, reduced by mean or sum alike.
     The model's parameters and ``.grad`` are left untouched. ``chunk_size`` bounds the
-    memory of the vmapped backward.
+    memory of the vmapped backward. Give a module without Opacus's hooks (inside a
+    ``GradSampleModule`` use :func:`from_grad_sample`).
     """
     from torch.func import functional_call, grad, vmap
 
