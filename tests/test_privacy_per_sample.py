@@ -227,3 +227,42 @@ def test_grad_sample_missing_is_explained():
 def test_norms_of_checks_the_example_counts():
     with pytest.raises(ValueError, match=r"per_sample_grads\[1\]"):
         norms_of([torch.zeros(3, 2), torch.zeros(4)])
+
+
+def test_per_sample_events_ride_a_guards_recorder_in_a_training_loop(tmp_path):
+    # no Opacus: torch.func norms each step, recorded next to the guard's own steps
+    model = small_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gg.Guard(model, gg.ClipNorm(1.0), store=tmp_path / "run", log_every=5, health=False)
+    monitor = PerSampleMonitor(guard.recorder, quantiles=(0.5,))
+    loss_fn = nn.CrossEntropyLoss()
+    medians = []
+    for step in range(10):
+        x, y = batch(16)
+        norms = from_functional(model, loss_fn, x, y)
+        medians.append(np.median(norms.total.numpy()))
+        monitor.observe(step, norms, clip_norm=1.0)
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        guard.step(optimizer)
+    guard.close()
+    store = gg.RunStore.open(tmp_path / "run")
+    assert len(store.steps()["step"]) == 10
+    events = store.events(kind="per_sample")
+    assert [e.step for e in events] == list(range(10))
+    got = [e.data["quantiles"]["0.5"] for e in events]
+    np.testing.assert_allclose(got, medians, rtol=1e-5)
+
+
+def test_importing_the_privacy_package_does_not_import_opacus():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, gradguard, gradguard.privacy, gradguard.policies.noise; "
+        "print('opacus' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "False"
