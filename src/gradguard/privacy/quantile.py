@@ -12,21 +12,21 @@ example changes it by at most 1/2, which is what Theorem 1 of the paper assumes;
 gradient noise is then raised so the two releases together cost exactly the budget of
 the optimizer's ``noise_multiplier`` (see :mod:`gradguard.privacy.accounting`).
 
-Opacus's ``AdaClipDPOptimizer`` (1.6) gets several of these points wrong; this class
-does not repeat them:
+Opacus's ``AdaClipDPOptimizer`` (read in 1.6, and its trackers) has problems that this
+class does not repeat:
 
-* it counts raw bits (sensitivity 1) yet uses the ``(2σ_b)⁻²`` split that holds for
-  sensitivity 1/2, so its epsilon is optimistic; here the bits are centred;
-* it divides by the realised batch size, which is itself private under Poisson sampling
-  and zero for an empty batch (the clip bound then turns NaN for good); here ``m`` is
-  the public expected size;
-* it resets its counts in ``zero_grad``, dropping the counts of virtual steps
-  (``BatchMemoryManager``); here counts are kept until the noisy step uses them;
-* a too-small count noise made its noise multiplier complex (opacus#757) and an integer
-  count made ``torch.normal`` fail (opacus#779); here the bound is checked with a
-  message that names both arguments, and counts are floating point;
-* ``make_private(clipping="adaptive")`` cannot pass its required arguments (opacus#559);
-  here the clip attaches to the ordinary optimizer that ``make_private`` returns.
+* it counts raw bits (sensitivity 1) yet splits the budget with ``(2σ_b)⁻²``, which
+  holds for sensitivity 1/2, so its epsilon is optimistic; here the bits are centred;
+* it divides the count by the realised batch size, which is itself private under
+  Poisson sampling and zero for an empty batch; here ``m`` is the public expected size;
+* it resets its counts in ``zero_grad``, so with virtual steps (``BatchMemoryManager``)
+  only the last micro-batch is counted; here counts are kept until the noisy step;
+* a count noise ``σ_b ≤ z/2`` gave a complex noise multiplier (opacus#757; an error there
+  since), and the paper's default ``σ_b = m/20`` cannot meet it for small batches; here
+  the error names both arguments and the bound, at ``attach`` time;
+* an integer count made ``torch.normal`` fail (opacus#779); here counts are float64;
+* ``make_private(clipping="adaptive")`` cannot pass the optimizer's required arguments
+  (opacus#559); here the clip attaches to the plain optimizer ``make_private`` returns.
 """
 
 from __future__ import annotations
