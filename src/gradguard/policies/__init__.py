@@ -4,6 +4,7 @@ from .adaptive import AdaptiveTensorClip, AutoClip, ZClip
 from .base import Decision, Policy
 from .chain import Chain, chain, default_policy
 from .fixed import AGC, ClipNorm, ClipTensorNorm, ClipValue, Monitor
+from .noise import GradientNoise
 from .skip import SkipNonFinite, SkipSpike
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "ClipTensorNorm",
     "ClipValue",
     "Decision",
+    "GradientNoise",
     "Monitor",
     "Policy",
     "SkipNonFinite",
