@@ -128,6 +128,7 @@ def test_monitor_records_one_event_per_step_at_the_recorders_flush(tmp_path):
             reason=0,
         )
         # the summaries reach the store with the recorder's flushes, every 4 steps
+        recorder.drain()  # written on the recorder's writer thread
         stored = gg.RunStore.open(tmp_path / "run").events(kind="per_sample")
         assert len(stored) == 4 * ((step + 1) // 4)
     recorder.close()

@@ -80,11 +80,15 @@ def stored_findings(events: list[Event]) -> list[Finding]:
 
 
 def merge_findings(*groups: list[Finding]) -> list[Finding]:
-    """Findings from several sources without duplicates (same kind, start and message)."""
-    seen: set[tuple[str, int, str]] = set()
+    """Findings from several sources, earlier groups first, one per kind and start step.
+
+    Pass the findings recorded live first: they carry what a replay cannot know, such
+    as the exact backward-order origin of a non-finite gradient.
+    """
+    seen: set[tuple[str, int]] = set()
     out = []
     for finding in (f for group in groups for f in group):
-        key = (finding.kind.value, finding.steps[0], finding.message)
+        key = (finding.kind.value, finding.steps[0])
         if key not in seen:
             seen.add(key)
             out.append(finding)
@@ -108,5 +112,5 @@ def load_run(path: str | os.PathLike[str], *, run_rules: bool = True) -> RunData
         found = diagnose(
             columns, steps["step"], names, snap_steps, norms, health_config(meta), chunk=20_000
         )
-    data.findings = merge_findings(found, stored_findings(events))
+    data.findings = merge_findings(stored_findings(events), found)
     return data
