@@ -3,6 +3,7 @@ own clipping, and ``model.fit`` with the callback yields a run store."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -11,6 +12,10 @@ import pytest
 import torch
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# paddlepaddle 3.3 segfaults when imported after tensorflow 2.21 in one process (the
+# other order works); load it first so the Paddle tests can run in the same session.
+with contextlib.suppress(ImportError):
+    import paddle  # noqa: F401
 tf = pytest.importorskip(
     "tensorflow", reason="tensorflow is not installed (pip install tensorflow-cpu)"
 )
