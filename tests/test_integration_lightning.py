@@ -14,7 +14,7 @@ L = pytest.importorskip("lightning")
 from lightning.pytorch.loggers import Logger  # noqa: E402
 
 from gradguard import ClipNorm, RunStore, SkipNonFinite, chain  # noqa: E402
-from gradguard.integrations.lightning import GradGuardCallback  # noqa: E402
+from gradguard.integrations.lightning import GradGuardCallback, refuse_sharded  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -225,3 +225,11 @@ def test_lbfgs_is_refused_and_bad_arguments_are_named():
         GradGuardCallback(monitor_only="yes")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="policy"):
         GradGuardCallback(policy=1.0)  # type: ignore[arg-type]
+
+
+def test_sharded_strategies_are_refused():
+    from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
+
+    with pytest.raises(NotImplementedError, match="FSDPStrategy"):
+        refuse_sharded(FSDPStrategy())
+    refuse_sharded(SingleDeviceStrategy(device=torch.device("cpu")))  # no error

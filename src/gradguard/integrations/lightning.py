@@ -33,6 +33,16 @@ from ..record.batch import Sink
 from ._core import HookStep, Observe, check_skippable, metrics
 
 
+def refuse_sharded(strategy: Any) -> None:
+    """DeepSpeed and FSDP keep or shard the gradients: the callback would see the wrong ones."""
+    name = type(strategy).__name__
+    if "DeepSpeed" in name or "FSDP" in name:
+        raise NotImplementedError(
+            f"GradGuardCallback does not support {name}: the gradients are sharded or owned "
+            "by the engine. For DeepSpeed use gradguard.integrations.deepspeed.DeepSpeedMonitor."
+        )
+
+
 class GradGuardCallback(Callback):
     """Guard a LightningModule's gradients at every optimizer step.
 
@@ -122,6 +132,7 @@ class GradGuardCallback(Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if self.guard is None:  # fit without setup (a Trainer subclass that skips it)
             self.setup(trainer, pl_module, "fit")
+        refuse_sharded(trainer.strategy)
         optimizers = list(trainer.optimizers)
         if len(optimizers) > 1:
             raise ValueError(
