@@ -123,8 +123,14 @@ def test_round_trip_preserves_values_nan_and_inf(tmp_path):
     assert np.isinf(norms[2, 1])
 
     assert store.events() == [Event(5, "skip", "non-finite gradient", {"names": ["head.bias"]})]
-    frame = store.to_pandas()
-    assert list(frame.index) == list(range(11)) and "loss" in frame.columns
+    try:
+        import pandas  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match=r"gradguard\[pandas\]"):
+            store.to_pandas()
+    else:
+        frame = store.to_pandas()
+        assert list(frame.index) == list(range(11)) and "loss" in frame.columns
     store.close()
 
 
