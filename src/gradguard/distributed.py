@@ -255,6 +255,9 @@ def _local_norms(
     dtype: torch.dtype | None,
     device: torch.device,
 ) -> Tensor:
+    if math.isinf(norm_type):
+        # An uneven split can leave a rank an empty shard, whose max norm is undefined: 0.
+        local = [t if t.numel() else t.new_zeros(1) for t in local]
     groups = _foreach.groups(local, foreach)
     flat: list[Tensor] = []
     for group in groups:
@@ -314,7 +317,7 @@ def watch_ddp(
         hook, state = default_hooks.allreduce_hook, None
     watch = DDPWatch(hook, state)
 
-    def checked(watch: DDPWatch, bucket: Any) -> Any:
+    def checked(watch, bucket):  # unannotated: DDP checks the annotations it is given
         bad = ~torch.isfinite(bucket.buffer()).all()
         # Buckets are reduced in index order: bucket 0 opens a new backward pass.
         if bucket.index() == 0 or watch.nonfinite is None:
