@@ -270,7 +270,8 @@ def _fsdp(rank: int, world: int) -> dict[str, Any]:
     from torch.distributed.fsdp import fully_shard
 
     import gradguard
-    from gradguard.policies import ClipNorm, SkipNonFinite, chain
+    from gradguard.functional import clip_grad_value_, clip_tensor_norms_
+    from gradguard.policies import ClipNorm, ClipTensorNorm, ClipValue, SkipNonFinite, chain
 
     found: dict[str, Any] = {}
 
@@ -306,6 +307,29 @@ def _fsdp(rank: int, world: int) -> dict[str, Any]:
         float((a - r).abs().max() / r.abs().max()) for a, r in zip(after, ref.parameters())
     )
     opt.zero_grad()
+
+    # Per-tensor scales (through the local shards) and an element-wise transform (on
+    # the DTensors; the clipped norm is then re-measured, a second collective).
+    for label, policy, clip in (
+        ("tensor_norm", ClipTensorNorm(0.05), lambda m: clip_tensor_norms_(m, 0.05)),
+        ("value", ClipValue(0.01), lambda m: clip_grad_value_(m.parameters(), 0.01)),
+    ):
+        clip_guard = gradguard.Guard(model, policy, health=False)
+        ref = _model()
+        ref.load_state_dict({k: v.full_tensor() for k, v in model.state_dict().items()})
+        x, y = _batch(5, world)
+        _loss(model, _slice(x, rank), _slice(y, rank)).backward()
+        result = clip_guard.step(opt)
+        _loss(ref, x, y).backward()
+        clip(ref)
+        found[f"{label}_clipped_norm"] = float(result.clipped_norm)
+        found[f"{label}_ref_clipped_norm"] = float(gradguard.measure(ref).total_norm)
+        torch.optim.SGD(ref.parameters(), lr=0.1).step()
+        found[f"{label}_update_err"] = max(
+            float((a - r).abs().max() / r.abs().max())
+            for a, r in zip(_full(model.parameters()), ref.parameters())
+        )
+        opt.zero_grad()
 
     # NaN on the last rank: all skip, parameters unchanged everywhere.
     x, y = _batch(1, world)

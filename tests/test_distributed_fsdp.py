@@ -50,6 +50,15 @@ def test_fsdp2_guard_clip_updates_like_single_process(world):
 
 
 @pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("label", ["tensor_norm", "value"])
+def test_fsdp2_per_tensor_and_value_clips_update_like_single_process(world, label):
+    for found in results(world):
+        fsdp = found["fsdp"]
+        assert close(fsdp[f"{label}_clipped_norm"], fsdp[f"{label}_ref_clipped_norm"])
+        assert fsdp[f"{label}_update_err"] < REL
+
+
+@pytest.mark.parametrize("world", WORLDS)
 def test_fsdp2_nan_on_one_rank_skips_everywhere(world):
     runs = [found["fsdp"] for found in results(world)]
     for fsdp in runs:
