@@ -138,6 +138,24 @@ def _decisions(results: list[Any]) -> list[tuple[float, float, bool]]:
     return [(float(r.total_norm), float(r.clip_coef), bool(r.skipped)) for r in results]
 
 
+class CountAllReduce:
+    """Count ``torch.distributed.all_reduce`` calls and the elements they carry."""
+
+    def __enter__(self) -> list[tuple[int, str]]:
+        self.calls: list[tuple[int, str]] = []
+        self.original = dist.all_reduce
+
+        def counted(tensor, *args, **kwargs):
+            self.calls.append((tensor.numel(), str(tensor.dtype)))
+            return self.original(tensor, *args, **kwargs)
+
+        dist.all_reduce = counted
+        return self.calls
+
+    def __exit__(self, *exc: object) -> None:
+        dist.all_reduce = self.original
+
+
 def _full(params: Any) -> list[torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
@@ -288,6 +306,9 @@ def _fsdp(rank: int, world: int) -> dict[str, Any]:
     x, y = _batch(0, world)
     _loss(model, _slice(x, rank), _slice(y, rank)).backward()
     for p in (2.0, 1.0, 3.0, math.inf):
+        with CountAllReduce() as calls:
+            stats = gradguard.measure(model, p)
+        found[f"calls_p{p}"] = calls
         stats = gradguard.measure(model, p, max_abs=True, zero_fraction=True)
         found[f"measured_p{p}"] = _pack(stats)
         found[f"reference_p{p}"] = _pack(_reference(0, world, p))
@@ -410,6 +431,9 @@ def _meshes(rank: int, world: int) -> dict[str, Any]:
     found: dict[str, Any] = {"names": [n for n, _ in params]}
     for p in (2.0, 1.0, 3.0, math.inf):
         found[f"measured_p{p}"] = _pack(gradguard.measure(params, p, max_abs=True))
+        with CountAllReduce() as calls:
+            gradguard.measure(params, p)
+        found[f"calls_p{p}"] = calls
         names = [n for n, _ in params]
         found[f"reference_p{p}"] = _pack(measure_grads(fulls, p, names=names, max_abs=True))
     # A NaN in one rank's shard of "row": only that tensor (and the total) is non-finite.

@@ -41,6 +41,16 @@ def test_fsdp2_norms_equal_single_process(world):
 
 
 @pytest.mark.parametrize("world", WORLDS)
+def test_fsdp2_measure_is_one_small_all_reduce(world):
+    for found in results(world):
+        fsdp = found["fsdp"]
+        n = len(fsdp["reference_p2.0"]["norms"])
+        for p in (1.0, 2.0, 3.0):
+            assert fsdp[f"calls_p{p}"] == [(n, "torch.float64")]  # n powers, whatever R
+        assert fsdp["calls_pinf"] == [(2 * n, "torch.float64")]  # maxima and NaN flags
+
+
+@pytest.mark.parametrize("world", WORLDS)
 def test_fsdp2_guard_clip_updates_like_single_process(world):
     for found in results(world):
         total, coef, skipped = found["fsdp"]["clip_decision"]
@@ -85,6 +95,11 @@ def test_dtensor_grads_on_several_meshes_equal_full_tensor_norms(world):
             assert {"dp_only", "tp_only", "both", "sub"} <= set(meshes["names"])
         for p in NORMS:
             assert_matches(meshes[f"measured_p{p}"], meshes[f"reference_p{p}"], ("max_abs",))
+        # grouped by mesh: 1-D world mesh (4 tensors); for 4 ranks also the 2-D mesh
+        # (3 tensors, one all-reduce over the world) and its "tp" sub-mesh (1 tensor).
+        expected = [4] if world == 2 else [4, 3, 1]
+        assert [numel for numel, _ in meshes["calls_p2.0"]] == expected
+        assert [numel for numel, _ in meshes["calls_pinf"]] == [2 * k for k in expected]
 
 
 @pytest.mark.parametrize("world", WORLDS)

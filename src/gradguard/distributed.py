@@ -37,20 +37,31 @@ gradients, so the all-reduced gradients cannot say where it came from; :func:`wa
 installs a communication hook that flags each rank's local buckets before the all-reduce.
 With DTensor the flag is the local shard's (after FSDP2's reduce-scatter: the ranks whose
 shard holds the bad values, not necessarily the rank whose batch produced them).
+
+**Limits.** Measuring DTensor gradients is a collective: every rank of the meshes must
+call it at the same step (``Guard.step`` does). A gradient with a pending ``Partial``
+reduction is refused with a clear error. Pipeline parallelism, where each stage holds
+different parameters, is not covered: each stage would measure only its own gradients.
+Element-wise policy transforms (``ClipValue``) run on the DTensors themselves; scales
+are applied to the local shards.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from . import _foreach
+
+if TYPE_CHECKING:
+    from .stats import GradStats
 
 __all__ = [
     "DDPWatch",
@@ -182,7 +193,7 @@ def measure_sharded(
     dtype: torch.dtype | None = None,
     max_abs: bool = False,
     zero_fraction: bool = False,
-) -> Any:
+) -> GradStats:
     """:func:`gradguard.stats.measure_grads` for lists holding DTensor gradients.
 
     Exact global and per-tensor norms from the local shards, with one all-reduce per mesh
@@ -327,19 +338,19 @@ def watch_ddp(
         return watch.inner(watch.inner_state, bucket)
 
     model.register_comm_hook(watch, checked)
-    _WATCHES.append(watch)
+    _WATCHES.add(watch)
     return watch
 
 
-_WATCHES: list[DDPWatch] = []
+# The DDP reducer holds each watch as its hook state: a watch goes when its model goes.
+_WATCHES: weakref.WeakSet[DDPWatch] = weakref.WeakSet()
 
 
-def local_nonfinite(stats: Any) -> Tensor | None:
-    """This rank's pre-reduction non-finite flag for ``stats``, if one is known."""
-    flag = getattr(stats, "local_nonfinite", None)
-    if flag is not None:
-        return flag
-    flags = [w.nonfinite for w in _WATCHES if w.nonfinite is not None]
+def local_nonfinite(stats: GradStats) -> Tensor | None:
+    """This rank's pre-reduction non-finite flag: from DTensor ``stats`` or DDP watches."""
+    if stats.local_nonfinite is not None:
+        return stats.local_nonfinite
+    flags = [w.nonfinite for w in list(_WATCHES) if w.nonfinite is not None]
     if not flags:
         return None
     out = flags[0]
