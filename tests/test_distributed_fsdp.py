@@ -69,6 +69,13 @@ def test_fsdp2_per_tensor_and_value_clips_update_like_single_process(world, labe
 
 
 @pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("label", ["fn_clip_grad_norm", "fn_clip_tensor_norms"])
+def test_functional_clips_on_dtensor_grads_equal_single_process(world, label):
+    for found in results(world):
+        assert found["fsdp"][f"{label}_err"] < REL
+
+
+@pytest.mark.parametrize("world", WORLDS)
 def test_fsdp2_nan_on_one_rank_skips_everywhere(world):
     runs = [found["fsdp"] for found in results(world)]
     for fsdp in runs:
