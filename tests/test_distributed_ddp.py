@@ -90,3 +90,19 @@ def test_resume_from_rank0_state_dict_makes_the_same_decisions(world):
         assert all_close([t for t, _, _ in resumed], [t for t, _, _ in original])
         assert all_close([c for _, c, _ in resumed], [c for _, c, _ in original])
         assert any(coef < 1.0 for _, coef, _ in resumed)
+
+
+def test_plain_gradients_do_not_load_the_dtensor_machinery():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch, gradguard\n"
+        "p = torch.nn.Parameter(torch.ones(3)); p.grad = torch.ones(3)\n"
+        "gradguard.measure([p])\n"
+        "print('torch.distributed.tensor' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.strip() == "False"

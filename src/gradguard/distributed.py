@@ -97,7 +97,8 @@ def local_tensors(tensors: Sequence[Tensor]) -> list[Tensor]:
     dtensor = _dtensor_type()
     if dtensor is None:
         return list(tensors)
-    return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
+    with torch.no_grad():  # outside autograd, to_local() is a plain attribute read
+        return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
 
 
 # -- the reduction plan --------------------------------------------------------------------
@@ -113,23 +114,17 @@ class _MeshPart:
     all_positions: bool  # indices cover the whole vector in order
 
 
-def _layout(grads: Sequence[Tensor], names: Sequence[str] | None) -> tuple:
+def _layout(grads: Sequence[Tensor]) -> tuple:
+    """Per gradient ``(mesh, placements)``, or ``None`` for a plain tensor: the plan's key."""
     dtensor = _dtensor_type()
-    key = []
-    for i, g in enumerate(grads):
-        if dtensor is not None and isinstance(g, dtensor):
-            for placement in g.placements:
-                if placement.is_partial():
-                    label = repr(names[i]) if names is not None else f"parameters[{i}]"
-                    raise ValueError(
-                        f"parameters: the gradient of {label} is a DTensor with a pending "
-                        f"reduction ({g.placements}); its norm is undefined until it is "
-                        "reduced. Call grad.redistribute(...) to Shard/Replicate first."
-                    )
-            key.append((g.device_mesh, tuple(g.placements)))
-        else:
-            key.append(None)
-    return tuple(key)
+    return tuple(
+        (g.device_mesh, g.placements) if isinstance(g, dtensor) else None  # type: ignore[arg-type]
+        for g in grads
+    )
+
+
+class _PendingReduction(Exception):
+    """Raised by :func:`_plan` for a ``Partial`` gradient (the caller names it)."""
 
 
 @functools.lru_cache(maxsize=16)
@@ -138,6 +133,8 @@ def _plan(layout: tuple, device: torch.device, world_group: Any) -> tuple[_MeshP
     by_mesh: dict[Any, list[int]] = {}
     for i, entry in enumerate(layout):
         if entry is not None:
+            if any(p.is_partial() for p in entry[1]):
+                raise _PendingReduction(i)  # not cached: raised again each call
             by_mesh.setdefault(entry[0], []).append(i)
     parts = []
     for mesh, positions in by_mesh.items():
@@ -202,10 +199,19 @@ def measure_sharded(
     """
     from .stats import GradStats
 
-    layout = _layout(grads, names)
+    layout = _layout(grads)
     local = local_tensors(grads)
     device = local[0].device
-    plan = _plan(layout, device, torch.distributed.group.WORLD)
+    try:
+        plan = _plan(layout, device, torch.distributed.group.WORLD)
+    except _PendingReduction as pending:
+        i = pending.args[0]
+        label = repr(names[i]) if names is not None else f"parameters[{i}]"
+        raise ValueError(
+            f"parameters: the gradient of {label} is a DTensor with a pending reduction "
+            f"({layout[i][1]}); its norm is undefined until it is reduced. Call "
+            "grad.redistribute(...) to Shard/Replicate placements first."
+        ) from None
     local_norms = _local_norms(local, norm_type, foreach, dtype, device)
     out_dtype = local_norms.dtype
     local_bad = ~torch.isfinite(local_norms).all()
