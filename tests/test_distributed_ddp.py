@@ -60,7 +60,7 @@ def test_nan_on_one_rank_skips_everywhere_and_names_the_rank(world):
         assert ddp["nan_unchanged"] is True
         skip_warnings = [w for w in ddp["nan_warning"] if "skipped" in w]
         assert len(skip_warnings) == 1
-        assert f"rank(s) [{bad}]" in skip_warnings[0]
+        assert f"non-finite local gradients on rank(s) [{bad}]" in skip_warnings[0]
         assert ddp["store_exists"] is (rank == 0)  # only rank 0 records
     events = results(world)[0]["ddp"]["skip_events"]
     assert [step for step, _ in events] == [1]

@@ -218,7 +218,7 @@ class Guard:
         where = f"; non-finite gradients from {origin!r} ({len(names)} tensors)" if origin else ""
         ranks = _nonfinite_ranks(result.stats) if names else None
         if ranks:
-            where += f"; non-finite before the all-reduce on rank(s) {ranks}"
+            where += f"; non-finite local gradients on rank(s) {ranks}"
         message = f"step {result.step} skipped ({reason}){where}"
         if self.recorder is not None:
             data = {"reason": reason, "nonfinite": names, "origin": origin, "ranks": ranks}
