@@ -444,6 +444,11 @@ def _meshes(rank: int, world: int) -> dict[str, Any]:
             ("both", grid, [Shard(0), Shard(1)], (4, 6)),
             ("sub", grid["tp"], [Shard(0)], (5, 2)),
         ]
+        # A 2-D mesh over half the ranks: reduced over each of its dimensions in turn.
+        cube = init_device_mesh("cpu", (2, 1, 2), mesh_dim_names=("a", "b", "c"))
+        half = cube["a", "b"]
+        specs.append(("sub2d", half, [Shard(0), Replicate()], (6, 2)))
+        specs.append(("sub2d_rep", half, [Replicate(), Shard(0)], (3, 3)))
     fulls = [torch.randn(*shape, generator=g) for *_, shape in specs]
     plain_full = torch.randn(3, generator=g)
     params = []

@@ -99,12 +99,14 @@ def test_dtensor_grads_on_several_meshes_equal_full_tensor_norms(world):
     for found in results(world):
         meshes = found["meshes"]
         if world == 4:  # 2-D mesh placements and a sub-mesh are part of the set
-            assert {"dp_only", "tp_only", "both", "sub"} <= set(meshes["names"])
+            multi = {"dp_only", "tp_only", "both", "sub", "sub2d", "sub2d_rep"}
+            assert multi <= set(meshes["names"])
         for p in NORMS:
             assert_matches(meshes[f"measured_p{p}"], meshes[f"reference_p{p}"], ("max_abs",))
         # grouped by mesh: 1-D world mesh (4 tensors); for 4 ranks also the 2-D mesh
-        # (3 tensors, one all-reduce over the world) and its "tp" sub-mesh (1 tensor).
-        expected = [4] if world == 2 else [4, 3, 1]
+        # (3 tensors, one all-reduce over the world), its "tp" sub-mesh (1 tensor) and a
+        # 2-D mesh over half the ranks (2 tensors, one all-reduce per mesh dimension).
+        expected = [4] if world == 2 else [4, 3, 1, 2, 2]
         assert [numel for numel, _ in meshes["calls_p2.0"]] == expected
         assert [numel for numel, _ in meshes["calls_pinf"]] == [2 * k for k in expected]
 
