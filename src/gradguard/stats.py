@@ -20,7 +20,7 @@ from torch import Tensor
 from . import _foreach
 from . import _validate as check
 from ._params import ParamsLike, grads_with_names
-from .distributed import has_dtensor
+from .distributed import has_dtensor, measure_sharded
 
 
 class LayerNorms(NamedTuple):
@@ -204,8 +204,6 @@ def measure_grads(
     :func:`gradguard.distributed.measure_sharded` (a collective: every rank must call it).
     """
     if has_dtensor(grads):
-        from .distributed import measure_sharded
-
         return measure_sharded(
             grads,
             norm_type,
