@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _amp, _foreach
+from . import _amp, _foreach, distributed
 from . import _validate as check
 from ._params import ParamsLike, named_params
 from .policies import Decision, Policy, default_policy
@@ -172,13 +172,15 @@ class Guard:
             )
         stats = self._measure(grads, names)
         decision = self.policy.decide(stats, params)
-        self._apply_in_place(decision, params, grads)
+        # DTensor gradients are scaled through their local shards (same storage).
+        local = distributed.local_tensors(grads) if distributed.has_dtensor(grads) else grads
+        self._apply_in_place(decision, params, grads, local)
         device = stats.total_norm.device
         skip, reason = self._skip_and_reason(decision, stats, amp, scaler, optimizer, device)
 
         folded = self.fold_fused and _supports_folding(optimizer)
         if decision.scale is not None and not folded:
-            for group in _foreach.groups(grads):
+            for group in _foreach.groups(local):
                 _foreach.mul_(group, decision.scale)
         skipped_on_host = False
         if folded:
@@ -214,9 +216,12 @@ class Guard:
         names = result.nonfinite_names() if reason == "nonfinite" else []
         origin = self.nonfinite_origin(result) if names else None
         where = f"; non-finite gradients from {origin!r} ({len(names)} tensors)" if origin else ""
+        ranks = _nonfinite_ranks(result.stats) if names else None
+        if ranks:
+            where += f"; non-finite local gradients on rank(s) {ranks}"
         message = f"step {result.step} skipped ({reason}){where}"
         if self.recorder is not None:
-            data = {"reason": reason, "nonfinite": names, "origin": origin}
+            data = {"reason": reason, "nonfinite": names, "origin": origin, "ranks": ranks}
             self.recorder.event(Event(result.step, "skip", message, data))
         if not self._warned_skip:
             self._warned_skip = True
@@ -267,12 +272,14 @@ class Guard:
         return measure_grads(grads, self.norm_type, names=names, dtype=dtype)
 
     @staticmethod
-    def _apply_in_place(decision: Decision, params: list[Tensor], grads: list[Tensor]) -> None:
+    def _apply_in_place(
+        decision: Decision, params: list[Tensor], grads: list[Tensor], local: list[Tensor]
+    ) -> None:
         for transform in decision.transforms:
             transform(params, grads)
         if decision.tensor_scale is not None:
             scales = decision.tensor_scale
-            for group in _foreach.groups(grads):
+            for group in _foreach.groups(local):
                 index = torch.tensor(group.indices, dtype=torch.long, device=scales.device)
                 picked = scales.index_select(0, index).to(group.device).unbind()
                 _foreach.mul_(group, [s.to(t.dtype) for s, t in zip(picked, group.tensors)])
@@ -396,6 +403,14 @@ def _backward_order(model: ParamsLike) -> Any:
         return BackwardOrder(model)
     except ValueError:
         return None
+
+
+def _nonfinite_ranks(stats: GradStats) -> list[int] | None:
+    """Ranks whose local gradients were non-finite (collective; on non-finite skips only)."""
+    if not distributed.is_multi_rank():
+        return None
+    flag = distributed.local_nonfinite(stats)
+    return None if flag is None else distributed.nonfinite_ranks(flag)
 
 
 def _supports_folding(optimizer: torch.optim.Optimizer) -> bool:

@@ -20,6 +20,7 @@ from torch import Tensor
 from . import _foreach
 from . import _validate as check
 from ._params import ParamsLike, grads_with_names
+from .distributed import has_dtensor, measure_sharded
 
 
 class LayerNorms(NamedTuple):
@@ -59,6 +60,8 @@ class GradStats:
         shapes: gradient shapes, aligned with ``norms``.
         max_abs: per-tensor max ``|g|`` when requested, else ``None``.
         zero_fraction: per-tensor fraction of exact zeros when requested, else ``None``.
+        local_nonfinite: for DTensor gradients, this rank's 0-d flag: a local shard held
+            NaN/inf before the all-reduce (``None`` for plain gradients).
     """
 
     norms: Tensor
@@ -68,6 +71,7 @@ class GradStats:
     shapes: tuple[torch.Size, ...]
     max_abs: Tensor | None = None
     zero_fraction: Tensor | None = None
+    local_nonfinite: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -194,7 +198,21 @@ def measure_grads(
     max_abs: bool = False,
     zero_fraction: bool = False,
 ) -> GradStats:
-    """:func:`measure` on a list of gradient tensors (no validation of ``norm_type``)."""
+    """:func:`measure` on a list of gradient tensors (no validation of ``norm_type``).
+
+    DTensor gradients (FSDP2, tensor parallel) are measured exactly across ranks by
+    :func:`gradguard.distributed.measure_sharded` (a collective: every rank must call it).
+    """
+    if has_dtensor(grads):
+        return measure_sharded(
+            grads,
+            norm_type,
+            names=names,
+            foreach=foreach,
+            dtype=dtype,
+            max_abs=max_abs,
+            zero_fraction=zero_fraction,
+        )
     shapes = tuple(g.shape for g in grads)
     name_tuple = tuple(names) if names is not None else None
     if not grads:

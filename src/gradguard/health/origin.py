@@ -68,7 +68,12 @@ class BackwardOrder:
     def _finish(self) -> None:
         if self._order is None:
             self._order = tuple(self._seen)
-        self.remove()
+        # Inside backward, remove the hooks once it ends: FSDP2 iterates a parameter's hook
+        # dict while calling them, and removing one mid-iteration breaks that loop.
+        try:
+            torch.autograd.Variable._execution_engine.queue_callback(self.remove)
+        except RuntimeError:  # not inside a backward pass
+            self.remove()
 
     def remove(self) -> None:
         """Remove every hook (idempotent); a partially seen order is kept."""
