@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -18,7 +17,7 @@ from typing import TextIO
 import numpy as np
 
 from .health import HealthConfig, diagnose
-from .record.batch import STEP_COLUMNS, Event, SkipReason
+from .record.batch import SkipReason
 from .report.data import open_run
 
 BLOCKS = "▁▂▃▄▅▆▇█"
@@ -50,47 +49,12 @@ def sparkline(values: Sequence[float], width: int = 60) -> str:
     return "".join(out)
 
 
-def _connect(path: os.PathLike[str] | str) -> sqlite3.Connection:
-    uri = os.path.abspath(os.fspath(path))
-    return sqlite3.connect(f"file:{uri}?mode=ro", uri=True, timeout=30.0)
-
-
-def read_recent(db: os.PathLike[str] | str, limit: int = RECENT) -> dict[str, np.ndarray]:
-    """The latest ``limit`` steps as numpy columns (ascending steps; NULL → NaN)."""
-    conn = _connect(db)
-    try:
-        rows = conn.execute(
-            f"SELECT step, {', '.join(STEP_COLUMNS)} FROM steps ORDER BY step DESC LIMIT ?",
-            (int(limit),),
-        ).fetchall()[::-1]
-    finally:
-        conn.close()
-    table = np.array(rows, dtype=np.float64).reshape(len(rows), len(STEP_COLUMNS) + 1)
-    out = {"step": table[:, 0].astype(np.int64)}
-    out.update({c: table[:, j] for j, c in enumerate(STEP_COLUMNS, start=1)})
-    return out
-
-
-def read_events(db: os.PathLike[str] | str, limit: int = 5) -> list[Event]:
-    """The latest ``limit`` events, oldest first."""
-    import json
-
-    conn = _connect(db)
-    try:
-        rows = conn.execute(
-            "SELECT step, kind, message, data FROM events ORDER BY step DESC, id DESC LIMIT ?",
-            (int(limit),),
-        ).fetchall()[::-1]
-    finally:
-        conn.close()
-    return [Event(s, k, m, json.loads(d)) for s, k, m, d in rows]
-
-
 def render_frame(run_dir: str | os.PathLike[str], width: int = 60) -> str:
     """One text frame: step, norm, clip rate, sparkline, findings and events."""
     with open_run(run_dir) as store:
-        db, meta = store.path, store.meta()
-    s = read_recent(db)
+        meta = store.meta()
+        s = store.steps(last=RECENT)
+        recent_events = store.events(last=5)
     lines = [f"gradguard watch · {os.fspath(run_dir)}"]
     if s["step"].size == 0:
         lines.append("waiting for the first flushed steps…")
@@ -126,7 +90,7 @@ def render_frame(run_dir: str | os.PathLike[str], width: int = 60) -> str:
     found = diagnose(columns, s["step"], config=health)
     lines.append(f"findings in the last {norms.size} steps: {len(found) or 'none'}")
     lines += [f"  {f}" for f in found[-5:]]
-    events = read_events(db)
+    events = recent_events
     lines.append(f"latest events: {len(events) or 'none'}")
     lines += [f"  step {e.step} {e.kind}: {e.message}" for e in events]
     return "\n".join(lines)

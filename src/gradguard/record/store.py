@@ -304,15 +304,20 @@ class RunStore:
         """Parameter names, aligned with the columns of :meth:`tensor_norms`."""
         return tuple(self.meta().get("names") or ())
 
-    def steps(self) -> dict[str, Any]:
+    def steps(self, last: int | None = None) -> dict[str, Any]:
         """Per-step columns as numpy arrays keyed ``'step'`` and each of ``STEP_COLUMNS``.
 
         ``step`` and ``reason`` are int64, ``clipped``/``skipped`` bool, the rest float64
-        (NaN where not recorded).
+        (NaN where not recorded). ``last=n`` reads only the latest ``n`` steps (a live view
+        of a long run reads what it shows, not the whole table).
         """
         np = _numpy()
-        sql = f"SELECT step, {', '.join(STEP_COLUMNS)} FROM steps ORDER BY step"
-        rows = self._reader().execute(sql).fetchall()
+        columns = f"step, {', '.join(STEP_COLUMNS)}"
+        if last is None:
+            rows = self._reader().execute(f"SELECT {columns} FROM steps ORDER BY step").fetchall()
+        else:
+            sql = f"SELECT {columns} FROM steps ORDER BY step DESC LIMIT ?"
+            rows = self._reader().execute(sql, (max(int(last), 0),)).fetchall()[::-1]
         table = np.array(rows, dtype=np.float64).reshape(len(rows), len(STEP_COLUMNS) + 1)
         out: dict[str, Any] = {"step": np.array([r[0] for r in rows], dtype=np.int64)}
         for j, c in enumerate(STEP_COLUMNS, start=1):
@@ -343,13 +348,17 @@ class RunStore:
             norms[i] = values
         return steps, names, norms
 
-    def events(self, kind: str | None = None) -> list[Event]:
-        """Recorded events in step order, optionally only those of ``kind``."""
+    def events(self, kind: str | None = None, last: int | None = None) -> list[Event]:
+        """Recorded events in step order; only those of ``kind``, or the latest ``last``."""
         sql = "SELECT step, kind, message, data FROM events"
-        args: tuple[str, ...] = ()
+        args: tuple[Any, ...] = ()
         if kind is not None:
             sql, args = sql + " WHERE kind = ?", (kind,)
-        rows = self._reader().execute(sql + " ORDER BY step, id", args).fetchall()
+        if last is None:
+            rows = self._reader().execute(sql + " ORDER BY step, id", args).fetchall()
+        else:
+            sql += " ORDER BY step DESC, id DESC LIMIT ?"
+            rows = self._reader().execute(sql, (*args, max(int(last), 0))).fetchall()[::-1]
         return [Event(s, k, m, json.loads(d)) for s, k, m, d in rows]
 
     def to_pandas(self) -> Any:
