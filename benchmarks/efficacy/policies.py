@@ -1,0 +1,55 @@
+"""The policies compared: no clipping, a sweep of fixed thresholds, each adaptive default."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from torch import Tensor
+
+import gradguard as gg
+from gradguard.policies import Decision
+
+PolicyFactory = Callable[[], gg.Policy]
+
+#: Name of the row that trains with no clipping at all (still through the guard).
+NONE = "none"
+#: Name of the row for ``gradguard.default_policy()``.
+DEFAULT = "default"
+
+
+class NoClip(gg.Policy):
+    """Measure through the guard but change nothing: the unguarded baseline."""
+
+    def decide(self, stats: gg.GradStats, params: Sequence[Tensor]) -> Decision:
+        return Decision()
+
+
+def fixed_name(threshold: float) -> str:
+    """Row name of fixed global-norm clipping at ``threshold``."""
+    return f"clip {threshold:g}"
+
+
+def adaptive() -> dict[str, PolicyFactory]:
+    """Each adaptive policy at its defaults, and the library default."""
+    return {
+        "AutoClip": lambda: gg.AutoClip(),
+        "ZClip": lambda: gg.ZClip(),
+        "AdaptiveTensorClip": lambda: gg.AdaptiveTensorClip(),
+        "SkipSpike": lambda: gg.SkipSpike(),
+        "SkipSpike+clip 1": lambda: gg.chain(gg.SkipSpike(), gg.ClipNorm(1.0)),
+        DEFAULT: gg.default_policy,
+    }
+
+
+def roster(thresholds: Sequence[float]) -> dict[str, PolicyFactory]:
+    """No clipping, fixed clipping at every threshold of the sweep, then the adaptive rows."""
+    rows: dict[str, PolicyFactory] = {NONE: NoClip}
+    for t in thresholds:
+        rows[fixed_name(t)] = lambda t=t: gg.ClipNorm(t)
+    rows.update(adaptive())
+    return rows
+
+
+def is_fixed(name: str) -> bool:
+    """Whether a row is one threshold of the fixed sweep."""
+    return name.startswith("clip ")
