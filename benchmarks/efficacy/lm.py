@@ -12,11 +12,12 @@ Two ways to cause spikes:
   the gradient norm some hundreds of times its usual size;
 * a learning rate high enough, with no warm-up, that the run spikes on its own.
 
-*Steps lost* counts the steps at which the smoothed loss (EMA over ~20 steps, bad
-batches left out) is more than 10% above the best smoothed loss reached so far: the
-time a run spends climbing back after a setback. The *final loss* is the mean loss
-of the last 50 clean batches (fresh samples, so held-out), reported as excess over
-the entropy floor.
+*Steps lost* compares a run with a reference run of the same seed (no clipping, the
+base learning rate, no bad batches): with ``L`` the run's final loss, it is the number
+of steps the reference still had to train after it first reached ``L`` (0 when the run
+ends at or below the reference's final loss; every step when the run diverged). The
+*final loss* is the mean loss of the last 50 clean batches (fresh samples, so
+held-out), reported as excess over the entropy floor, so 0 is perfect.
 """
 
 from __future__ import annotations
@@ -38,15 +39,15 @@ class LMConfig:
     """One spike scenario and its training set-up."""
 
     name: str = "bad batches"
-    vocab: int = 32
+    vocab: int = 16
     context: int = 32
     width: int = 64
     layers: int = 2
     heads: int = 4
     batch: int = 32
-    steps: int = 600
-    lr: float = 1e-3
-    bad_batches: tuple[int, ...] = (200, 201, 202, 400)
+    steps: int = 400
+    lr: float = 3e-3
+    bad_batches: tuple[int, ...] = (150, 151, 152, 250)
     bad_scale: float = 1000.0
     concentration: float = 0.1  # Dirichlet concentration: smaller is a sparser chain
 
@@ -62,8 +63,9 @@ class LMResult:
     policy: str
     seed: int
     diverged: bool
-    final_excess: float  # final loss minus the entropy floor (nan when diverged)
-    steps_lost: int
+    final_loss: float  # mean loss of the last 50 clean batches (nan when diverged)
+    floor: float  # the chain's entropy rate: the best loss possible
+    curve: list[float]  # loss of every clean batch
     clipped: float
     skipped: int
     seconds: float
@@ -125,18 +127,24 @@ class TinyLM(nn.Module):
         return self.head(self.norm(h))
 
 
-def steps_lost(losses: list[float], beta: float = 0.95, tolerance: float = 0.10) -> int:
-    """Steps whose smoothed loss is > ``tolerance`` above the best smoothed loss so far."""
-    ema, best, lost = math.nan, math.inf, 0
-    for value in losses:
-        if not math.isfinite(value):
-            lost += 1
-            continue
-        ema = value if math.isnan(ema) else beta * ema + (1 - beta) * value
-        if ema > best * (1 + tolerance):
-            lost += 1
-        best = min(best, ema)
-    return lost
+def smooth(losses: list[float], beta: float = 0.95) -> list[float]:
+    """Exponential moving average of a loss curve (bias-corrected)."""
+    out, ema = [], 0.0
+    for i, value in enumerate(losses, 1):
+        ema = beta * ema + (1 - beta) * value
+        out.append(ema / (1 - beta**i))
+    return out
+
+
+def steps_lost(result: LMResult, reference: LMResult) -> int:
+    """Steps the reference still trained after first reaching ``result``'s final loss."""
+    total = len(reference.curve)
+    if result.diverged or not math.isfinite(result.final_loss):
+        return total
+    for step, value in enumerate(smooth(reference.curve)):
+        if value <= result.final_loss:
+            return max(total - 1 - step, 0)
+    return 0
 
 
 def train(config: LMConfig, name: str, factory: PolicyFactory, seed: int) -> LMResult:
@@ -175,14 +183,14 @@ def train(config: LMConfig, name: str, factory: PolicyFactory, seed: int) -> LMR
             diverged = True
             break
     tail = losses[-50:]
-    final = math.nan if diverged else sum(tail) / len(tail) - chain.entropy
-    lost = steps_lost(losses) + (config.steps - 1 - step)
+    final = math.nan if diverged else sum(tail) / len(tail)
     return LMResult(
         name,
         seed,
         diverged,
         final,
-        lost,
+        chain.entropy,
+        losses,
         clipped.item() / (step + 1),
         int(skipped),
         time.perf_counter() - start,
