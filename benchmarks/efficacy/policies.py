@@ -41,12 +41,29 @@ def adaptive() -> dict[str, PolicyFactory]:
     }
 
 
-def roster(thresholds: Sequence[float]) -> dict[str, PolicyFactory]:
+def candidates() -> dict[str, PolicyFactory]:
+    """Possible future defaults, measured on request (``--candidates``), not yet the library's."""
+    return {
+        "cand: default + cap 1": lambda: gg.chain(
+            gg.SkipNonFinite(), gg.ZClip(warmup_max_norm=10.0, max_norm=1.0)
+        ),
+        "cand: default + cap 10": lambda: gg.chain(
+            gg.SkipNonFinite(), gg.ZClip(warmup_max_norm=10.0, max_norm=10.0)
+        ),
+        "cand: SkipNonFinite + AutoClip p90": lambda: gg.chain(
+            gg.SkipNonFinite(), gg.AutoClip(percentile=90.0)
+        ),
+    }
+
+
+def roster(thresholds: Sequence[float], with_candidates: bool = False) -> dict[str, PolicyFactory]:
     """No clipping, fixed clipping at every threshold of the sweep, then the adaptive rows."""
     rows: dict[str, PolicyFactory] = {NONE: NoClip}
     for t in thresholds:
         rows[fixed_name(t)] = lambda t=t: gg.ClipNorm(t)
     rows.update(adaptive())
+    if with_candidates:
+        rows.update(candidates())
     return rows
 
 

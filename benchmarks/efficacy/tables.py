@@ -136,6 +136,8 @@ def burden_row(task: str, rows: dict[str, list], score, verdict, describe) -> li
     """Best hand-tuned fixed threshold vs the default and the best adaptive default."""
     fixed = {n: r for n, r in rows.items() if is_fixed(n)}
     adaptive = {n: r for n, r in rows.items() if not is_fixed(n) and n not in (NONE, DEFAULT)}
+    if not fixed or not adaptive or DEFAULT not in rows:
+        return []
     best_fixed = max(fixed, key=lambda n: score(fixed[n]))
     best_adaptive = max(adaptive, key=lambda n: score(adaptive[n]))
     beaten = sum(verdict(rows[DEFAULT], r) != "worse" for r in fixed.values())
@@ -150,6 +152,8 @@ def burden_row(task: str, rows: dict[str, list], score, verdict, describe) -> li
 
 
 def burden_table(lines: list[list[str]]) -> str:
+    """The tuning-burden table; rows lacking fixed or default results are left out."""
+    lines = [line for line in lines if line]
     header = [
         "task",
         "best fixed threshold (swept)",
