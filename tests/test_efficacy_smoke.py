@@ -37,19 +37,20 @@ def _tables(text: str) -> list[list[list[str]]]:
 def test_run_all_quick_prints_every_table():
     text = run_all(quick=True, seeds=1, steps=4)
     tables = _tables(text)
-    # addition, multiplication, LM bad batches, LM high LR, tuning burden
-    assert len(tables) == 5
+    # addition at two LRs, multiplication, LM bad batches, LM high LR, tuning burden
+    assert len(tables) == 6
     for table in tables:
         assert set(table[1]) == {"---"}
         assert all(len(row) == len(table[0]) for row in table)
     rnn_rows = [row[0] for row in tables[0][2:]]
     assert rnn_rows == list(roster((0.1, 0.3, 1.0, 3.0, 10.0)))
-    lm_rows = [row[0] for row in tables[2][2:]]
+    lm_rows = [row[0] for row in tables[3][2:]]
     assert lm_rows == list(roster((0.3, 1.0, 3.0)))
-    burden = tables[4]
+    burden = tables[5]
     assert [row[0] for row in burden[2:]] == [
-        "addition T=20",
-        "multiplication T=20",
+        "addition T=20 lr 0.05",
+        "addition T=20 lr 0.1",
+        "multiplication T=20 lr 0.2",
         "LM, bad batches",
         "LM, high LR",
     ]

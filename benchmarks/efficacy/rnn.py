@@ -48,7 +48,7 @@ class RNNConfig:
 
     @property
     def label(self) -> str:
-        return f"{self.task} T={self.length}"
+        return f"{self.task} T={self.length} lr {self.lr:g}"
 
 
 @dataclass

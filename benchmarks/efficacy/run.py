@@ -43,6 +43,7 @@ class Experiment:
 def experiments(quick: bool, steps: int | None = None) -> list[Experiment]:
     """The experiments at full size, or a quick configuration; ``steps`` overrides both."""
     rnn_tasks = (
+        rnn.RNNConfig(task="addition", length=20, lr=0.05),
         rnn.RNNConfig(task="addition", length=20, lr=0.1),
         rnn.RNNConfig(task="multiplication", length=20, lr=0.2),
     )
