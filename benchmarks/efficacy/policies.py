@@ -75,7 +75,7 @@ def candidates() -> dict[str, PolicyFactory]:
         "cand: default + cap 10": lambda: gg.chain(
             gg.SkipNonFinite(), gg.ZClip(warmup_max_norm=10.0, max_norm=10.0)
         ),
-        "cand: default, capped warm-up stats": lambda: gg.chain(
+        "cand: default + capped warm-up stats": lambda: gg.chain(
             gg.SkipNonFinite(), CappedWarmupZClip(warmup_max_norm=10.0)
         ),
         "cand: SkipNonFinite + AutoClip p90": lambda: gg.chain(
