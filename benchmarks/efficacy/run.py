@@ -211,9 +211,9 @@ def run_all(
             continue
         start = time.perf_counter()
         grouped = run_experiment(experiment, quick, seeds, jobs, steps, rows, candidates)
-        text, rows = render(experiment, grouped, seeds)
+        text, lines = render(experiment, grouped, seeds)
         out += [text, f"_{experiment.key}: {time.perf_counter() - start:.0f} s wall._", ""]
-        burden += rows
+        burden += lines
     out += ["## Tuning burden: the untuned default against the best swept fixed threshold", ""]
     out.append(tables.burden_table(burden))
     return "\n".join(out) + "\n"
