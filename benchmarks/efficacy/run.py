@@ -141,7 +141,7 @@ def render(experiment: Experiment, grouped: dict, seeds: int) -> tuple[str, list
         for i, config in enumerate(experiment.tasks):
             rows = grouped[i]
             parts += [
-                f"### {config.label}: lr {config.lr}, {config.steps} steps, {seeds} seeds, "
+                f"### {config.label}, {config.steps} steps, {seeds} seeds, "
                 f"solved = test MSE < {config.solve_mse:.2g}",
                 "",
                 tables.rnn_table(rows),
