@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gradguard as gg
-from benchmarks.efficacy import lm, rnn, run_all
+from benchmarks.efficacy import lm, rnn, run_all, tables
 from benchmarks.efficacy.policies import DEFAULT, NONE, CappedWarmupZClip, NoClip, roster
 
 
@@ -106,3 +106,13 @@ def test_candidate_zclip_takes_warmup_statistics_from_capped_norms():
 def test_run_all_rejects_unknown_rows():
     with pytest.raises(ValueError, match="rows: unknown"):
         run_all(quick=True, seeds=1, only="rnn", steps=2, rows=["no such policy"])
+
+
+def test_rnn_verdict_counts_solves_then_compares_error():
+    def runs(solved: int, mse: float) -> list[rnn.RNNResult]:
+        return [rnn.RNNResult("x", i, i < solved, False, 10, mse, 0.0, 0, 0.0) for i in range(3)]
+
+    assert tables.rnn_verdict(runs(2, 0.1), runs(3, 0.1)) == "worse"
+    assert tables.rnn_verdict(runs(3, 0.5), runs(3, 0.1)) == "matches"
+    assert tables.rnn_verdict(runs(0, 1e4), runs(0, 0.1)) == "worse"
+    assert tables.rnn_verdict(runs(0, 0.105), runs(0, 0.1)) == "matches"

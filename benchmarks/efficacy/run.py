@@ -221,7 +221,11 @@ def run_all(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny configuration (seconds)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny configuration (under a minute): checks the machinery, too short for results",
+    )
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--only", choices=("rnn", "lm"))
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (1 thread each)")

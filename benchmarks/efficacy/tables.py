@@ -115,9 +115,23 @@ def lm_table(rows: dict[str, list[LMResult]], reference: dict[int, LMResult]) ->
 
 
 def rnn_verdict(default: Sequence[RNNResult], best: Sequence[RNNResult]) -> str:
-    """Compare seeds solved; equal counts match."""
+    """Compare seeds solved; where neither solves any, compare median test MSE (±10%)."""
     a, b = sum(r.solved for r in default), sum(r.solved for r in best)
-    return "beats" if a > b else ("matches" if a == b else "worse")
+    if a != b:
+        return "beats" if a > b else "worse"
+    if a > 0:
+        return "matches"
+    ma = _median([r.test_mse for r in default])
+    mb = _median([r.test_mse for r in best])
+    if math.isnan(ma) or math.isnan(mb):  # diverged on every seed
+        return (
+            "matches"
+            if math.isnan(ma) == math.isnan(mb)
+            else ("worse" if math.isnan(ma) else "beats")
+        )
+    if abs(ma - mb) <= 0.1 * mb:
+        return "matches"
+    return "beats" if ma < mb else "worse"
 
 
 def lm_verdict(default: Sequence[LMResult], best: Sequence[LMResult]) -> str:
@@ -168,6 +182,8 @@ def burden_table(lines: list[list[str]]) -> str:
 def describe_rnn(results: Sequence[RNNResult]) -> str:
     solved = [r.steps for r in results if r.solved]
     steps = f", {statistics.mean(solved):.0f} steps" if solved else ""
+    if not solved:
+        steps = f", test MSE {_num(_median([r.test_mse for r in results]))}"
     return f"{sum(r.solved for r in results)}/{len(results)} solved{steps}"
 
 
