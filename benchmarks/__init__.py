@@ -1,0 +1,1 @@
+"""Benchmarks run by hand (speed) and the efficacy experiments (``benchmarks.efficacy``)."""

@@ -1,0 +1,5 @@
+"""``python -m benchmarks.efficacy``: see :mod:`benchmarks.efficacy.run`."""
+
+from .run import main
+
+main()

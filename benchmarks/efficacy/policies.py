@@ -1,0 +1,100 @@
+"""The policies compared: no clipping, a sweep of fixed thresholds, each adaptive default."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+import gradguard as gg
+from gradguard.policies import Decision
+
+PolicyFactory = Callable[[], gg.Policy]
+
+#: Name of the row that trains with no clipping at all (still through the guard).
+NONE = "none"
+#: Name of the row for ``gradguard.default_policy()``.
+DEFAULT = "default"
+
+
+class NoClip(gg.Policy):
+    """Measure through the guard but change nothing: the unguarded baseline."""
+
+    def decide(self, stats: gg.GradStats, params: Sequence[Tensor]) -> Decision:
+        return Decision()
+
+
+def fixed_name(threshold: float) -> str:
+    """Row name of fixed global-norm clipping at ``threshold``."""
+    return f"clip {threshold:g}"
+
+
+def adaptive() -> dict[str, PolicyFactory]:
+    """Each adaptive policy at its defaults, and the library default."""
+    return {
+        "AutoClip": lambda: gg.AutoClip(),
+        "ZClip": lambda: gg.ZClip(),
+        "AdaptiveTensorClip": lambda: gg.AdaptiveTensorClip(),
+        "SkipSpike": lambda: gg.SkipSpike(),
+        "SkipSpike+clip 1": lambda: gg.chain(gg.SkipSpike(), gg.ClipNorm(1.0)),
+        DEFAULT: gg.default_policy,
+    }
+
+
+class CappedWarmupZClip(gg.ZClip):
+    """ZClip whose warm-up statistics are taken from the capped norms actually applied.
+
+    The library's ZClip initialises its mean and variance from the raw norms seen
+    during warm-up even where ``warmup_max_norm`` scales the gradient down; a run that
+    diverges during warm-up then starts with a huge mean and is never clipped back.
+    A candidate change, kept here until the lead decides.
+    """
+
+    def decide(self, stats: gg.GradStats, params: Sequence[Tensor]) -> Decision:
+        if self.warmup_max_norm is None:
+            return super().decide(stats, params)
+        g = stats.total_norm.float()
+        n = self._n if self._n is not None else torch.zeros_like(g)
+        ready = n >= self.warmup_steps
+        seen = torch.where(ready, g, torch.clamp(g, max=self.warmup_max_norm))
+        decision = super().decide(dataclasses.replace(stats, total_norm=seen), params)
+        # The parent scaled against the capped norm; during warm-up rescale against the real one.
+        warm = gg.clip_coefficient(self.warmup_max_norm, g)
+        decision.scale = torch.where(ready, decision.scale, warm)
+        return decision
+
+
+def candidates() -> dict[str, PolicyFactory]:
+    """Possible future defaults, measured on request (``--candidates``), not yet the library's."""
+    return {
+        "cand: default + cap 1": lambda: gg.chain(
+            gg.SkipNonFinite(), gg.ZClip(warmup_max_norm=10.0, max_norm=1.0)
+        ),
+        "cand: default + cap 10": lambda: gg.chain(
+            gg.SkipNonFinite(), gg.ZClip(warmup_max_norm=10.0, max_norm=10.0)
+        ),
+        "cand: default + capped warm-up stats": lambda: gg.chain(
+            gg.SkipNonFinite(), CappedWarmupZClip(warmup_max_norm=10.0)
+        ),
+        "cand: SkipNonFinite + AutoClip p90": lambda: gg.chain(
+            gg.SkipNonFinite(), gg.AutoClip(percentile=90.0)
+        ),
+    }
+
+
+def roster(thresholds: Sequence[float], with_candidates: bool = False) -> dict[str, PolicyFactory]:
+    """No clipping, fixed clipping at every threshold of the sweep, then the adaptive rows."""
+    rows: dict[str, PolicyFactory] = {NONE: NoClip}
+    for t in thresholds:
+        rows[fixed_name(t)] = lambda t=t: gg.ClipNorm(t)
+    rows.update(adaptive())
+    if with_candidates:
+        rows.update(candidates())
+    return rows
+
+
+def is_fixed(name: str) -> bool:
+    """Whether a row is one threshold of the fixed sweep."""
+    return name.startswith("clip ")
