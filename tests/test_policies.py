@@ -124,6 +124,16 @@ def test_zclip_caps_warmup_and_hard_cap():
     assert capped[-1][0] <= 3.0 / 50.0 + 1e-6
 
 
+def test_zclip_takes_warmup_statistics_from_the_capped_norms():
+    policy = gg.ZClip(warmup_steps=3, warmup_max_norm=10.0)
+    steps = run(policy, [100.0, 200.0, 300.0])
+    assert [s[0] for s in steps] == pytest.approx([0.1, 0.05, 10.0 / 300.0], rel=1e-4)
+    assert float(policy.state_dict()["_mean"]) == pytest.approx(10.0)  # not 200: what was applied
+    uncapped = gg.ZClip(warmup_steps=3)
+    run(uncapped, [100.0, 200.0, 300.0])
+    assert float(uncapped.state_dict()["_mean"]) == pytest.approx(200.0)
+
+
 def test_adaptive_tensor_clip_trajectory():
     policy = gg.AdaptiveTensorClip(relative=1.5, beta=0.5, warmup_steps=2, warmup_max_norm=None)
     p = torch.nn.Parameter(torch.zeros(1))

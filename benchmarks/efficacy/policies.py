@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable, Sequence
 
-import torch
 from torch import Tensor
 
 import gradguard as gg
@@ -43,29 +41,6 @@ def adaptive() -> dict[str, PolicyFactory]:
     }
 
 
-class CappedWarmupZClip(gg.ZClip):
-    """ZClip whose warm-up statistics are taken from the capped norms actually applied.
-
-    The library's ZClip initialises its mean and variance from the raw norms seen
-    during warm-up even where ``warmup_max_norm`` scales the gradient down; a run that
-    diverges during warm-up then starts with a huge mean and is never clipped back.
-    A candidate change, kept here until the lead decides.
-    """
-
-    def decide(self, stats: gg.GradStats, params: Sequence[Tensor]) -> Decision:
-        if self.warmup_max_norm is None:
-            return super().decide(stats, params)
-        g = stats.total_norm.float()
-        n = self._n if self._n is not None else torch.zeros_like(g)
-        ready = n >= self.warmup_steps
-        seen = torch.where(ready, g, torch.clamp(g, max=self.warmup_max_norm))
-        decision = super().decide(dataclasses.replace(stats, total_norm=seen), params)
-        # The parent scaled against the capped norm; during warm-up rescale against the real one.
-        warm = gg.clip_coefficient(self.warmup_max_norm, g)
-        decision.scale = torch.where(ready, decision.scale, warm)
-        return decision
-
-
 def candidates() -> dict[str, PolicyFactory]:
     """Possible future defaults, measured on request (``--candidates``), not yet the library's."""
     return {
@@ -74,9 +49,6 @@ def candidates() -> dict[str, PolicyFactory]:
         ),
         "cand: default + cap 10": lambda: gg.chain(
             gg.SkipNonFinite(), gg.ZClip(warmup_max_norm=10.0, max_norm=10.0)
-        ),
-        "cand: default + capped warm-up stats": lambda: gg.chain(
-            gg.SkipNonFinite(), CappedWarmupZClip(warmup_max_norm=10.0)
         ),
         "cand: SkipNonFinite + AutoClip p90": lambda: gg.chain(
             gg.SkipNonFinite(), gg.AutoClip(percentile=90.0)

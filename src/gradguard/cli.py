@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--steps", type=int, default=600, help="training steps per run")
     demo.add_argument(
+        "--full",
+        action="store_true",
+        help="also run the efficacy experiments (benchmarks/efficacy; minutes; source checkout)",
+    )
+    demo.add_argument(
         "--out",
         metavar="DIR",
         default="gradguard-demo",
@@ -151,7 +156,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--steps must be at least 500: the bad batches come at steps 300-450")
         from .demo import main as demo_main
 
-        return demo_main(args.steps, out=args.out)
+        code = demo_main(args.steps, out=args.out)
+        if args.full:
+            from .demo import efficacy_tables
+
+            print(efficacy_tables())
+        return code
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE

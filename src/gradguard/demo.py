@@ -185,3 +185,21 @@ def main(steps: int = 600, out: str | os.PathLike[str] | None = None) -> int:
             size = path.stat().st_size / 1e3
             print(f"report: {path} ({size:.0f} kB, built in {took:.2f} s)")
     return 0 if ok else 1
+
+
+def efficacy_tables(quick: bool = False, seeds: int = 3) -> str:
+    """The efficacy experiments' tables (``benchmarks/efficacy``, in a source checkout)."""
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "benchmarks" / "efficacy").is_dir():
+        raise SystemExit(
+            "gradguard: error: --full needs a source checkout: benchmarks/efficacy is not "
+            "installed with the package"
+        )
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from benchmarks.efficacy import run_all
+
+    print("\n3. Efficacy experiments (benchmarks/efficacy): this takes several minutes\n")
+    return run_all(quick=quick, seeds=seeds)
