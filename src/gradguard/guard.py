@@ -22,7 +22,7 @@ from . import _amp, _foreach, distributed
 from . import _validate as check
 from ._params import ParamsLike, named_params
 from .policies import Decision, Policy, default_policy
-from .record.batch import Event, HostBatch, Sink, SkipReason
+from .record.batch import Event, Sink, SkipReason
 from .stats import GradStats, measure_grads
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -228,7 +228,8 @@ class Guard:
             warnings.warn(f"gradguard: {message}", RuntimeWarning, stacklevel=3)
 
     def _attach_health(self, model: ParamsLike, health: Any) -> None:
-        from .health import HealthConfig, HealthMonitor
+        from .health import HealthConfig
+        from .health.listener import attach_health
 
         if isinstance(health, HealthConfig):
             config = health
@@ -236,18 +237,7 @@ class Guard:
             config = HealthConfig.for_model(model)
         else:
             config = HealthConfig()
-        monitor = HealthMonitor(config, order=self._order)
-        self.health = monitor
-
-        def listen(batch: HostBatch) -> list[Event]:
-            findings = monitor.update(batch)
-            for finding in findings:
-                if str(finding.severity) != "info":
-                    warnings.warn(f"gradguard: {finding.message}", RuntimeWarning, stacklevel=2)
-            return [finding.to_event() for finding in findings]
-
-        assert self.recorder is not None
-        self.recorder.add_listener(listen)
+        self.health = attach_health(self.recorder, config, order=self._order)
 
     # -- internals --------------------------------------------------------------------
 

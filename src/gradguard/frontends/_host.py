@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -131,20 +130,11 @@ class HostRecorder:
         self.close()
 
     def _attach_health(self, health: Any) -> None:
-        from ..health import HealthConfig, HealthMonitor
+        from ..health import HealthConfig
+        from ..health.listener import attach_health
 
         config = health if isinstance(health, HealthConfig) else HealthConfig()
-        monitor = HealthMonitor(config)
-        self.health = monitor
-
-        def listen(batch: HostBatch) -> list[Event]:
-            findings = monitor.update(batch)
-            for finding in findings:
-                if str(finding.severity) != "info":
-                    warnings.warn(f"gradguard: {finding.message}", RuntimeWarning, stacklevel=2)
-            return [finding.to_event() for finding in findings]
-
-        self.recorder.add_listener(listen)
+        self.health = attach_health(self.recorder, config)
 
 
 def _host_stats(norms: Sequence[float], total: float, names: tuple[str, ...] | None) -> GradStats:

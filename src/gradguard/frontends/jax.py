@@ -275,8 +275,10 @@ def zclip(
         g0 = jnp.where(finite, g, 0.0)
         ready = state.n >= warmup_steps
         collect = finite & ~ready
-        s = state.sum + jnp.where(collect, g0, 0.0)
-        sq = state.sumsq + jnp.where(collect, g0 * g0, 0.0)
+        # Warm-up statistics from the norms actually applied (capped), as gradguard.ZClip.
+        applied = g0 if warmup_max_norm is None else jnp.minimum(g0, warmup_max_norm)
+        s = state.sum + jnp.where(collect, applied, 0.0)
+        sq = state.sumsq + jnp.where(collect, applied * applied, 0.0)
         n = state.n + collect.astype(_F32)
         now_ready = ~ready & (n >= warmup_steps)
         first_mean = s / jnp.maximum(n, 1.0)
