@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradguard import ClipNorm, Guard, SkipNonFinite, chain
-from gradguard.integrations._core import HookStep, Observe, check_skippable, innermost
+from gradguard import ClipNorm, Guard, Monitor, SkipNonFinite, chain
+from gradguard.integrations._core import HookStep, check_skippable, innermost
 
 torch.set_num_threads(1)
 
@@ -78,7 +78,7 @@ def test_clipping_at_the_hook_equals_torch_clip_grad_norm():
 
 def test_observe_changes_nothing_and_no_gradients_is_a_no_op():
     model = nn.Linear(3, 1)
-    hook = HookStep(Guard(model, Observe(), health=False))
+    hook = HookStep(Guard(model, Monitor(), health=False))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     assert hook.run(optimizer) is None  # no backward yet
     model(torch.randn(2, 3) * 1e6).sum().backward()

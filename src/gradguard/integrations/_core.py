@@ -14,6 +14,7 @@ through an optimizer step post-hook, so they can still be inspected.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,15 +22,50 @@ import torch
 from torch import Tensor
 
 from ..guard import Guard, StepResult
-from ..policies import Decision, Policy
-from ..stats import GradStats
+from ..policies import Monitor, Policy
+from ..record.batch import Sink
 
 
-class Observe(Policy):
-    """Measure and record only: never clip, never skip."""
+class CallbackBase:
+    """Arguments and state shared by the framework callbacks (Lightning, Transformers)."""
 
-    def decide(self, stats: GradStats, params: Sequence[Tensor]) -> Decision:
-        return Decision()
+    def __init__(
+        self,
+        policy: Policy | None,
+        monitor_only: bool | None,
+        norm_type: float | str,
+        prefix: str,
+        store: str | os.PathLike[str] | None,
+        sinks: Sequence[Sink],
+        log_every: int,
+        health: Any,
+    ) -> None:
+        if monitor_only is not None and not isinstance(monitor_only, bool):
+            raise TypeError(f"monitor_only must be a bool or None, got {monitor_only!r}")
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(f"policy must be a gradguard Policy, got {type(policy).__name__}")
+        self.policy = policy
+        self.monitor_only = monitor_only
+        self.prefix = str(prefix)
+        self._guard_kwargs = {
+            "norm_type": norm_type,
+            "store": store,
+            "sinks": sinks,
+            "log_every": log_every,
+            "health": health,
+        }
+        self.guard: Guard | None = None
+        self._hook: HookStep | None = None
+
+    @property
+    def last_result(self) -> StepResult | None:
+        """The last optimizer step's :class:`~gradguard.StepResult`."""
+        return self._hook.last if self._hook is not None else None
+
+    @property
+    def monitoring(self) -> bool:
+        """Whether the guard only measures (set once training starts)."""
+        return bool(self.guard is not None and isinstance(self.guard.policy, Monitor))
 
 
 class _Deferred:
@@ -66,7 +102,7 @@ def check_skippable(optimizer: Any) -> None:
     if isinstance(inner, torch.optim.LBFGS):
         raise TypeError(
             "optimizer: LBFGS re-evaluates its closure inside step(), so gradguard cannot "
-            "skip or clip its steps; use a monitor-only guard (policy=Observe())"
+            "skip or clip its steps; use a monitor-only guard (policy=gradguard.Monitor())"
         )
 
 

@@ -27,10 +27,10 @@ except ImportError:  # the standalone "pytorch_lightning" package
             "gradguard.integrations.lightning needs Lightning: pip install 'gradguard[lightning]'"
         ) from error
 
-from ..guard import Guard, StepResult
-from ..policies import Policy
+from ..guard import Guard
+from ..policies import Monitor, Policy
 from ..record.batch import Sink
-from ._core import HookStep, Observe, check_skippable, metrics
+from ._core import CallbackBase, HookStep, check_skippable, metrics
 
 
 def refuse_sharded(strategy: Any) -> None:
@@ -43,7 +43,7 @@ def refuse_sharded(strategy: Any) -> None:
         )
 
 
-class GradGuardCallback(Callback):
+class GradGuardCallback(CallbackBase, Callback):
     """Guard a LightningModule's gradients at every optimizer step.
 
     Args:
@@ -70,34 +70,11 @@ class GradGuardCallback(Callback):
         log_every: int = 50,
         health: Any = True,
     ) -> None:
-        if monitor_only is not None and not isinstance(monitor_only, bool):
-            raise TypeError(f"monitor_only must be a bool or None, got {monitor_only!r}")
-        if policy is not None and not isinstance(policy, Policy):
-            raise TypeError(f"policy must be a gradguard Policy, got {type(policy).__name__}")
-        self.policy = policy
-        self.monitor_only = monitor_only
-        self.prefix = str(prefix)
+        CallbackBase.__init__(
+            self, policy, monitor_only, norm_type, prefix, store, sinks, log_every, health
+        )
         self.log = log
-        self._guard_kwargs = {
-            "norm_type": norm_type,
-            "store": store,
-            "sinks": sinks,
-            "log_every": log_every,
-            "health": health,
-        }
-        self.guard: Guard | None = None
-        self._hook: HookStep | None = None
         self._pending_state: dict[str, Any] | None = None
-
-    @property
-    def last_result(self) -> StepResult | None:
-        """The last optimizer step's :class:`~gradguard.StepResult`."""
-        return self._hook.last if self._hook is not None else None
-
-    @property
-    def monitoring(self) -> bool:
-        """Whether the guard only measures (set once training starts)."""
-        return bool(self.guard is not None and isinstance(self.guard.policy, Observe))
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit" or self.guard is not None:
@@ -122,7 +99,7 @@ class GradGuardCallback(Callback):
                 UserWarning,
                 stacklevel=2,
             )
-        policy = Observe() if monitor else self.policy
+        policy = Monitor() if monitor else self.policy
         self.guard = Guard(pl_module, policy, **self._guard_kwargs)
         if self._pending_state is not None:
             self.guard.load_state_dict(self._pending_state)

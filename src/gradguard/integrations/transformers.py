@@ -37,12 +37,12 @@ except ImportError as error:
 import torch
 
 from ..guard import Guard, StepResult
-from ..policies import Policy
+from ..policies import Monitor, Policy
 from ..record.batch import Sink
-from ._core import HookStep, Observe, check_skippable
+from ._core import CallbackBase, HookStep, check_skippable
 
 
-class GradGuardTrainerCallback(TrainerCallback):
+class GradGuardTrainerCallback(CallbackBase, TrainerCallback):
     """Guard (or monitor) the gradients of a Hugging Face ``Trainer``.
 
     Args:
@@ -70,34 +70,11 @@ class GradGuardTrainerCallback(TrainerCallback):
         log_every: int = 50,
         health: Any = True,
     ) -> None:
-        if monitor_only is not None and not isinstance(monitor_only, bool):
-            raise TypeError(f"monitor_only must be a bool or None, got {monitor_only!r}")
-        if policy is not None and not isinstance(policy, Policy):
-            raise TypeError(f"policy must be a gradguard Policy, got {type(policy).__name__}")
-        self.policy = policy
-        self.monitor_only = monitor_only
-        self.prefix = str(prefix)
-        self._guard_kwargs = {
-            "norm_type": norm_type,
-            "store": store,
-            "sinks": sinks,
-            "log_every": log_every,
-            "health": health,
-        }
-        self.guard: Guard | None = None
-        self._hook: HookStep | None = None
+        CallbackBase.__init__(
+            self, policy, monitor_only, norm_type, prefix, store, sinks, log_every, health
+        )
         self._window: dict[str, torch.Tensor] = {}
         self._overflow_flag: tuple[Any, bool] | None = None
-
-    @property
-    def last_result(self) -> StepResult | None:
-        """The last optimizer step's :class:`~gradguard.StepResult`."""
-        return self._hook.last if self._hook is not None else None
-
-    @property
-    def monitoring(self) -> bool:
-        """Whether the guard only measures (set once training starts)."""
-        return bool(self.guard is not None and isinstance(self.guard.policy, Observe))
 
     # -- Trainer events ----------------------------------------------------------------
 
@@ -132,7 +109,7 @@ class GradGuardTrainerCallback(TrainerCallback):
             )
         if not monitor and optimizer is not None:
             check_skippable(optimizer)
-        self.guard = Guard(model, Observe() if monitor else self.policy, **self._guard_kwargs)
+        self.guard = Guard(model, Monitor() if monitor else self.policy, **self._guard_kwargs)
         self._hook = HookStep(self.guard)
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
