@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gradguard {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser(
-        "demo", help="train a run with bad batches, unguarded then guarded, and compare"
+        "demo",
+        help="the seeds' gradient experiments, then a run with bad batches, unguarded and guarded",
     )
     demo.add_argument("--steps", type=int, default=600, help="training steps per run")
     demo.add_argument(
