@@ -70,6 +70,23 @@ def test_autoclip_follows_numpy_percentile_of_all_past_norms():
             assert scale == pytest.approx(min(expected / (value + 1e-6), 1.0), rel=1e-5)
 
 
+def test_autoclip_unbounded_history_stays_within_a_bin_of_exact_in_constant_memory():
+    rng = np.random.default_rng(5)
+    norms = list(rng.lognormal(-1.0, 1.5, size=3000))
+    norms[100] = math.nan
+    norms[2000] = math.inf
+    policy = gg.AutoClip(percentile=10.0, exact_until=64)
+    steps = run(policy, norms)
+    finite = [v for v in norms if math.isfinite(v)]
+    for checkpoint in (63, 500, 2999):
+        seen = [v for v in norms[: checkpoint + 1] if math.isfinite(v)]
+        exact = np.percentile(seen, 10.0)
+        assert steps[checkpoint][2] == pytest.approx(exact, rel=0.015), checkpoint
+    state = policy.state_dict()
+    assert state["_buffer"] is None and state["_bins"].numel() == 4000
+    assert state["_bins"].sum().item() == len(finite)
+
+
 def test_autoclip_window_keeps_only_recent_norms():
     norms = [100.0] * 10 + [1.0] * 10
     steps = run(gg.AutoClip(percentile=50.0, history=5), norms)
@@ -212,6 +229,7 @@ def decisions_after(policy, norms):
     [
         lambda: gg.AutoClip(percentile=30.0),
         lambda: gg.AutoClip(percentile=30.0, history=7),
+        lambda: gg.AutoClip(percentile=30.0, exact_until=15),  # switches to bins mid-run
         lambda: gg.ZClip(warmup_steps=5),
         lambda: gg.SkipSpike(window=16, min_history=4),
         lambda: gg.chain(gg.SkipNonFinite(), gg.ZClip(warmup_steps=4), gg.SkipSpike(window=8)),
@@ -236,6 +254,7 @@ def test_policies_make_no_host_sync():
         gg.ZClip(warmup_steps=2, max_norm=10.0),
         gg.SkipSpike(window=4, min_history=2),
         gg.AutoClip(history=8),
+        gg.AutoClip(exact_until=2),  # binned after two steps
         gg.ClipTensorNorm(3.0),
         gg.AdaptiveTensorClip(warmup_steps=1),
     )
@@ -257,6 +276,7 @@ class TestBadInput:
             (lambda: gg.AGC(clip_factor=0.0), "clip_factor"),
             (lambda: gg.AutoClip(percentile=150.0), "percentile"),
             (lambda: gg.AutoClip(history=0), "history"),
+            (lambda: gg.AutoClip(exact_until=0), "exact_until"),
             (lambda: gg.ZClip(alpha=1.0), "alpha"),
             (lambda: gg.ZClip(z_thresh=-1.0), "z_thresh"),
             (lambda: gg.ZClip(warmup_steps=0), "warmup_steps"),
