@@ -22,6 +22,11 @@ class HealthConfig:
             layer norm in the same snapshot (catches deep sigmoid stacks whose output
             layer still gets large gradients).
         layer_ratio: adjacent-layer norm ratio above which the layer view is unbalanced.
+        dispersion_ratio: the layer norms of one snapshot are too dispersed when their
+            standard deviation exceeds this many times their mean (seed 003 uses 5). The
+            population std of n positive values is at most sqrt(n - 1) × their mean, so
+            5 can only be reached with 27 or more layers; the default 3 is reachable from
+            11 layers and still needs one layer far above the rest (see the rule table).
         jump_factor: a step this many times above the recent median is an outlier.
         jump_sustain: outliers this many steps in a row are a jump (exploding); fewer
             are a spike.
@@ -40,6 +45,11 @@ class HealthConfig:
         hover_share: share of steps in ``hover_band`` that means the norm hovers there.
         stall_window: steps over which the loss trend is read (two halves compared).
         stall_tolerance: relative loss improvement between halves below which loss stalls.
+        amp_overflow_rate: share of AMP-overflow skips among the last ``amp_window``
+            steps above which the loss scale keeps backing off.
+        amp_window: steps over which AMP-overflow skips are counted.
+        amp_warmup: first steps ignored by the AMP-overflow rule (a GradScaler starts
+            with a large scale and overflows while it calibrates).
         group_by_module: combine per-tensor norms per owning module (``a.b.weight`` →
             ``a.b``) before the layer rules; ``False`` when names already denote layers.
     """
@@ -51,6 +61,7 @@ class HealthConfig:
     vanish_layer: float = 1e-8
     vanish_layer_relative: float = 1e-5
     layer_ratio: float = 100.0
+    dispersion_ratio: float = 3.0
     jump_factor: float = 10.0
     jump_sustain: int = 3
     baseline_window: int = 32
@@ -67,6 +78,9 @@ class HealthConfig:
     hover_share: float = 0.5
     stall_window: int = 200
     stall_tolerance: float = 0.01
+    amp_overflow_rate: float = 0.05
+    amp_window: int = 200
+    amp_warmup: int = 100
     group_by_module: bool = True
 
     def __post_init__(self) -> None:
@@ -76,7 +90,7 @@ class HealthConfig:
         set_ = object.__setattr__
         set_(self, "healthy_range", check.band("healthy_range", healthy))
         set_(self, "explode_above", check.positive("explode_above", explode))
-        for name in ("vanish_total", "vanish_layer", "stall_tolerance"):
+        for name in ("vanish_total", "vanish_layer", "stall_tolerance", "dispersion_ratio"):
             set_(self, name, check.positive(name, getattr(self, name)))
         set_(
             self,
@@ -100,12 +114,20 @@ class HealthConfig:
             check.count(name, getattr(self, name))
         check.count("clip_window", self.clip_window, minimum=2)
         check.count("stall_window", self.stall_window, minimum=4)
+        check.count("amp_window", self.amp_window, minimum=2)
+        check.count("amp_warmup", self.amp_warmup, minimum=0)
         if self.min_history > self.baseline_window:
             raise ValueError(
                 f"min_history must be <= baseline_window ({self.baseline_window}), "
                 f"got {self.min_history}"
             )
-        for name in ("clip_idle_below", "clip_idle_share", "clip_saturated_share", "hover_share"):
+        for name in (
+            "clip_idle_below",
+            "clip_idle_share",
+            "clip_saturated_share",
+            "hover_share",
+            "amp_overflow_rate",
+        ):
             set_(self, name, check.fraction(name, getattr(self, name)))
         low, high = check.band("hover_band", self.hover_band)
         if not low < 1.0 < high:

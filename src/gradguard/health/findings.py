@@ -22,10 +22,12 @@ class Kind(str, enum.Enum):
     VANISHING_LAYER = "vanishing_layer"
     DEAD_LAYER = "dead_layer"
     LAYER_RATIO = "layer_ratio"
+    LAYER_DISPERSION = "layer_dispersion"
     CLIP_INACTIVE = "clip_inactive"
     CLIP_SATURATED = "clip_saturated"
     CLIP_HOVERING = "clip_hovering"
     LOSS_STALL = "loss_stall"
+    AMP_OVERFLOW = "amp_overflow"
 
     def __str__(self) -> str:
         return self.value

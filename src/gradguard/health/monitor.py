@@ -68,6 +68,8 @@ class HealthMonitor:
         half = c.stall_window // 2
         self._loss = HalvesTrend(half)
         self._large = FlagWindow(2 * half, 1)
+        self._amp = FlagWindow(c.amp_window, 1)  # overflow flags, loss scale as the value
+        self._amp_seen = 0
         self._groups: tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...]] | None = None
         #: Findings emitted so far, per kind.
         self.counts: dict[Kind, int] = {}
@@ -113,8 +115,12 @@ class HealthMonitor:
             column("skipped"),
             column("reason"),
             column("loss"),
+            column("loss_scale"),
         )
-        for step, norm, threshold, clipped, skipped, reason, loss in rows:
+        for step, norm, threshold, clipped, skipped, reason, loss, scale in rows:
+            self._amp_overflow(
+                int(step), skipped == 1.0 and reason == SkipReason.AMP_OVERFLOW, float(scale), out
+            )
             self._step(
                 int(step),
                 float(norm),
@@ -361,6 +367,38 @@ class HealthMonitor:
                 )
             )
 
+    def _amp_overflow(self, step: int, overflow: bool, scale: float, out: list[Finding]) -> None:
+        c = self.config
+        self._amp_seen += 1
+        if self._amp_seen <= c.amp_warmup:
+            return  # the GradScaler is still calibrating its scale
+        window = self._amp
+        window.push((overflow,), scale)
+        count = window.counts[0]
+        # counted against the full window: a partial window fires only once its count
+        # alone already exceeds the allowed share of amp_window
+        active = count > c.amp_overflow_rate * c.amp_window
+        if not self._fire(Kind.AMP_OVERFLOW, active, c.rearm_steps):
+            return
+        seen = len(window)
+        evidence = {
+            "rate": count / seen,
+            "overflows": count,
+            "window": seen,
+            "amp_overflow_rate": c.amp_overflow_rate,
+        }
+        message = (
+            f"AMP overflow skipped {count} of the last {seen} steps ({count / seen:.1%}; "
+            f"limit {c.amp_overflow_rate:.1%})"
+        )
+        scales = [v for v in window.values if math.isfinite(v) and v > 0.0]
+        if scales:
+            first, last, low = scales[0], scales[-1], min(scales)
+            evidence.update(loss_scale_first=first, loss_scale_last=last, loss_scale_min=low)
+            evidence["loss_scale_trend"] = last / first
+            message += f"; loss scale {first:g} → {last:g} (min {low:g})"
+        out.append(make_finding(c, Kind.AMP_OVERFLOW, (step - seen + 1, step), message, evidence))
+
     # -------------------------------------------------------------- layer rules
 
     def _group(
@@ -412,13 +450,16 @@ class HealthMonitor:
                 if self._fire((kind, name), held >= c.tensor_sustain, c.rearm_snapshots):
                     found.append((name, v, run.first))
         ratios: list[tuple[str, str, float, int]] = []
+        adjacent_jump = False
         for (a, va), (b, vb) in zip(zip(layers, values), zip(layers[1:], values[1:])):
             comparable = a not in weak and b not in weak
             ratio = max(va, vb) / min(va, vb) if comparable else 1.0
+            adjacent_jump |= ratio > c.layer_ratio
             run = self._run((Kind.LAYER_RATIO, a, b))
             held = run.update(ratio > c.layer_ratio, step, ratio)
             if self._fire((Kind.LAYER_RATIO, a, b), held >= c.tensor_sustain, c.rearm_snapshots):
                 ratios.append((a, b, ratio, run.first))
+        self._dispersion(step, layers, values, weak, adjacent_jump, out)
         if dead:
             out.append(
                 make_finding(
@@ -461,6 +502,52 @@ class HealthMonitor:
                     tuple(dict.fromkeys(name for a, b, *_ in ratios for name in (a, b))),
                 )
             )
+
+    def _dispersion(
+        self,
+        step: int,
+        layers: tuple[str, ...],
+        values: list[float],
+        weak: set[str],
+        adjacent_jump: bool,
+        out: list[Finding],
+    ) -> None:
+        c = self.config
+        live = [(name, v) for name, v in zip(layers, values) if name not in weak]
+        std = mean = ratio = 0.0
+        if len(live) >= 3:
+            norms = np.asarray([v for _, v in live])
+            mean, std = float(norms.mean()), float(norms.std())
+            ratio = std / mean
+        # an adjacent jump is layer_ratio's finding; dispersion reports spread it misses
+        hit = ratio > c.dispersion_ratio and not adjacent_jump
+        run = self._run(Kind.LAYER_DISPERSION)
+        held = run.update(hit, step, ratio)
+        if not self._fire(Kind.LAYER_DISPERSION, held >= c.tensor_sustain, c.rearm_snapshots):
+            return
+        ranked = sorted(live, key=lambda item: item[1])
+        (low_name, low), (high_name, high) = ranked[0], ranked[-1]
+        out.append(
+            make_finding(
+                c,
+                Kind.LAYER_DISPERSION,
+                (run.first, step),
+                f"layer gradient norms dispersed: std {std:.3g} = {ratio:.1f}× the mean "
+                f"{mean:.3g} over {len(live)} layers (limit {c.dispersion_ratio:g}×); "
+                f"largest {high_name} {high:.3g}, smallest {low_name} {low:.3g}",
+                {
+                    "mean": mean,
+                    "std": std,
+                    "ratio": ratio,
+                    "layers": len(live),
+                    "largest_norm": high,
+                    "smallest_norm": low,
+                    "largest_share": high * high / float(np.sum(np.square([v for _, v in live]))),
+                    "dispersion_ratio": c.dispersion_ratio,
+                },
+                (high_name, low_name),
+            )
+        )
 
 
 def diagnose(

@@ -125,6 +125,28 @@ RULES: tuple[RuleSpec, ...] = (
         ),
     ),
     RuleSpec(
+        Kind.LAYER_DISPERSION,
+        Severity.WARNING,
+        "layer",
+        "std of the layer norms > dispersion_ratio × their mean for `tensor_sustain` "
+        "snapshots, over the layers that are neither dead nor vanishing (at least 3), while "
+        "no adjacent pair exceeds layer_ratio (that rule already reports such a jump). "
+        "Population std of n positive norms is at most sqrt(n - 1) × the mean, so the seed's "
+        "5× needs >= 27 layers; the default 3× needs >= 11 and still means one layer or a "
+        "few carry most of the gradient (e.g. one layer 100× the others among 20)",
+        (
+            _RESIDUAL_NORM,
+            "Rescale the dominant layers: careful init (He/Xavier; scale residual-branch "
+            "outputs by 1/sqrt(depth)), or per-layer learning rates (a parameter group "
+            "with a lower lr for the largest layers).",
+            "Clip per layer rather than globally: gradguard.AGC (adaptive_clip_grad_, "
+            "clipping=0.01–0.1) bounds each layer's gradient relative to its weights, so one "
+            "layer no longer sets the global clip coefficient.",
+            "Check the dominant layer for an unnormalised input or a loss term that only "
+            "reaches it (e.g. an auxiliary loss with a large weight).",
+        ),
+    ),
+    RuleSpec(
         Kind.CLIP_INACTIVE,
         Severity.INFO,
         "window",
@@ -170,6 +192,24 @@ RULES: tuple[RuleSpec, ...] = (
             "bounces across a valley.",
             "Add learning-rate decay.",
             "Check the labels and data for noise or a target the model cannot fit.",
+        ),
+    ),
+    RuleSpec(
+        Kind.AMP_OVERFLOW,
+        Severity.WARNING,
+        "window",
+        "after the first amp_warmup steps, more than amp_overflow_rate of the last "
+        "amp_window steps were skipped by the GradScaler for inf/NaN (reason amp_overflow); "
+        "its early calibration overflows are normal and not counted",
+        (
+            "The loss scale keeps backing off: if the hardware supports it (Ampere or newer, "
+            "TPU), autocast to bfloat16, which has fp32's range and needs no GradScaler.",
+            "Find the layers that produce inf in fp16: overflowing activations or attention "
+            "logits (scale queries by 1/sqrt(d), keep softmax/norm layers in fp32, clamp "
+            "logits); run find_nonfinite_forward(model, batch) under autocast.",
+            _LOWER_LR,
+            "Check the GradScaler settings: a short growth_interval (default 2000) or a large "
+            "growth_factor (default 2.0) makes the scale overshoot and overflow again.",
         ),
     ),
 )
