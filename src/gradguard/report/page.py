@@ -48,7 +48,7 @@ font-size:12px}.params{font-family:ui-monospace,monospace;font-size:12px;color:#
 .dp-band{fill:#c9b6ea;fill-opacity:.6;stroke:none}.dp-range{stroke:#ad93dc;stroke-width:1.2;
 fill:none}.dpiqr-band{fill:#8a63c9;fill-opacity:.55;stroke:none}.dpiqr-range{stroke:#7b55bd;
 stroke-width:1;fill:none}.dp-median{fill:none;stroke:#3d1f73;stroke-width:1.4}.dp-clip{fill:none;
-stroke:#d62d2d;stroke-width:1.6;stroke-dasharray:6 4}h3{font-size:14px;margin:16px 0 6px}
+stroke:#e3001b;stroke-width:2.4;stroke-dasharray:9 4}h3{font-size:14px;margin:16px 0 6px}
 """
 
 

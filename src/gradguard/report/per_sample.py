@@ -150,7 +150,11 @@ def norm_band_chart(series: PerSampleSeries, buckets: int = BUCKETS) -> str:
         legend.append(_sw("#3d1f73", "median"))
     if np.isfinite(clip.mean).any():
         body += series_line(frame, clip, clip.mean, "dp-clip", "clip norm")
-        legend.append(_sw("#d62d2d", "clip norm"))
+        legend.append(
+            _sw(
+                "#e3001b", f"clip norm (latest {fmt(float(clip.mean[np.isfinite(clip.mean)][-1]))})"
+            )
+        )
     legend.append(f"<span>{len(series)} observed steps in {len(outer)} buckets</span>")
     return (
         svg(frame, body, "per-example gradient norm quantiles over steps")
