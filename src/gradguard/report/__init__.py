@@ -1,8 +1,10 @@
 """The HTML report of a recorded run: one self-contained, offline file.
 
 The page is plain HTML with inline CSS and inline SVG; the per-layer heatmap is an
-inline PNG. It runs no script at all (a Content-Security-Policy forbids any), fetches
-nothing, and escapes every user string.
+inline PNG. Runs with ``per_sample`` events (:class:`gradguard.privacy.PerSampleMonitor`)
+get a per-example gradient norm section: quantile bands, median, clip norm and the
+fraction clipped over steps. The page runs no script at all (a Content-Security-Policy
+forbids any), fetches nothing, and escapes every user string.
 
 Size bound: every series is reduced to at most 2000 min/max buckets, the heatmap to
 400 columns x 300 layer rows, and findings, events, config entries and strings are

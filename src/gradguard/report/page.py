@@ -11,6 +11,8 @@ import numpy as np
 from ..health import Finding
 from .data import RunData
 from .heatmap import bounded_layers, heatmap
+from .per_sample import KIND as PER_SAMPLE
+from .per_sample import per_sample_section, per_sample_series
 from .sample import BUCKETS, any_per_bucket, envelope, rolling_mean
 from .svg import HEIGHT, WIDTH, Frame, bar_chart, envelope_paths, flag_marks, fmt, log_bounds, svg
 
@@ -43,6 +45,10 @@ border-left:5px solid #999;border-radius:4px;padding:8px 12px;margin:8px 0}
 .finding.info{border-left-color:#4a7fcf}.sev{font-weight:600;text-transform:uppercase;
 font-size:12px}.params{font-family:ui-monospace,monospace;font-size:12px;color:#334}
 .empty{color:#667;font-style:italic}code{font-family:ui-monospace,monospace}
+.dp-band{fill:#c9b6ea;fill-opacity:.6;stroke:none}.dp-range{stroke:#ad93dc;stroke-width:1.2;
+fill:none}.dpiqr-band{fill:#8a63c9;fill-opacity:.55;stroke:none}.dpiqr-range{stroke:#7b55bd;
+stroke-width:1;fill:none}.dp-median{fill:none;stroke:#3d1f73;stroke-width:1.4}.dp-clip{fill:none;
+stroke:#e3001b;stroke-width:2.4;stroke-dasharray:9 4}h3{font-size:14px;margin:16px 0 6px}
 """
 
 
@@ -203,11 +209,21 @@ def findings_section(run: RunData) -> str:
     )
 
 
-def events_section(run: RunData) -> str:
-    """Events other than findings (skips, configuration changes), the latest first."""
+def events_section(run: RunData, *, plotted: frozenset[str] = frozenset()) -> str:
+    """Events other than findings (skips, configuration changes), the latest first.
+
+    Kinds in ``plotted`` have a section of their own and are only counted here.
+    """
     events = [e for e in run.events if not e.kind.startswith("health.")]
+    hidden = sum(e.kind in plotted for e in events)
+    events = [e for e in events if e.kind not in plotted] if hidden else events
+    note = (
+        f'<p class="sub">{hidden} per-step summary events are plotted above, not listed.</p>'
+        if hidden
+        else ""
+    )
     if not events:
-        return '<p class="empty">No other events were recorded.</p>'
+        return note + '<p class="empty">No other events were recorded.</p>'
     shown = events[-MAX_EVENTS:][::-1]
     rows = "".join(
         f"<tr><td>{e.step}</td><td>{text(e.kind, 80)}</td><td>{text(e.message)}</td>"
@@ -215,7 +231,7 @@ def events_section(run: RunData) -> str:
         for e in shown
     )
     return (
-        f'<p class="sub">{len(events)} events; the latest {len(shown)} shown.</p>'
+        note + f'<p class="sub">{len(events)} events; the latest {len(shown)} shown.</p>'
         f"<table><tr><th>step</th><th>kind</th><th>message</th><th>data</th></tr>{rows}"
         "</table>"
     )
@@ -257,14 +273,20 @@ def render(run: RunData) -> str:
     """The whole report page."""
     heat, bars = layer_sections(run)
     title = f"gradguard report: {run.path}"
+    dp = per_sample_series(run.events)
     sections = [
         ("summary", "Summary", summary(run)),
         ("total-norm", "Total gradient norm", norm_chart(run)),
         ("clip-rate", "Clip rate", clip_rate_chart(run)),
+    ]
+    if dp is not None:
+        sections.append(("per-sample", "Per-example gradient norms", per_sample_section(dp)))
+    plotted = frozenset({PER_SAMPLE}) if dp is not None else frozenset()
+    sections += [
         ("heatmap", "Per-layer norms over steps", heat),
         ("latest-layers", "Latest per-layer norms", bars),
         ("findings", "Findings", findings_section(run)),
-        ("events", "Events", events_section(run)),
+        ("events", "Events", events_section(run, plotted=plotted)),
         ("meta", "Run", meta_section(run)),
     ]
     body = "".join(

@@ -125,8 +125,8 @@ def _points(xs: np.ndarray, ys: np.ndarray) -> str:
     return " ".join(f"{x:.1f},{y:.1f}" for x, y in zip(xs.tolist(), ys.tolist()))
 
 
-def envelope_paths(frame: Frame, env: Envelope, cls: str) -> list[str]:
-    """A filled min/max band, a min-max stroke per bucket, and a mean line.
+def envelope_paths(frame: Frame, env: Envelope, cls: str, *, mean: bool = True) -> list[str]:
+    """A filled min/max band, a min-max stroke per bucket, and (with ``mean``) a mean line.
 
     The per-bucket strokes are at least one pixel wide, so a one-step spike inside a
     bucket stays visible at any zoom (a polygon's sub-pixel tip would fade out).
@@ -147,10 +147,30 @@ def envelope_paths(frame: Frame, env: Envelope, cls: str) -> list[str]:
             out.append(f'<polygon class="{cls}-band" points="{upper} {lower}"/>')
     if strokes:
         out.append(f'<path class="{cls}-range" d="{strokes}"/>')
-    for a, b in _runs(finite):
-        if b - a > 1:
-            mean = _points(xs[a:b], frame.y(env.mean[a:b]))
-            out.append(f'<polyline class="{cls}-line" points="{mean}"/>')
+    if mean:
+        for a, b in _runs(finite):
+            if b - a > 1:
+                line = _points(xs[a:b], frame.y(env.mean[a:b]))
+                out.append(f'<polyline class="{cls}-line" points="{line}"/>')
+    return out
+
+
+def series_line(frame: Frame, env: Envelope, values: np.ndarray, cls: str, title: str) -> list[str]:
+    """A polyline through one value per bucket of ``env``, broken where a value is not finite.
+
+    A lone finite bucket becomes a two-pixel stub so that it still shows.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    xs = (frame.x(env.start) + frame.x(env.end)) / 2
+    ys = frame.y(np.where(np.isfinite(values), values, 1.0))
+    out = []
+    for a, b in _runs(np.isfinite(values)):
+        pts = _points(xs[a:b], ys[a:b])
+        if b - a == 1:
+            pts += f" {xs[a] + 2:.1f},{ys[a]:.1f}"
+        out.append(
+            f'<polyline class="{cls}" points="{pts}"><title>{escape(title)}</title></polyline>'
+        )
     return out
 
 
