@@ -341,12 +341,14 @@ def _fsdp(rank: int, world: int) -> dict[str, Any]:
     opt.zero_grad()
 
     # Per-tensor scales (through the local shards) and an element-wise transform (on
-    # the DTensors; the clipped norm is then re-measured, a second collective).
+    # the DTensors; with a recorder attached the clipped norm is then re-measured, a
+    # second collective on every rank; only rank 0's recorder writes, here nowhere).
     for label, policy, clip in (
         ("tensor_norm", ClipTensorNorm(0.05), lambda m: clip_tensor_norms_(m, 0.05)),
         ("value", ClipValue(0.01), lambda m: clip_grad_value_(m.parameters(), 0.01)),
     ):
-        clip_guard = gradguard.Guard(model, policy, health=False)
+        recorder = gradguard.Recorder(store=False, rank=rank)
+        clip_guard = gradguard.Guard(model, policy, recorder=recorder, health=False)
         ref = _model()
         ref.load_state_dict({k: v.full_tensor() for k, v in model.state_dict().items()})
         x, y = _batch(5, world)

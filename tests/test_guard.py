@@ -268,16 +268,25 @@ def test_guard_state_round_trip_gives_identical_decisions(fused):
     assert run(guard2, model2, optimizer2, range(12, 30)) == tail
 
 
-def test_policy_transforms_and_per_tensor_scales_are_applied():
+def test_policy_transforms_and_per_tensor_scales_are_applied(tmp_path):
+    policy = gg.chain(gg.ClipValue(1e-3), gg.ClipTensorNorm(1e-3), gg.ClipNorm(2e-3))
     model = make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    guard = gg.Guard(model, gg.chain(gg.ClipValue(1e-3), gg.ClipTensorNorm(1e-3)))
+    guard = gg.Guard(model, policy, store=tmp_path / "run")
     (loss_of(model, 0) * 100).backward()
     result = guard.step(optimizer)
+    guard.close()
     for p in model.parameters():
         assert p.grad.abs().max().item() <= 1e-3 + 1e-9
         assert p.grad.norm().item() <= 1e-3 * (1 + 1e-4)
+    after = torch.nn.utils.get_total_norm([p.grad for p in model.parameters()])
+    assert result.clipped_norm.item() == pytest.approx(after.item(), rel=1e-5)
     assert result.clipped_norm.item() < result.total_norm.item()
+    # Without a recorder the extra pass over the gradients is not paid for.
+    unrecorded = gg.Guard(model, policy)
+    optimizer.zero_grad()
+    (loss_of(model, 1) * 100).backward()
+    assert unrecorded.step(optimizer).clipped_norm.isnan()
 
 
 class TestBadInput:

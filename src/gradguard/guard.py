@@ -35,7 +35,9 @@ class StepResult:
     Attributes:
         step: the guard's optimizer-step counter (0-based) for this step.
         total_norm: global gradient norm before any clipping.
-        clipped_norm: global norm after clipping.
+        clipped_norm: global norm after clipping. After an element-wise transform
+            (ClipValue, AGC, GradientNoise) it takes one more pass over the gradients, paid
+            only when a recorder is attached; without one it is NaN in that case.
         clip_coef: ``clipped_norm / total_norm`` (1.0 when nothing was clipped).
         threshold: the norm threshold in force (``inf`` when none).
         skipped: True when the optimizer step was skipped.
@@ -175,6 +177,10 @@ class Guard:
         # DTensor gradients are scaled through their local shards (same storage).
         local = distributed.local_tensors(grads) if distributed.has_dtensor(grads) else grads
         self._apply_in_place(decision, params, grads, local)
+        transformed_norm = None
+        if decision.transforms and self.recorder is not None:
+            # Norm after the in-place transforms and per-tensor scales, before the global one.
+            transformed_norm = measure_grads(grads, self.norm_type, dtype=torch.float32).total_norm
         device = stats.total_norm.device
         skip, reason = self._skip_and_reason(decision, stats, amp, scaler, optimizer, device)
 
@@ -188,7 +194,7 @@ class Guard:
         else:
             skipped_on_host = self._step_plain(optimizer, scaler if amp else None, decision.skip)
 
-        result = self._result(stats, decision, skip, reason, grads)
+        result = self._result(stats, decision, skip, reason, transformed_norm)
         self._record(result, optimizer, scaler if amp else None, loss)
         if skipped_on_host:
             self._report_skip(result)  # only on skipped steps: naming the culprits syncs
@@ -322,14 +328,16 @@ class Guard:
             optimizer.__dict__.pop("grad_scale", None)
             optimizer.__dict__.pop("found_inf", None)
 
-    def _result(self, stats, decision, skip, reason, grads) -> StepResult:
+    def _result(self, stats, decision, skip, reason, transformed_norm) -> StepResult:
         total = stats.total_norm.float()
-        clipped = total
         if decision.transforms:
-            clipped = measure_grads(grads, self.norm_type, dtype=torch.float32).total_norm
-        if decision.tensor_scale is not None:
+            nan = torch.full_like(total, math.nan)
+            clipped = transformed_norm.float() if transformed_norm is not None else nan
+        elif decision.tensor_scale is not None:
             scaled = stats.norms.float() * decision.tensor_scale.float()
             clipped = torch.linalg.vector_norm(scaled, self.norm_type)
+        else:
+            clipped = total
         if decision.scale is not None:
             clipped = clipped * decision.scale.float()
         coef = torch.where(total > 0, clipped / total, torch.ones_like(total))
