@@ -76,8 +76,8 @@ def test_watch_once_prints_one_frame(run_dir):
 
 
 def test_watch_reads_a_store_while_it_is_written(tmp_path):
-    from gradguard.record.batch import STEP_COLUMNS, HostBatch
     from gradguard.record.store import RunStore
+    from gradguard.schema import STEP_COLUMNS, HostBatch
     from gradguard.watch import render_frame
 
     store = RunStore(tmp_path / "live")

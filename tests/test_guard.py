@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import gradguard as gg
-from gradguard.record.batch import SkipReason
+from gradguard.schema import SkipReason
 from tests.conftest import forbid_host_sync
 
 

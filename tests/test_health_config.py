@@ -16,7 +16,7 @@ from gradguard.health import (
     infer_family,
     recommend_threshold,
 )
-from gradguard.record.batch import HostBatch
+from gradguard.schema import HostBatch
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradguard.health import RULES, HealthConfig, HealthMonitor, Kind, Severity, diagnose
-from gradguard.record.batch import HostBatch, SkipReason
+from gradguard.schema import HostBatch, SkipReason
 
 INF = math.inf
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gradguard.health import RULES, HealthConfig, HealthMonitor, Kind, Severity
-from gradguard.record.batch import HostBatch, SkipReason
+from gradguard.schema import HostBatch, SkipReason
 
 AMP = float(SkipReason.AMP_OVERFLOW)
 

@@ -10,7 +10,7 @@ import torch
 
 import gradguard as gg
 from gradguard.policies import Decision
-from gradguard.record.batch import SkipReason
+from gradguard.schema import SkipReason
 from tests.conftest import forbid_host_sync
 
 

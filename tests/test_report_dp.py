@@ -14,10 +14,10 @@ import torch
 import gradguard as gg
 from gradguard.privacy import PerSampleMonitor, PerSampleNorms
 from gradguard.privacy.monitor import EVENT_KIND
-from gradguard.record.batch import Event
 from gradguard.record.store import RunStore
 from gradguard.report import MAX_REPORT_BYTES, build_report, render_report
 from gradguard.report.per_sample import KIND, per_sample_series
+from gradguard.schema import Event
 
 from .test_report_fixtures import EVIL, write_synthetic
 

@@ -77,8 +77,8 @@ def write_synthetic(
     path: Path, n: int, names: list[str], every: int = 50, batch: int = 200_000
 ) -> dict[str, np.ndarray]:
     """Write ``n`` steps of synthetic norms (with spikes and one inf) via the store API."""
-    from gradguard.record.batch import STEP_COLUMNS, HostBatch
     from gradguard.record.store import RunStore
+    from gradguard.schema import STEP_COLUMNS, HostBatch
 
     rng = np.random.default_rng(0)
     norm = np.exp(rng.normal(-1.0, 0.4, n))

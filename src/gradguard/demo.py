@@ -21,6 +21,7 @@ from torch import nn
 from ._progress import progress
 from .guard import Guard
 from .policies import Monitor
+from .schema import EventKind
 
 SPIKE_STEPS = (300, 301)
 NAN_STEP = 450
@@ -73,7 +74,7 @@ def train(
 
         summary.store = Path(store)
         reader = RunStore.open(store)
-        summary.findings = [e.message for e in reader.events() if e.kind.startswith("health.")]
+        summary.findings = [e.message for e in reader.events() if EventKind.is_finding(e.kind)]
         reader.close()
     summary.seconds = time.perf_counter() - start
     return summary

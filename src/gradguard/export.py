@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .record.batch import STEP_COLUMNS
 from .report.data import open_run
+from .schema import STEP_COLUMNS
 
 FORMATS = ("csv", "jsonl", "parquet")
 

@@ -22,7 +22,7 @@ from . import _amp, _foreach, distributed
 from . import _validate as check
 from ._params import ParamsLike, named_params
 from .policies import Decision, Policy, default_policy
-from .record.batch import Event, Sink, SkipReason
+from .schema import Event, EventKind, Sink, SkipReason
 from .stats import GradStats, measure_grads
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -41,7 +41,7 @@ class StepResult:
         clip_coef: ``clipped_norm / total_norm`` (1.0 when nothing was clipped).
         threshold: the norm threshold in force (``inf`` when none).
         skipped: True when the optimizer step was skipped.
-        reason: a :class:`~gradguard.record.batch.SkipReason` code.
+        reason: a :class:`~gradguard.schema.SkipReason` code.
         stats: the step's :class:`GradStats` (pre-clip per-tensor norms, names).
     """
 
@@ -228,7 +228,7 @@ class Guard:
         message = f"step {result.step} skipped ({reason}){where}"
         if self.recorder is not None:
             data = {"reason": reason, "nonfinite": names, "origin": origin, "ranks": ranks}
-            self.recorder.event(Event(result.step, "skip", message, data))
+            self.recorder.event(Event(result.step, EventKind.SKIP, message, data))
         if not self._warned_skip:
             self._warned_skip = True
             warnings.warn(f"gradguard: {message}", RuntimeWarning, stacklevel=3)

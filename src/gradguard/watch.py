@@ -17,8 +17,8 @@ from typing import TextIO
 import numpy as np
 
 from .health import HealthConfig, diagnose
-from .record.batch import SkipReason
 from .report.data import open_run
+from .schema import SkipReason
 
 BLOCKS = "▁▂▃▄▅▆▇█"
 RECENT = 1000  # steps read per frame

@@ -35,7 +35,8 @@ import numpy as np
 import optax
 
 from .. import _validate as check
-from ..record import Event, HostBatch, RunStore, Sink
+from ..record import RunStore
+from ..schema import Event, EventKind, HostBatch, Sink
 from ._host import HostRecorder
 
 _F32 = jnp.float32
@@ -507,7 +508,7 @@ class JaxRecorder:
                 clipped=0.0 if skipped else float(v[2] < 1.0),
             )
             if skipped:
-                self.host.event(Event(step, "skip", f"step {step} skipped (nonfinite)", {}))
+                self.host.event(Event(step, EventKind.SKIP, f"step {step} skipped (nonfinite)", {}))
             batch = out or batch
         return self.host.flush() or batch
 

@@ -26,7 +26,8 @@ import paddle
 import torch
 
 from ..policies import ClipNorm, ClipTensorNorm, ClipValue, Policy, default_policy
-from ..record import Recorder, RunStore, Sink, SkipReason
+from ..record import Recorder, RunStore
+from ..schema import Event, EventKind, Sink, SkipReason
 from ..stats import GradStats
 
 
@@ -207,10 +208,9 @@ class GuardClip(paddle.nn.clip.ClipGradBase):
                 stats=stats,
             )
             if skipped:
-                from ..record import Event
-
                 label = SkipReason(code).label
-                host.event(Event(self.step, "skip", f"step {self.step} skipped ({label})", {}))
+                message = f"step {self.step} skipped ({label})"
+                host.event(Event(self.step, EventKind.SKIP, message, {}))
         except Exception as e:  # a recording fault never stops training
             import warnings
 

@@ -1,6 +1,6 @@
 """Gradient health: rules with evidence and advice, and clip-threshold advice.
 
-The rules work on host numbers (:class:`~gradguard.record.batch.HostBatch`) and import
+The rules work on host numbers (:class:`~gradguard.schema.HostBatch`) and import
 only numpy; :class:`BackwardOrder` and :func:`find_nonfinite_forward` live in
 :mod:`.origin`, the one torch-dependent module, and are imported lazily.
 """

@@ -6,10 +6,10 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from ..record.batch import Event
+from ..schema import Event, EventKind
 
 #: Prefix of :attr:`Event.kind` for events made from findings (``"health.exploding"``).
-EVENT_PREFIX = "health."
+EVENT_PREFIX = EventKind.FINDING_PREFIX
 
 
 class Kind(str, enum.Enum):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from ..record.batch import Event, HostBatch
+from ..schema import Event, HostBatch
 from .config import HealthConfig
 from .monitor import HealthMonitor, OrderLike
 

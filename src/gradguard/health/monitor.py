@@ -1,6 +1,6 @@
 """Online and offline evaluation of the health rules over recorded host numbers.
 
-:class:`HealthMonitor` consumes :class:`~gradguard.record.batch.HostBatch` chunks as
+:class:`HealthMonitor` consumes :class:`~gradguard.schema.HostBatch` chunks as
 they are flushed and returns new findings. Its state is bounded (rolling windows of
 fixed size, run counters and latches per rule and per layer), so each update costs
 time proportional to the batch, not to the run. :func:`diagnose` replays a whole
@@ -15,7 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..record.batch import HostBatch, SkipReason
+from ..schema import HostBatch, SkipReason
 from ._state import FlagWindow, HalvesTrend, Latch, RollingMedian, Run
 from .config import HealthConfig
 from .findings import Finding, Kind

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..guard import Guard, StepResult
 from ..policies import Monitor, Policy
-from ..record.batch import Sink
+from ..schema import Sink
 
 
 class CallbackBase:

@@ -33,7 +33,7 @@ except ImportError as error:
 import torch
 
 from .. import _validate as check
-from ..record.batch import Sink, SkipReason
+from ..schema import Sink, SkipReason
 from ..stats import GradStats, measure_grads
 
 

@@ -29,7 +29,7 @@ except ImportError:  # the standalone "pytorch_lightning" package
 
 from ..guard import Guard
 from ..policies import Monitor, Policy
-from ..record.batch import Sink
+from ..schema import Sink
 from ._core import CallbackBase, HookStep, check_skippable, metrics
 
 

@@ -38,7 +38,7 @@ import torch
 
 from ..guard import Guard, StepResult
 from ..policies import Monitor, Policy
-from ..record.batch import Sink
+from ..schema import Sink
 from ._core import CallbackBase, HookStep, check_skippable
 
 

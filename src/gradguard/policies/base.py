@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..record.batch import SkipReason
+from ..schema import SkipReason
 from ..stats import GradStats
 
 #: An in-place gradient transformation: ``fn(params, grads)``.

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as check
-from ..record.batch import SkipReason
+from ..schema import SkipReason
 from ..stats import GradStats
 from .base import Decision, Policy, finite_or, reason_tensor, require_grads
 

@@ -21,10 +21,10 @@ import torch
 from torch import Tensor
 
 from .. import _validate as check
-from ..record.batch import Event, HostBatch
+from ..schema import Event, EventKind, HostBatch
 from .per_sample import DEFAULT_QUANTILES, PerSampleNorms
 
-EVENT_KIND = "per_sample"
+EVENT_KIND = EventKind.PER_SAMPLE
 
 
 class PerSampleMonitor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .batch import STEP_COLUMNS, Event, HostBatch, Sink, SkipReason
+from ..schema import STEP_COLUMNS, Event, HostBatch, Sink, SkipReason
 from .recorder import Recorder
 from .store import SCHEMA_VERSION, RunStore, StoreError
 

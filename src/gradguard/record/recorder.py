@@ -20,11 +20,11 @@ import torch
 from torch import Tensor
 
 from .. import _validate as check
+from ..schema import STEP_COLUMNS, Event, HostBatch, Sink
 from ..stats import GradStats
 from ._lifecycle import ExitHooks
 from ._safe import Guarded
 from ._writer import BackgroundWriter, InlineWriter
-from .batch import STEP_COLUMNS, Event, HostBatch, Sink
 from .store import RunStore
 
 Scalar = Tensor | float | int | bool

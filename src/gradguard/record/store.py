@@ -42,7 +42,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .batch import STEP_COLUMNS, Event, HostBatch
+from ..schema import STEP_COLUMNS, Event, HostBatch
 
 SCHEMA_VERSION = 1
 DB_NAME = "gradguard.db"

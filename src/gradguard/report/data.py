@@ -10,8 +10,8 @@ import numpy as np
 
 from ..health import Finding, HealthConfig, diagnose
 from ..health.findings import EVENT_PREFIX
-from ..record.batch import Event
 from ..record.store import RunStore, StoreError
+from ..schema import Event
 
 
 def open_run(path: str | os.PathLike[str]) -> RunStore:

@@ -9,6 +9,7 @@ from html import escape
 import numpy as np
 
 from ..health import Finding
+from ..schema import EventKind
 from .data import RunData
 from .heatmap import bounded_layers, heatmap
 from .per_sample import KIND as PER_SAMPLE
@@ -214,7 +215,7 @@ def events_section(run: RunData, *, plotted: frozenset[str] = frozenset()) -> st
 
     Kinds in ``plotted`` have a section of their own and are only counted here.
     """
-    events = [e for e in run.events if not e.kind.startswith("health.")]
+    events = [e for e in run.events if not EventKind.is_finding(e.kind)]
     hidden = sum(e.kind in plotted for e in events)
     events = [e for e in events if e.kind not in plotted] if hidden else events
     note = (

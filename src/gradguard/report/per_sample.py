@@ -15,12 +15,12 @@ from html import escape
 
 import numpy as np
 
-from ..record.batch import Event
+from ..schema import Event, EventKind
 from .sample import BUCKETS, Envelope, envelope
 from .svg import Frame, envelope_paths, fmt, log_bounds, series_line, svg
 
 #: The event kind written by :class:`gradguard.privacy.PerSampleMonitor`.
-KIND = "per_sample"
+KIND = EventKind.PER_SAMPLE
 MAX_LABELS = 20  # quantile labels read from the events
 MAX_LABEL_CHARS = 24
 

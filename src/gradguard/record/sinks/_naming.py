@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterator
 
-from ..batch import HostBatch
+from ...schema import HostBatch
 
 #: step column → metric key (columns not listed are not logged as scalars).
 METRIC_KEYS: dict[str, str] = {

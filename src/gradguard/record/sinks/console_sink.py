@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
-from ..batch import Event, HostBatch
+from ...schema import Event, HostBatch
 
 
 def _fmt(x: float) -> str:

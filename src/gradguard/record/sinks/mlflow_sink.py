@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from ..batch import Event, HostBatch
+from ...schema import Event, HostBatch
 from ._naming import missing, sanitize_mlflow, step_metrics
 
 _MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call

@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from ..batch import Event, HostBatch
+from ...schema import Event, HostBatch
 from ._naming import missing, sanitize_tensorboard, step_metrics
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ..batch import Event, HostBatch
+from ...schema import Event, HostBatch
 from ._naming import missing, sanitize_wandb, step_metrics
 
 

@@ -1,0 +1,142 @@
+"""The recorded format, in one torch-free place: step columns, skip reasons, events.
+
+Every producer (the torch ``Guard``, the integrations, the Paddle/JAX/Keras front-ends,
+the health rules, the privacy monitor) and every reader (run store, sinks, report,
+``watch``, ``export``) uses these names, so a column or an event payload is defined
+once. The device half hands the host a :class:`HostBatch` of plain numbers; nothing
+here imports torch.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypedDict, runtime_checkable
+
+#: Per-step columns, in storage order. Floats are NaN where a value was not recorded.
+STEP_COLUMNS: tuple[str, ...] = (
+    "total_norm",  # pre-clip global norm of the real gradients (accumulated, unscaled, reduced)
+    "clipped_norm",  # global norm after clipping (total_norm * clip_coef for global clips)
+    "clip_coef",  # multiplier applied to the gradients (1.0 when nothing was clipped)
+    "threshold",  # clip threshold in force this step (inf when no clip applies)
+    "clipped",  # 1.0 when the gradients were scaled down, else 0.0
+    "skipped",  # 1.0 when the optimizer step was skipped, else 0.0
+    "reason",  # a SkipReason code (0 when not skipped)
+    "loss",  # training loss when given, else NaN
+    "lr",  # learning rate of the first param group when known, else NaN
+    "loss_scale",  # AMP loss scale when a GradScaler is used, else NaN
+)
+
+
+class SkipReason(enum.IntEnum):
+    """Why a step was skipped; stored as a small integer in the ``reason`` column."""
+
+    NONE = 0
+    NONFINITE = 1  # a gradient held NaN or inf
+    POLICY = 2  # a policy (e.g. SkipSpike) judged the step an outlier
+    AMP_OVERFLOW = 3  # the AMP GradScaler found inf/NaN and skipped on its own
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class EventKind:
+    """The ``kind`` strings of recorded events (stable: they are stored in run stores)."""
+
+    SKIP = "skip"  #: a skipped optimizer step; data: :class:`SkipData`
+    PER_SAMPLE = "per_sample"  #: per-example gradient norm statistics (DP runs)
+    REWIND = "rewind"  #: parameters and optimizer state restored to an earlier step
+    FINDING_PREFIX = "health."  #: ``health.<finding kind>``; data: :class:`FindingData`
+
+    @staticmethod
+    def finding(kind: str) -> str:
+        """The event kind of a health finding of ``kind`` (``"health.exploding"``)."""
+        return EventKind.FINDING_PREFIX + str(kind)
+
+    @staticmethod
+    def is_finding(kind: str) -> bool:
+        """Whether an event kind is a health finding's."""
+        return kind.startswith(EventKind.FINDING_PREFIX)
+
+
+class SkipData(TypedDict, total=False):
+    """Payload of a :attr:`EventKind.SKIP` event, the same from every producer."""
+
+    reason: str  #: a :class:`SkipReason` label
+    nonfinite: list[str]  #: parameters whose gradient held NaN/inf (empty when none)
+    origin: str | None  #: first non-finite gradient in backward order, when known
+    ranks: list[int] | None  #: ranks whose local gradients were non-finite (distributed)
+
+
+class FindingData(TypedDict, total=False):
+    """Payload of a ``health.*`` event (see :class:`gradguard.health.Finding`)."""
+
+    severity: str  #: ``info``, ``warning`` or ``critical``
+    steps: list[int]  #: ``[first, last]`` step of the evidence
+    params: list[str]  #: parameters or layers involved, the origin first
+    evidence: dict[str, float]  #: the numbers the rule decided on
+    advice: list[str]  #: concrete actions, most useful first
+
+
+@dataclass
+class HostBatch:
+    """Steps recorded since the last flush, as host numbers.
+
+    ``columns[c][i]`` is column ``c`` at ``steps[i]``. ``tensor_steps[j]`` is a step at
+    which per-tensor norms were snapshotted, with values ``tensor_norms[j]`` aligned
+    with ``names``. ``absent`` names the columns that were not given at any step of
+    the batch (their values are NaN placeholders, not measured NaNs); loggers skip them.
+    """
+
+    steps: list[int]
+    columns: dict[str, list[float]]
+    names: tuple[str, ...] = ()
+    tensor_steps: list[int] = field(default_factory=list)
+    tensor_norms: list[list[float]] = field(default_factory=list)
+    absent: frozenset[str] = frozenset()
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something that happened at a step: a skip, a finding, a rewind.
+
+    Attributes:
+        step: the step it happened at (an episode's first step).
+        kind: an :class:`EventKind` string.
+        message: one line for people.
+        data: the kind's payload (JSON-serialisable).
+        end_step: for an episode (a finding that lasts), its last step so far; ``None``
+            for a point event.
+        key: identifies an episode within a run: an event with the same ``key`` as an
+            earlier one replaces it (its range, message and data are updated in place).
+            ``None`` for events that are never updated.
+    """
+
+    step: int
+    kind: str
+    message: str
+    data: dict[str, Any] = field(default_factory=dict)
+    end_step: int | None = None
+    key: str | None = None
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """A destination for recorded numbers: run store, TensorBoard, W&B, MLflow, console."""
+
+    def start(self, names: Sequence[str], config: dict) -> None:
+        """Called once before the first batch, with parameter names and run config."""
+
+    def write(self, batch: HostBatch) -> None:
+        """Write one flushed batch."""
+
+    def write_events(self, events: Sequence[Event]) -> None:
+        """Write events (findings, skips)."""
+
+    def close(self) -> None:
+        """Flush and release resources; called once."""
