@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from .test_report_fixtures import EVIL, NAN_STEP, STEPS, recorded_run_dir, run_cli
+from tests.report.runs import EVIL, NAN_STEP, STEPS, recorded_run_dir, run_cli
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,7 @@ from gradguard.report.data import group_layers
 from gradguard.report.heatmap import MAX_COLUMNS, bounded_layers
 from gradguard.report.png import encode_png
 from gradguard.report.sample import envelope, rolling_mean
-
-from .test_report_fixtures import EVIL, NAN_STEP, recorded_run_dir, write_synthetic
+from tests.report.runs import EVIL, NAN_STEP, recorded_run_dir, write_synthetic
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """DDP with gloo on 2 and 4 CPU ranks: exact norms, no_sync, one-rank NaN, resume.
 
-Each world size is spawned once (tests/_distributed_workers.py); these tests read what
+Each world size is spawned once (tests/distributed/_workers.py); these tests read what
 every rank saw and compare it with a single-process reference on the same data.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch.distributed as dist
 
-from tests._distributed_workers import results
+from tests.distributed._workers import results
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
 WORLDS = [2, 4]

@@ -22,7 +22,7 @@ paddle = pytest.importorskip(
 import gradguard as gg  # noqa: E402
 from gradguard.frontends.paddle import GuardClip  # noqa: E402
 
-from ._frontend_checks import check_store  # noqa: E402
+from ._checks import check_store  # noqa: E402
 
 SHAPES = [(7, 5), (5,), (3, 3, 2, 4), (6, 2, 3), (1,)]
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp  # noqa: E402
 import gradguard as gg  # noqa: E402
 from gradguard.frontends import jax as ggj  # noqa: E402
 
-from ._frontend_checks import check_store  # noqa: E402
+from ._checks import check_store  # noqa: E402
 
 
 def random_tree(seed: int, scale: float = 1.0):

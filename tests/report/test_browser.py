@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 
 from gradguard.report import build_report
-
-from .test_report_fixtures import EVIL, recorded_run_dir
+from tests.report.runs import EVIL, recorded_run_dir
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(

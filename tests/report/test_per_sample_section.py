@@ -18,8 +18,7 @@ from gradguard.record.store import RunStore
 from gradguard.report import MAX_REPORT_BYTES, build_report, render_report
 from gradguard.report.per_sample import KIND, per_sample_series
 from gradguard.schema import Event
-
-from .test_report_fixtures import EVIL, write_synthetic
+from tests.report.runs import EVIL, write_synthetic
 
 torch.set_num_threads(1)
 

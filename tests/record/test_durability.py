@@ -52,7 +52,7 @@ def _start(tmp_path: Path) -> tuple[subprocess.Popen, Path, Path]:
     script = tmp_path / "train.py"
     script.write_text(TRAIN)
     run_dir, progress = tmp_path / "run", tmp_path / "progress.txt"
-    src = str(Path(__file__).resolve().parents[1] / "src")
+    src = str(Path(__file__).resolve().parents[2] / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
     proc = subprocess.Popen(
         [sys.executable, str(script), str(run_dir), str(progress)], env=env, stderr=subprocess.PIPE

@@ -26,7 +26,7 @@ if not keras.__version__.startswith("3") or keras.backend.backend() != "tensorfl
 import gradguard as gg  # noqa: E402
 from gradguard.frontends import keras as ggk  # noqa: E402
 
-from ._frontend_checks import check_store  # noqa: E402
+from ._checks import check_store  # noqa: E402
 
 SHAPES = [(7, 5), (5,), (3, 3, 2, 4), (1,)]
 

@@ -1,7 +1,7 @@
 """FSDP2 (fully_shard), hand-built DTensors on several meshes, FSDP2 x tensor parallel.
 
 gloo on 2 and 4 CPU ranks; norms are compared with a single-process reference on the
-same data. The processes are shared with tests/test_distributed_ddp.py (one spawn per
+same data. The processes are shared with tests/distributed/test_ddp.py (one spawn per
 world size).
 """
 
@@ -12,8 +12,8 @@ import math
 import pytest
 import torch.distributed as dist
 
-from tests._distributed_workers import results
-from tests.test_distributed_ddp import REL, all_close, close
+from tests.distributed._workers import results
+from tests.distributed.test_ddp import REL, all_close, close
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed missing")
 WORLDS = [2, 4]
