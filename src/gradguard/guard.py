@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import _amp, _foreach, distributed
+from . import _amp, _foreach, _warn, distributed
 from . import _validate as check
 from ._params import ParamsLike, named_params
 from .policies import Decision, Policy, default_policy
@@ -231,7 +230,7 @@ class Guard:
             self.recorder.event(Event(result.step, EventKind.SKIP, message, data))
         if not self._warned_skip:
             self._warned_skip = True
-            warnings.warn(f"gradguard: {message}", RuntimeWarning, stacklevel=3)
+            _warn.warn(message)
 
     def _attach_health(self, model: ParamsLike, health: Any) -> None:
         from .health import HealthConfig

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 from ..schema import Event, HostBatch
@@ -16,7 +15,9 @@ def attach_health(
     """Evaluate the rules on each flushed batch of ``recorder``.
 
     Each finding is recorded as an event when it starts, and warns once unless it is
-    only informational. Returns the monitor (its state is bounded; see HealthMonitor).
+    only informational; the warning surfaces at the user's next ``guard.step`` line
+    (the rules run on the recorder's writer thread). Returns the monitor, whose state
+    is bounded (see HealthMonitor).
     """
     monitor = HealthMonitor(config or HealthConfig(), order=order)
 
@@ -24,7 +25,7 @@ def attach_health(
         findings = monitor.update(batch)
         for finding in findings:
             if str(finding.severity) != "info":
-                warnings.warn(f"gradguard: {finding.message}", RuntimeWarning, stacklevel=2)
+                recorder.deferred.add(finding.message)
         return [finding.to_event() for finding in findings]
 
     recorder.add_listener(listen)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate as check
+from .._warn import Deferred
 from ..schema import STEP_COLUMNS, Event, HostBatch, Sink
 from ..stats import GradStats
 from ._lifecycle import ExitHooks
@@ -106,6 +107,8 @@ class Recorder:
         self._hooks: ExitHooks | None = None
         self._pinned: Tensor | None = None
         self.transfers = 0  #: device→host transfers made so far (one per flush with data)
+        #: warnings decided on the writer thread, emitted at the next ``record()`` call
+        self.deferred = Deferred()
         self._writer = BackgroundWriter(self._write) if background else InlineWriter(self._write)
 
     # ---------------------------------------------------------------- set-up
@@ -175,6 +178,7 @@ class Recorder:
         """
         if not self.active or self._closed:
             return None
+        self.deferred.emit()
         if not self._started:
             names = stats.labels() if stats is not None else ()
             self.start(names, [tuple(s) for s in stats.shapes] if stats is not None else None)
@@ -342,6 +346,7 @@ class Recorder:
             self._writer.stop()
             for s in self._sinks:
                 s.call("close")
+            self.deferred.emit()
             if self._hooks is not None:
                 self._hooks.remove()
                 self._hooks = None
