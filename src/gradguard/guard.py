@@ -21,7 +21,7 @@ from . import _amp, _foreach, _warn, distributed
 from . import _validate as check
 from ._params import ParamsLike, named_params
 from .policies import Decision, Policy, default_policy
-from .schema import Event, EventKind, Sink, SkipReason
+from .schema import Sink, SkipReason, skip_event
 from .stats import GradStats, measure_grads
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
@@ -220,17 +220,13 @@ class Guard:
         reason = result.reason_label
         names = result.nonfinite_names() if reason == "nonfinite" else []
         origin = self.nonfinite_origin(result) if names else None
-        where = f"; non-finite gradients from {origin!r} ({len(names)} tensors)" if origin else ""
         ranks = _nonfinite_ranks(result.stats) if names else None
-        if ranks:
-            where += f"; non-finite local gradients on rank(s) {ranks}"
-        message = f"step {result.step} skipped ({reason}){where}"
+        event = skip_event(result.step, reason, names, origin, ranks)
         if self.recorder is not None:
-            data = {"reason": reason, "nonfinite": names, "origin": origin, "ranks": ranks}
-            self.recorder.event(Event(result.step, EventKind.SKIP, message, data))
+            self.recorder.event(event)
         if not self._warned_skip:
             self._warned_skip = True
-            _warn.warn(message)
+            _warn.warn(event.message)
 
     def _attach_health(self, model: ParamsLike, health: Any) -> None:
         from .health import HealthConfig

@@ -80,6 +80,33 @@ class FindingData(TypedDict, total=False):
     advice: list[str]  #: concrete actions, most useful first
 
 
+def skip_event(
+    step: int,
+    reason: SkipReason | str,
+    nonfinite: Sequence[str] = (),
+    origin: str | None = None,
+    ranks: Sequence[int] | None = None,
+) -> Event:
+    """The one way to describe a skipped step, whoever skipped it (torch, a framework
+    integration, a front-end): same message, same :class:`SkipData` payload."""
+    label = reason.label if isinstance(reason, SkipReason) else str(reason)
+    names = list(nonfinite)
+    where = ""
+    if origin:
+        where = f"; non-finite gradients from {origin!r} ({len(names)} tensors)"
+    elif names:
+        where = f"; non-finite gradients in {len(names)} tensors"
+    if ranks:
+        where += f"; non-finite local gradients on rank(s) {list(ranks)}"
+    data: SkipData = {
+        "reason": label,
+        "nonfinite": names,
+        "origin": origin,
+        "ranks": list(ranks) if ranks else None,
+    }
+    return Event(int(step), EventKind.SKIP, f"step {step} skipped ({label}){where}", dict(data))
+
+
 @dataclass
 class HostBatch:
     """Steps recorded since the last flush, as host numbers.

@@ -21,6 +21,7 @@ from . import _foreach
 from . import _validate as check
 from ._params import ParamsLike, grads_with_names
 from .distributed import has_dtensor, measure_sharded
+from .layers import group_index
 
 
 class LayerNorms(NamedTuple):
@@ -107,8 +108,8 @@ class GradStats:
         """
         if depth is not None:
             check.positive_int("depth", depth)
-        groups, index = _module_index(self.labels(), depth)
-        index = index.to(self.norms.device)
+        groups, positions = group_index(self.labels(), depth)
+        index = _index_tensor(positions, self.norms.device)
         if math.isinf(self.norm_type):
             out = torch.zeros(len(groups), dtype=self.norms.dtype, device=self.norms.device)
             out.scatter_reduce_(0, index, self.norms, reduce="amax", include_self=True)
@@ -136,15 +137,8 @@ class GradStats:
 
 
 @functools.lru_cache(maxsize=32)
-def _module_index(labels: tuple[str, ...], depth: int | None) -> tuple[tuple[str, ...], Tensor]:
-    order: dict[str, int] = {}
-    index = []
-    for label in labels:
-        parts = label.split(".")
-        prefix = ".".join(parts[:-1]) if depth is None else ".".join(parts[:depth])
-        prefix = prefix or "<root>"
-        index.append(order.setdefault(prefix, len(order)))
-    return tuple(order), torch.tensor(index, dtype=torch.long)
+def _index_tensor(positions: tuple[int, ...], device: torch.device) -> Tensor:
+    return torch.tensor(positions, dtype=torch.long, device=device)
 
 
 def measure(

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
+from ..layers import group_index
 from ..schema import HostBatch, SkipReason
 from ._state import FlagWindow, HalvesTrend, Latch, RollingMedian, Run
 from .config import HealthConfig
@@ -70,7 +71,6 @@ class HealthMonitor:
         self._large = FlagWindow(2 * half, 1)
         self._amp = FlagWindow(c.amp_window, 1)  # overflow flags, loss scale as the value
         self._amp_seen = 0
-        self._groups: tuple[tuple[str, ...], tuple[str, ...], tuple[int, ...]] | None = None
         #: Findings emitted so far, per kind.
         self.counts: dict[Kind, int] = {}
 
@@ -406,14 +406,7 @@ class HealthMonitor:
     ) -> tuple[tuple[str, ...], list[float]]:
         if not self.config.group_by_module:
             return names, norms
-        if self._groups is None or self._groups[0] != names:
-            order: dict[str, int] = {}
-            index = []
-            for name in names:
-                owner = name.rsplit(".", 1)[0] if "." in name else name
-                index.append(order.setdefault(owner, len(order)))
-            self._groups = (names, tuple(order), tuple(index))
-        _, groups, index = self._groups
+        groups, index = group_index(names)
         sums = [0.0] * len(groups)
         for i, v in zip(index, norms):
             sums[i] += v * v

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..health import Finding, HealthConfig, diagnose
 from ..health.findings import EVENT_PREFIX
+from ..layers import group_index
 from ..record.store import RunStore, StoreError
 from ..schema import Event
 
@@ -22,20 +23,15 @@ def open_run(path: str | os.PathLike[str]) -> RunStore:
     return RunStore.open(p)
 
 
-def module_of(name: str) -> str:
-    """The module owning a parameter: ``"enc.0.weight"`` → ``"enc.0"`` (the name if undotted)."""
-    return name.rsplit(".", 1)[0] if "." in name else name
-
-
 def group_layers(names: tuple[str, ...], norms: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
     """Combine per-tensor norm columns per owning module, in model order (L2 of members)."""
-    order: dict[str, int] = {}
-    index = np.array([order.setdefault(module_of(n), len(order)) for n in names], dtype=np.int64)
-    out = np.zeros((norms.shape[0], len(order)), dtype=np.float64)
+    groups, positions = group_index(names)
+    index = np.asarray(positions, dtype=np.int64)
+    out = np.zeros((norms.shape[0], len(groups)), dtype=np.float64)
     squares = np.asarray(norms, dtype=np.float64) ** 2
-    for j in range(len(order)):
+    for j in range(len(groups)):
         out[:, j] = np.sqrt(squares[:, index == j].sum(axis=1))
-    return tuple(order), out
+    return groups, out
 
 
 @dataclass
