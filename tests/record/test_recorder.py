@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -239,3 +240,50 @@ def test_inline_writer_writes_before_flush_returns(tmp_path):
     run_steps(rec, range(3))
     assert RunStore.open(tmp_path).steps()["step"].tolist() == [0, 1, 2]
     rec.close()
+
+
+def test_nonfinite_steps_are_snapshotted_whole_without_a_host_sync(tmp_path, no_host_sync):
+    rec = Recorder(tmp_path, log_every=5, tensor_every=5)
+    rec.start(NAMES)
+    batches = []
+    for s in range(10):  # steps 5 (NaN total) and 6 (inf) are non-finite
+        values = step_values(s)
+        with no_host_sync() if s % 5 != 4 else contextlib.nullcontext():
+            batch = rec.record(s, stats=FakeStats(norms(s)), **values)
+        if batch is not None:
+            batches.append(batch)
+    assert [b.tensor_steps for b in batches] == [[0], [5, 6]]
+    assert [b.extra_tensor_steps for b in batches] == [frozenset(), frozenset({6})]
+    assert batches[1].tensor_norms[1] == norms(6).tolist()
+    assert rec.transfers == 3  # one per flush, one more in the interval with step 6
+    rec.close()
+    with RunStore.open(tmp_path) as store:
+        assert store.tensor_norms(extra=True)[0].tolist() == [6]
+        assert store.tensor_norms(extra=False)[0].tolist() == [0, 5]
+        assert np.isinf(store.tensor_norms()[2][2, 1])
+
+
+def test_a_sink_failing_on_the_writer_thread_warns_at_the_users_line(tmp_path):
+    class Broken:
+        def start(self, names, config):
+            pass
+
+        def write(self, batch):
+            raise OSError("remote server gone")
+
+        def write_events(self, events):
+            pass
+
+        def close(self):
+            pass
+
+    rec = Recorder(False, sinks=[Broken()], log_every=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_steps(rec, range(2))
+        rec.drain()
+        assert caught == []  # decided on the writer thread: deferred
+        run_steps(rec, range(2, 8))
+        rec.close()
+    (warning,) = [w for w in caught if "remote server gone" in str(w.message)]
+    assert warning.filename.endswith("fake_steps.py")  # the line that called record()

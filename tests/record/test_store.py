@@ -126,3 +126,29 @@ def test_reader_in_another_process(tmp_path):
     )
     assert out.stdout.strip() == "8"
     rec.close()
+
+
+def _episode(step: int, end: int, ongoing: bool, key: str = "health.exploding@40") -> Event:
+    return Event(step, "health.exploding", f"norm high {step}-{end}", {"n": end}, end, key, ongoing)
+
+
+def test_an_episode_is_one_event_updated_in_place(tmp_path):
+    with Recorder(tmp_path, log_every=2) as rec:
+        rec.start(NAMES)
+        run_steps(rec, range(2))
+        for end, ongoing in ((41, True), (45, True), (52, False)):
+            rec.event(_episode(40, end, ongoing))
+            rec.event(Event(end, "skip", "a point event is never merged"))
+            rec.flush()
+            rec.drain()
+            with RunStore.open(tmp_path) as reader:
+                (found,) = reader.events(kind="health.exploding")
+            assert (found.end_step, found.ongoing, found.data) == (end, ongoing, {"n": end})
+    with Recorder(tmp_path) as rec:  # the same key in another run is another episode
+        rec.start(NAMES)
+        rec.event(_episode(3, 4, True))
+    with RunStore.open(tmp_path, run=1) as store:
+        assert store.events(kind="health.exploding") == [_episode(40, 52, False)]
+        assert len(store.events(kind="skip")) == 3
+    with RunStore.open(tmp_path) as store:
+        assert store.events() == [_episode(3, 4, True)]
