@@ -281,6 +281,8 @@ class RunStore(StoreReader):
         :class:`StoreError` when the path holds no store, a damaged or foreign file, a
         newer schema, or no such run.
         """
+        if not os.path.exists(path):
+            raise StoreError(f"{os.fspath(path)!r} does not exist")
         db = resolve_path(path)
         if not db.exists():
             raise StoreError(f"no gradguard run store at {_db.label(db)}")
