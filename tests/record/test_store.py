@@ -89,8 +89,10 @@ def test_bad_files_raise_store_error_and_stay_unchanged(tmp_path, content):
 
 
 def test_missing_store_raises(tmp_path):
-    with pytest.raises(StoreError, match="no gradguard run store"):
+    with pytest.raises(StoreError, match="nothing' does not exist"):
         RunStore.open(tmp_path / "nothing")
+    with pytest.raises(StoreError, match="no gradguard run store at"):
+        RunStore.open(tmp_path)  # a directory without a store
 
 
 def test_read_while_writing(tmp_path):

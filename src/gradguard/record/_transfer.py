@@ -64,7 +64,9 @@ class Transfer:
     def __call__(self, parts: list[Tensor]) -> list[float]:
         """Concatenate ``parts`` on their device and copy to the host once."""
         device = parts[0].device
-        flat = torch.cat([p.detach().reshape(-1).to(device) for p in parts])
+        if any(p.device != device for p in parts):
+            parts = [p.to(device) for p in parts]
+        flat = torch.cat([p if p.dim() == 1 else p.reshape(-1) for p in parts]).detach()
         if flat.dtype is not _F32 and flat.dtype is not _F64:
             flat = flat.float()
         self.count += 1

@@ -120,7 +120,8 @@ class Recorder:
         self._snaps: list[Snapshot] = []  # scheduled per-tensor snapshots
         self._others: list[Snapshot] = []  # other steps' norms, kept for non-finite steps
         self._events: list[Event] = []
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the buffers
+        self._flush_lock = threading.RLock()  # one flush at a time, in order
         self._flushing = False
         self._pending_signal: int | None = None
         self._hooks: ExitHooks | None = None
@@ -277,14 +278,15 @@ class Recorder:
         """
         if not self.active:
             return None
-        with self._lock:
-            rows, self._rows = self._rows, []
-            snaps, self._snaps = self._snaps, []
-            others, self._others = self._others, []
-            events, self._events = self._events, []
-            if not rows and not snaps and not events:
-                return None
-            self._flushing = True
+        with self._flush_lock:  # flushes in order; record()/event() stay free meanwhile
+            with self._lock:
+                rows, self._rows = self._rows, []
+                snaps, self._snaps = self._snaps, []
+                others, self._others = self._others, []
+                events, self._events = self._events, []
+                if not rows and not snaps and not events:
+                    return None
+                self._flushing = True
             try:
                 batch = (
                     to_host(rows, snaps, others, self._names, self._transfer)
