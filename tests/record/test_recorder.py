@@ -287,3 +287,32 @@ def test_a_sink_failing_on_the_writer_thread_warns_at_the_users_line(tmp_path):
         rec.close()
     (warning,) = [w for w in caught if "remote server gone" in str(w.message)]
     assert warning.filename.endswith("fake_steps.py")  # the line that called record()
+
+
+def test_every_value_path_reads_back_the_same(tmp_path):
+    """Rows in the preallocated buffer, rows past its 512, values that need their own
+    copy (one requires grad; one is a 1-element 1-d tensor) all round-trip exactly."""
+    rec = Recorder(tmp_path, log_every=600)
+    weight = torch.tensor(2.0, requires_grad=True)
+    for s in range(600):
+        loss = weight * s if s % 7 == 0 else torch.tensor(float(s))  # some steps carry a graph
+        rec.record(
+            s,
+            total_norm=torch.tensor([s + 0.5]),
+            clipped_norm=torch.tensor(s, dtype=torch.float64),
+            clip_coef=1.0,
+            threshold=torch.tensor(float("inf")),
+            skipped=torch.tensor(s % 3 == 0),
+            reason=torch.tensor(s % 4, dtype=torch.int8),
+            loss=loss,
+        )
+    rec.close()
+    with RunStore.open(tmp_path) as store:
+        steps = store.steps()
+    s = np.arange(600)
+    np.testing.assert_array_equal(steps["total_norm"], s + 0.5)
+    np.testing.assert_array_equal(steps["clipped_norm"], s)
+    np.testing.assert_array_equal(steps["loss"], np.where(s % 7 == 0, 2.0 * s, s))
+    np.testing.assert_array_equal(steps["skipped"], s % 3 == 0)
+    np.testing.assert_array_equal(steps["reason"], s % 4)
+    assert np.isinf(steps["threshold"]).all()

@@ -1,10 +1,14 @@
 """From buffered device scalars to a :class:`HostBatch`: one device→host copy per flush.
 
-A buffered row is ``(step, host values, tensor slots, stacked device values, given mask)``;
-a snapshot is ``(step, per-tensor norms, their names)``. At a flush, the rows and the
-scheduled snapshots travel in one copy. The per-tensor norms of the other steps are
-kept (references, no copy) until then, and those of steps whose total norm turns out
-non-finite follow in a second copy, made only in intervals that had such a step.
+A step's device scalars are copied into a row of a preallocated device buffer with one
+foreach copy (a snapshot: later in-place updates cannot change it); steps that do not
+fit (mixed devices, a value that requires grad, more rows than the buffer holds) are
+stacked into a tensor of their own. A buffered row is ``(step, host values, tensor
+slots, buffer row index or own tensor, given mask)``; a snapshot is ``(step, per-tensor
+norms, their names)``. At a flush, the rows and the scheduled snapshots travel in one
+copy. The per-tensor norms of the other steps are kept (references, no copy) until then,
+and those of steps whose total norm turns out non-finite follow in a second copy, made
+only in intervals that had such a step.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from torch import Tensor
 
 from ..schema import STEP_COLUMNS, HostBatch
 
-Row = tuple[int, list[float], tuple[int, ...], "Tensor | None", int]
+Row = tuple[int, list[float], tuple[int, ...], "int | Tensor | None", int]
 Snapshot = tuple[int, Tensor, "tuple[str, ...] | None"]
 
 _INDEX = {c: i for i, c in enumerate(STEP_COLUMNS)}
@@ -25,6 +29,63 @@ _NCOL = len(STEP_COLUMNS)
 _TOTAL, _CLIPPED, _CLIP_COEF = _INDEX["total_norm"], _INDEX["clipped"], _INDEX["clip_coef"]
 _NAN = float("nan")
 _F32, _F64 = torch.float32, torch.float64
+
+
+class RowBuffer:
+    """Two ``(rows, columns)`` device buffers, used in turn, with their element views made once.
+
+    ``put`` copies a step's scalars into the next row (``torch._foreach_copy_``: one
+    kernel, casting as it copies) and returns its index; :meth:`take` hands the filled
+    rows to a flush, which copies them to the host before the same buffer comes round
+    again. About a third of the cost of stacking a step's mixed-dtype scalars.
+    """
+
+    MAX_ROWS = 512  # views are kept per element: bound their number
+
+    def __init__(self, rows: int) -> None:
+        self.rows = min(rows, self.MAX_ROWS)
+        self._buffers: list[tuple[Tensor, tuple[Tensor, ...]]] = []
+        self._current = 0
+        self.count = 0  #: rows filled in the current buffer
+
+    def put(self, tensors: list[Tensor], slots: list[int]) -> int | None:
+        """Copy ``tensors`` into columns ``slots`` of the next row; ``None`` if they don't fit."""
+        if self.count >= self.rows:
+            return None
+        device = tensors[0].device
+        for t in tensors:
+            if t.device != device or t.requires_grad:
+                return None
+        if not self._buffers:
+            self._allocate(device)
+        buffer, views = self._buffers[self._current]
+        if buffer.device != device:
+            if self.count:
+                return None
+            self._allocate(device)
+            buffer, views = self._buffers[self._current]
+        row = self.count
+        base = row * _NCOL
+        torch._foreach_copy_([views[base + i] for i in slots], tensors)
+        self.count = row + 1
+        return row
+
+    def take(self) -> Tensor | None:
+        """The filled rows; the next rows go to the other buffer."""
+        if not self.count:
+            return None
+        block = self._buffers[self._current][0][: self.count]
+        self._current = 1 - self._current
+        self.count = 0
+        return block
+
+    def _allocate(self, device: torch.device) -> None:
+        dtype = _F32 if device.type == "mps" else _F64  # float64 keeps a float64 loss exact
+        self._buffers = []
+        for _ in range(2):
+            buffer = torch.full((self.rows, _NCOL), _NAN, dtype=dtype, device=device)
+            self._buffers.append((buffer, buffer.view(-1).unbind()))
+        self._current = 0
 
 
 def stack(tensors: list[Tensor]) -> Tensor:
@@ -84,23 +145,30 @@ class Transfer:
 
 def to_host(
     rows: list[Row],
+    block: Tensor | None,
     snaps: list[Snapshot],
     others: list[Snapshot],
     names: tuple[str, ...],
     transfer: Transfer,
 ) -> HostBatch:
-    """The batch for ``rows``; ``snaps`` are scheduled snapshots, ``others`` the per-tensor
-    norms of the remaining steps (snapshotted only where the total norm is non-finite)."""
-    parts = [r[3] for r in rows if r[3] is not None] + [s[1] for s in snaps]
+    """The batch for ``rows`` (whose buffered values are in ``block``, see RowBuffer);
+    ``snaps`` are scheduled snapshots, ``others`` the per-tensor norms of the remaining
+    steps (snapshotted only where the total norm is non-finite)."""
+    own = [r[3] for r in rows if isinstance(r[3], Tensor)]
+    parts = ([block] if block is not None else []) + own + [s[1] for s in snaps]
     flat = transfer(parts) if parts else []
     columns = [[_NAN] * len(rows) for _ in range(_NCOL)]
-    pos = 0
+    pos = block.numel() if block is not None else 0
     given = 0
     for j, (_, host, slots, row, mask) in enumerate(rows):
         given |= mask
         for i, v in enumerate(host):
             columns[i][j] = v
-        if row is not None:
+        if isinstance(row, int):
+            base = row * _NCOL
+            for i in slots:
+                columns[i][j] = flat[base + i]
+        elif row is not None:
             for i in slots:
                 columns[i][j] = flat[pos]
                 pos += 1

@@ -36,7 +36,7 @@ from ..schema import STEP_COLUMNS, Event, HostBatch, Sink
 from ..stats import GradStats
 from ._lifecycle import ExitHooks
 from ._safe import Guarded
-from ._transfer import Row, Snapshot, Transfer, stack, to_host
+from ._transfer import Row, RowBuffer, Snapshot, Transfer, stack, to_host
 from ._writer import BackgroundWriter, InlineWriter
 from .store import RunStore
 
@@ -126,6 +126,7 @@ class Recorder:
         self._pending_signal: int | None = None
         self._hooks: ExitHooks | None = None
         self._transfer = Transfer()
+        self._buffer = RowBuffer(self.log_every)
 
     @property
     def transfers(self) -> int:
@@ -247,9 +248,13 @@ class Recorder:
                 slots.append(i)
             else:
                 host[i] = float(v)
-        row = stack(tensors) if tensors else None
         step = int(step)
         with self._lock:
+            row: int | Tensor | None = None
+            if tensors:
+                row = self._buffer.put(tensors, slots)
+                if row is None:
+                    row = stack(tensors)
             self._rows.append((step, host, tuple(slots), row, mask))
             if stats is not None:
                 kept = (step, stats.norms, stats.names)
@@ -284,12 +289,13 @@ class Recorder:
                 snaps, self._snaps = self._snaps, []
                 others, self._others = self._others, []
                 events, self._events = self._events, []
+                block = self._buffer.take()
                 if not rows and not snaps and not events:
                     return None
                 self._flushing = True
             try:
                 batch = (
-                    to_host(rows, snaps, others, self._names, self._transfer)
+                    to_host(rows, block, snaps, others, self._names, self._transfer)
                     if rows or snaps
                     else None
                 )
