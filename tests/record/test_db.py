@@ -69,6 +69,8 @@ def test_a_closed_store_is_one_plain_file_and_readers_leave_nothing(tmp_path, ca
         store.steps(), store.events(), store.tensor_norms(), store.runs()
     assert main(["export", str(tmp_path), "--format", "jsonl", "--out", "-"]) == 0
     assert main(["watch", str(tmp_path), "--once"]) == 0
+    assert main(["runs", str(tmp_path)]) == 0
+    assert main(["report", str(tmp_path), "--out", str(tmp_path.parent / "r.html")]) == 0
     capsys.readouterr()
     assert _siblings(tmp_path) == ["gradguard.db"]
 
