@@ -123,6 +123,46 @@ def test_released_exact_statistics_sit_beside_the_noised_ones_and_are_listed(tmp
         assert "exact (not private)" in event.message and "(noised count)" in event.message
 
 
+def test_a_plain_recorder_that_records_no_steps_loses_no_event(tmp_path):
+    # the README's recipe for a published DP run: no Guard, a started Recorder, attach
+    opacus = pytest.importorskip("opacus")
+    torch.manual_seed(0)
+    model = opacus.GradSampleModule(nn.Linear(4, 2))
+    optimizer = opacus.optimizers.DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=8,
+    )
+    recorder = gg.Recorder(tmp_path / "run", log_every=4)
+    recorder.start([n for n, _ in model.named_parameters()])
+    private = PerSampleMonitor(recorder)
+    AdaptiveQuantileClip(initial_clip=None, count_noise_std=2.0, seed=0).attach(
+        optimizer, monitor=private, model=model
+    )
+    for _ in range(7):
+        optimizer.zero_grad()
+        model(torch.randn(8, 4)).pow(2).sum().backward()
+        optimizer.step()
+    recorder.close()
+    events = gg.RunStore.open(tmp_path / "run").events(kind="per_sample")
+    assert [e.step for e in events] == list(range(7))
+    assert all(set(e.data) == PRIVATE_KEYS for e in events)
+
+
+def test_buffered_exact_statistics_drain_without_step_records(tmp_path):
+    recorder = gg.Recorder(tmp_path / "run", log_every=2)
+    recorder.start(["w"])
+    monitor = PerSampleMonitor(recorder, release_exact_statistics_not_private=True)
+    for step in range(6):
+        monitor.observe(step, PerSampleNorms(torch.rand(5, 1)), 0.5)
+    assert len(monitor._rows) == 2  # 4 drained to the recorder at 2 * log_every
+    monitor.flush()
+    recorder.close()
+    events = gg.RunStore.open(tmp_path / "run").events(kind="per_sample")
+    assert [e.step for e in events] == list(range(6))
+
+
 def test_without_a_dp_release_a_private_monitor_records_nothing_and_says_why():
     monitor = PerSampleMonitor()
     norms = PerSampleNorms(torch.rand(8, 2))

@@ -18,8 +18,12 @@ epsilon: a monitor records them only when built with
     data |= {"n": ..., "fraction_clipped": ..., "quantiles": {"0.5": ...}, "mean": ...,
              "max": ..., "layers": {name: {"0.5": ...}}}     # layers with by_layer=True
 
-Observing costs a few device ops and no host sync: summaries stay on the device until
-the recorder flushes (one extra transfer per flush, for all buffered steps).
+A released count given as a host number (as :meth:`AdaptiveQuantileClip.attach` does)
+becomes an event at once, so nothing is pending when the recorder closes. Device values
+(a count given as a tensor, exact statistics) cost a few device ops and no host sync:
+they stay on the device until the recorder flushes, or until ``2 * recorder.log_every``
+steps are buffered when it records no steps of its own (one transfer for all of them);
+then call :meth:`PerSampleMonitor.flush` before closing the recorder.
 """
 
 from __future__ import annotations
@@ -48,9 +52,9 @@ class _Row:
     n: int
     clip_norm: float | None
     expected: float | None
-    noised: bool
+    noised: float | Tensor | None  # the released noisy unclipped fraction
     names: tuple[str, ...]
-    values: Tensor  # [noised fraction clipped] + exact statistics, on the device
+    values: Tensor | None  # exact statistics, on the device
 
 
 class PerSampleMonitor:
@@ -113,7 +117,7 @@ class PerSampleMonitor:
         noisy_unclipped_fraction: Tensor | float | None = None,
         expected_size: float | None = None,
     ) -> None:
-        """Buffer the summary of one step (no host sync).
+        """Record the summary of one step (no host sync).
 
         ``noisy_unclipped_fraction`` and ``expected_size`` are a DP release of this step
         (the adaptive clip's noisy count and the public expected batch size); without
@@ -131,22 +135,26 @@ class PerSampleMonitor:
                 "this step) or neither"
             )
         expected = None if expected_size is None else check.positive("expected_size", expected_size)
-        device = norms.layer.device
-        noised = noisy_unclipped_fraction is not None
-        if not noised and not self.release_exact_statistics_not_private:
+        noised = noisy_unclipped_fraction
+        if noised is None and not self.release_exact_statistics_not_private:
             self._warn_nothing_private()
             return
-        parts = [
-            1.0 - torch.as_tensor(noisy_unclipped_fraction, device=device).reshape(1)
-            if noised
-            else torch.full((1,), math.nan, device=device)
-        ]
+        if noised is not None and not isinstance(noised, Tensor):
+            noised = _finite("noisy_unclipped_fraction", noised)
+        values = None
         if self.release_exact_statistics_not_private:
-            parts += _exact_parts(norms, clip, self.quantiles, self.by_layer)
-        values = torch.cat([p.to(device=device, dtype=torch.float32) for p in parts]).detach()
+            parts = _exact_parts(norms, clip, self.quantiles, self.by_layer)
+            values = torch.cat([p.float().reshape(-1) for p in parts]).detach()
         row = _Row(int(step), len(norms), clip, expected, noised, norms.names, values)
+        if values is None and not isinstance(noised, Tensor):
+            self._emit([self._event(row, [])])  # all on the host already: record it now
+            return
         with self._lock:
             self._rows.append(row)
+            # a safety net: the recorder's own flushes drain every log_every steps
+            full = self.recorder is not None and len(self._rows) >= 2 * self.recorder.log_every
+        if full:
+            self._emit(self._drain())
 
     def _warn_nothing_private(self) -> None:
         if not self._warned:
@@ -161,30 +169,44 @@ class PerSampleMonitor:
     def flush(self) -> list[Event]:
         """Move buffered summaries to the host now and record them; returns the events."""
         events = self._drain()
+        self._emit(events)
         if self.recorder is not None and events:
-            for event in events:
-                self.recorder.event(event)
             self.recorder.flush()
         return events
 
+    def _emit(self, events: list[Event]) -> None:
+        if self.recorder is None:
+            self.history.extend(events)
+        else:
+            for event in events:
+                self.recorder.event(event)
+
     def _on_flush(self, batch: HostBatch) -> list[Event]:
         del batch
-        return self._drain()
+        return self._drain()  # the recorder records what a listener returns
 
     def _drain(self) -> list[Event]:
+        """Buffered rows as events, their device values moved to the host in one transfer."""
         with self._lock:
             rows, self._rows = self._rows, []
         if not rows:
             return []
-        device = rows[0].values.device
-        flat = torch.cat([r.values.to(device) for r in rows]).cpu().tolist()
-        events, pos = [], 0
+        device_parts = [
+            part
+            for r in rows
+            for part in (r.noised if isinstance(r.noised, Tensor) else None, r.values)
+            if part is not None
+        ]
+        device = device_parts[0].device
+        flat = torch.cat([p.to(device, torch.float64).reshape(-1) for p in device_parts])
+        host, pos = flat.cpu().tolist(), 0
+        events = []
         for row in rows:
-            values = flat[pos : pos + row.values.numel()]
-            pos += row.values.numel()
-            events.append(self._event(row, values))
-        if self.recorder is None:
-            self.history.extend(events)
+            if isinstance(row.noised, Tensor):
+                row.noised, pos = host[pos], pos + 1
+            width = row.values.numel() if row.values is not None else 0
+            events.append(self._event(row, host[pos : pos + width]))
+            pos += width
         return events
 
     def _event(self, row: _Row, values: list[float]) -> Event:
@@ -192,12 +214,13 @@ class PerSampleMonitor:
         if row.expected is not None:
             data["expected_n"] = row.expected
         parts = []
-        if row.noised:
-            data["noised_fraction_clipped"] = values[0]
+        if row.noised is not None:
+            clipped = 1.0 - float(row.noised)
+            data["noised_fraction_clipped"] = clipped
             data["noised"].append("noised_fraction_clipped")
-            parts.append(f"about {100 * values[0]:.0f}% clipped (noised count)")
+            parts.append(f"about {100 * clipped:.0f}% clipped (noised count)")
         if self.release_exact_statistics_not_private:
-            exact = self._exact_data(row, values[1:])
+            exact = self._exact_data(row, values)
             data.update(exact)  # type: ignore[typeddict-item]
             data["exact"] = list(exact)
             parts.insert(0, self._exact_text(row, exact))
@@ -252,6 +275,14 @@ def _exact_parts(
     if by_layer:
         parts.append(norms.quantiles(quantiles, by_layer=True).reshape(-1))
     return parts
+
+
+def _finite(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number or a 0-d tensor, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
 
 
 def _flag(name: str, value: object) -> bool:

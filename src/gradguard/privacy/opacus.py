@@ -14,7 +14,7 @@ returns, so no Opacus argument plumbing is needed (opacus#559). Per step:
    ``optimizer.noise_multiplier`` is put back to the budget ``z`` before the accountant's
    step hook reads it; then the noisy count moves the clip norm, which becomes
    ``optimizer.max_grad_norm`` for the next step. A monitor receives the same noisy
-   count: recording it costs no privacy.
+   count, already on the host: recording it costs no privacy and no transfer.
 
 ``z`` is read from ``optimizer.noise_multiplier`` at every step, so an Opacus noise
 scheduler (``ExponentialNoise``, ``StepNoise``, ``LambdaNoise``), attached before or after
@@ -126,28 +126,27 @@ class AttachedClip:
         z, sigma = self._check()
         clip_used = float(optimizer.max_grad_norm)
         parts, self._parts = self._parts, []
+        norms = PerSampleNorms.cat(parts) if parts else None
         fraction = None
-        if parts:
-            norms = PerSampleNorms.cat(parts)
+        if norms is not None:
             expected = _expected(optimizer) * optimizer.accumulated_iterations
             fraction = self.clip.noisy_unclipped_fraction(
                 norms.total, expected, self.count_noise_std
             )
-            if self.monitor is not None:
-                self.monitor.observe(
-                    self.clip.steps,
-                    norms,
-                    clip_used,
-                    noisy_unclipped_fraction=fraction,
-                    expected_size=expected,
-                )
         optimizer.noise_multiplier = sigma
         try:
             self._add_noise()
         finally:
             optimizer.noise_multiplier = z
-        if fraction is not None:
-            optimizer.max_grad_norm = self.clip.update_from_fraction(float(fraction))
+        if norms is None or fraction is None:
+            return
+        released = float(fraction)  # the step's one host read
+        step = self.clip.steps
+        optimizer.max_grad_norm = self.clip.update_from_fraction(released)
+        if self.monitor is not None:
+            self.monitor.observe(
+                step, norms, clip_used, noisy_unclipped_fraction=released, expected_size=expected
+            )
 
 
 def _budget(optimizer: Any) -> float:
