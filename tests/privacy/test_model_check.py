@@ -11,15 +11,9 @@ import torch
 from torch import nn
 
 from gradguard.privacy import PrivacyModelError, check_model, wrap_model
+from tests.privacy.runs import small_model
 
 torch.set_num_threads(1)
-
-
-def small_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv1d(2, 3, 3), nn.Flatten(), nn.LayerNorm(12), nn.Tanh(), nn.Linear(12, 4)
-    )
 
 
 class Centre(nn.Module):

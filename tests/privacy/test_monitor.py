@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 import gradguard as gg
 from gradguard.privacy import (
@@ -22,43 +21,18 @@ from gradguard.privacy import (
     from_functional,
 )
 from tests.conftest import forbid_host_sync
+from tests.privacy.runs import batch, dp_optimizer, make_private, record_step, small_model
 
 torch.set_num_threads(1)
 
 PRIVATE_KEYS = {"exact", "noised", "clip_norm", "expected_n", "noised_fraction_clipped"}
 
 
-def small_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv1d(2, 3, 3), nn.Flatten(), nn.LayerNorm(12), nn.Tanh(), nn.Linear(12, 4)
-    )
-
-
-def batch(n: int = 7):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(n, 2, 6, generator=g), torch.randint(0, 4, (n,), generator=g)
-
-
-def dp_run(store, monitor_args, steps_per_epoch=8):
-    """A Poisson-sampled Opacus run with the adaptive clip and a monitor on a real Recorder."""
+def dp_run(store, monitor_args):
+    """A Poisson-sampled Opacus run (8 steps, 16 examples expected per step) with the
+    adaptive clip and a monitor on a real Recorder."""
     opacus = pytest.importorskip("opacus")
-    torch.manual_seed(0)
-    g = torch.Generator().manual_seed(0)
-    dataset = TensorDataset(
-        torch.randn(128, 5, generator=g), torch.randint(0, 3, (128,), generator=g)
-    )
-    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
-    engine = opacus.PrivacyEngine(accountant="rdp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model, optimizer, loader = engine.make_private(
-            module=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            data_loader=DataLoader(dataset, batch_size=128 // steps_per_epoch),
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-        )
+    _, model, optimizer, loader = make_private(opacus, 1.0)
     recorder = gg.Recorder(store, log_every=4)
     recorder.start(
         [n for n, _ in model.named_parameters()], [tuple(p.shape) for p in model.parameters()]
@@ -75,15 +49,7 @@ def dp_run(store, monitor_args, steps_per_epoch=8):
             nn.functional.cross_entropy(model(x), y).backward()
             optimizer.step()
             bounds.append(float(optimizer.max_grad_norm))
-            recorder.record(
-                step,
-                total_norm=1.0,
-                clipped_norm=1.0,
-                clip_coef=1.0,
-                threshold=1.0,
-                skipped=0,
-                reason=0,
-            )
+            record_step(recorder, step)
     recorder.close()
     return gg.RunStore.open(store).events(kind="per_sample"), sizes, bounds, clip
 
@@ -126,14 +92,7 @@ def test_released_exact_statistics_sit_beside_the_noised_ones_and_are_listed(tmp
 def test_a_plain_recorder_that_records_no_steps_loses_no_event(tmp_path):
     # the README's recipe for a published DP run: no Guard, a started Recorder, attach
     opacus = pytest.importorskip("opacus")
-    torch.manual_seed(0)
-    model = opacus.GradSampleModule(nn.Linear(4, 2))
-    optimizer = opacus.optimizers.DPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        noise_multiplier=1.0,
-        max_grad_norm=1.0,
-        expected_batch_size=8,
-    )
+    model, optimizer = dp_optimizer(opacus, nn.Linear(4, 2), z=1.0, clip_norm=1.0, expected=8)
     recorder = gg.Recorder(tmp_path / "run", log_every=4)
     recorder.start([n for n, _ in model.named_parameters()])
     private = PerSampleMonitor(recorder)
@@ -262,15 +221,7 @@ def test_released_exact_statistics_reach_the_store_at_the_recorders_flush(
         norms = PerSampleNorms(torch.tensor(values, dtype=torch.float32), ("a.weight", "b.bias"))
         with forbid_host_sync():
             monitor.observe(step, norms, clip_norm=1.5)
-        recorder.record(
-            step,
-            total_norm=1.0,
-            clipped_norm=1.0,
-            clip_coef=1.0,
-            threshold=1.0,
-            skipped=0,
-            reason=0,
-        )
+        record_step(recorder, step)
         # the summaries reach the store with the recorder's flushes, every 4 steps
         recorder.drain()  # written on the recorder's writer thread
         stored = gg.RunStore.open(tmp_path / "run").events(kind="per_sample")

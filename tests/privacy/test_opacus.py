@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from gradguard.privacy import (
     AdaptiveQuantileClip,
@@ -19,6 +19,7 @@ from gradguard.privacy import (
     from_functional,
     gradient_noise_multiplier,
 )
+from tests.privacy.runs import data, dp_optimizer, make_private
 
 torch.set_num_threads(1)
 
@@ -28,28 +29,12 @@ def opacus():
     return pytest.importorskip("opacus")
 
 
-def data(n: int = 128, seed: int = 0) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g))
-
-
 def private_run(
     opacus, z: float, clip: AdaptiveQuantileClip | None, epochs: int = 2, scheduler=None
 ):
     """A Poisson-sampled Opacus run; ``scheduler(optimizer)`` is built after ``attach``
     and stepped once per epoch."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
-    engine = opacus.PrivacyEngine(accountant="rdp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model, optimizer, loader = engine.make_private(
-            module=model,
-            optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-            data_loader=DataLoader(data(), batch_size=16),
-            noise_multiplier=z,
-            max_grad_norm=1.0,
-        )
+    engine, model, optimizer, loader = make_private(opacus, z)
     monitor = PerSampleMonitor()
     if clip is not None:
         clip.attach(optimizer, monitor=monitor, model=model)
@@ -65,6 +50,21 @@ def private_run(
             schedule.step()
     monitor.flush()
     return engine, optimizer, bounds, monitor
+
+
+def zero_gradient_setup(opacus, z: float, batch: int, clip_norm: float = 2.0):
+    """A model whose per-example gradients are all zero: each step's gradient is the noise."""
+    model, optimizer = dp_optimizer(
+        opacus, nn.Linear(100, 100), z=z, clip_norm=clip_norm, expected=batch, lr=0.0
+    )
+
+    def step() -> torch.Tensor:
+        optimizer.zero_grad()
+        (model(torch.randn(batch, 100)) * 0.0).sum().backward()
+        optimizer.step()
+        return torch.cat([p.grad.reshape(-1) for p in model.parameters()]) * batch
+
+    return model, optimizer, step
 
 
 def test_opacus_run_reports_opacus_epsilon_for_the_same_noise_multiplier(opacus):
@@ -90,14 +90,7 @@ def test_opacus_run_reports_opacus_epsilon_for_the_same_noise_multiplier(opacus)
 def test_gradient_noise_is_the_split_multiplier_times_the_clip(opacus, adaptive):
     # zero per-example gradients: each step's gradient is the noise alone, / batch size
     z, sigma_b, batch = 1.0, 0.7, 8
-    torch.manual_seed(0)
-    model = opacus.GradSampleModule(nn.Linear(100, 100))
-    optimizer = opacus.optimizers.DPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.0),
-        noise_multiplier=z,
-        max_grad_norm=2.0,
-        expected_batch_size=batch,
-    )
+    _, optimizer, step = zero_gradient_setup(opacus, z, batch)
     clip = AdaptiveQuantileClip(initial_clip=None, count_noise_std=sigma_b, seed=0)
     if adaptive:
         clip.attach(optimizer)
@@ -105,10 +98,7 @@ def test_gradient_noise_is_the_split_multiplier_times_the_clip(opacus, adaptive)
     expected_multiplier = 1.4289 if adaptive else z
     for _ in range(3):
         used = float(optimizer.max_grad_norm)
-        optimizer.zero_grad()
-        (model(torch.randn(batch, 100)) * 0.0).sum().backward()
-        optimizer.step()
-        noise = torch.cat([p.grad.reshape(-1) for p in model.parameters()]) * batch
+        noise = step()
         assert noise.std().item() == pytest.approx(expected_multiplier * used, rel=0.04)
         assert optimizer.noise_multiplier == z
     if adaptive:  # every norm (0) is under the clip, so it shrank
@@ -120,13 +110,7 @@ def test_clip_trajectory_equals_a_replica_from_per_example_norms(opacus):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3))
     reference = copy.deepcopy(net)  # hook-free twin for torch.func
-    model = opacus.GradSampleModule(net)
-    optimizer = opacus.optimizers.DPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.5),
-        noise_multiplier=0.0,
-        max_grad_norm=0.3,
-        expected_batch_size=20,
-    )
+    model, optimizer = dp_optimizer(opacus, net, z=0.0, clip_norm=0.3, expected=20, lr=0.5)
     clip = AdaptiveQuantileClip(initial_clip=None, target_quantile=0.7, lr=0.5, count_noise_std=0.0)
     monitor = PerSampleMonitor(quantiles=(0.5,), release_exact_statistics_not_private=True)
     clip.attach(optimizer, monitor=monitor, model=model)
@@ -155,13 +139,8 @@ def test_clip_trajectory_equals_a_replica_from_per_example_norms(opacus):
 def test_virtual_steps_count_every_micro_batch(opacus):
     # BatchMemoryManager-style: clip per micro-batch, one noisy step for all of them.
     # Opacus's AdaClipDPOptimizer resets its counts in zero_grad and loses all but the last.
-    torch.manual_seed(0)
-    model = opacus.GradSampleModule(nn.Linear(4, 1, bias=False))
-    optimizer = opacus.optimizers.DPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.0),
-        noise_multiplier=0.0,
-        max_grad_norm=1.0,
-        expected_batch_size=16,
+    model, optimizer = dp_optimizer(
+        opacus, nn.Linear(4, 1, bias=False), z=0.0, clip_norm=1.0, expected=16, lr=0.0
     )
     clip = AdaptiveQuantileClip(initial_clip=None, count_noise_std=0.0, lr=1.0)
     clip.attach(optimizer)
@@ -176,26 +155,6 @@ def test_virtual_steps_count_every_micro_batch(opacus):
     # fraction unclipped over all 16: (8 - 16/2)/16 + 1/2 = 0.5 = target, so C stays
     assert float(optimizer.max_grad_norm) == pytest.approx(1.0)
     assert clip.steps == 1
-
-
-def zero_gradient_setup(opacus, z: float, batch: int, clip_norm: float = 2.0):
-    """A model whose per-example gradients are all zero: each step's gradient is the noise."""
-    torch.manual_seed(0)
-    model = opacus.GradSampleModule(nn.Linear(100, 100))
-    optimizer = opacus.optimizers.DPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.0),
-        noise_multiplier=z,
-        max_grad_norm=clip_norm,
-        expected_batch_size=batch,
-    )
-
-    def step() -> torch.Tensor:
-        optimizer.zero_grad()
-        (model(torch.randn(batch, 100)) * 0.0).sum().backward()
-        optimizer.step()
-        return torch.cat([p.grad.reshape(-1) for p in model.parameters()]) * batch
-
-    return model, optimizer, step
 
 
 # -- noise schedulers -------------------------------------------------------------------
@@ -256,14 +215,7 @@ class NothingWritten:
 
 
 def accounted_setup(opacus, z=1.0, count_noise_std=0.7, **clip_args):
-    torch.manual_seed(0)
-    model = opacus.GradSampleModule(nn.Linear(6, 2))
-    optimizer = opacus.optimizers.DPOptimizer(
-        torch.optim.SGD(model.parameters(), lr=0.1),
-        noise_multiplier=z,
-        max_grad_norm=1.0,
-        expected_batch_size=8,
-    )
+    model, optimizer = dp_optimizer(opacus, nn.Linear(6, 2), z=z, clip_norm=1.0, expected=8)
     accountant = opacus.accountants.RDPAccountant()
     optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=0.1))
     clip = AdaptiveQuantileClip(

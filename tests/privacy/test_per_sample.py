@@ -16,20 +16,9 @@ from gradguard.privacy import (
     norms_of,
     wrap_model,
 )
+from tests.privacy.runs import batch, small_model
 
 torch.set_num_threads(1)
-
-
-def small_model() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv1d(2, 3, 3), nn.Flatten(), nn.LayerNorm(12), nn.Tanh(), nn.Linear(12, 4)
-    )
-
-
-def batch(n: int = 7):
-    g = torch.Generator().manual_seed(1)
-    return torch.randn(n, 2, 6, generator=g), torch.randint(0, 4, (n,), generator=g)
 
 
 def loop_norms(model: nn.Module, x, y, loss_fn) -> tuple[np.ndarray, list[str]]:

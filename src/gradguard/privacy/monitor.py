@@ -140,7 +140,7 @@ class PerSampleMonitor:
             self._warn_nothing_private()
             return
         if noised is not None and not isinstance(noised, Tensor):
-            noised = _finite("noisy_unclipped_fraction", noised)
+            noised = check.finite("noisy_unclipped_fraction", noised)
         values = None
         if self.release_exact_statistics_not_private:
             parts = _exact_parts(norms, clip, self.quantiles, self.by_layer)
@@ -275,14 +275,6 @@ def _exact_parts(
     if by_layer:
         parts.append(norms.quantiles(quantiles, by_layer=True).reshape(-1))
     return parts
-
-
-def _finite(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number or a 0-d tensor, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
 
 
 def _flag(name: str, value: object) -> bool:

@@ -169,7 +169,7 @@ class AdaptiveQuantileClip:
         ``C ← C · exp(−lr · (b̄ − target_quantile))``, bounded to ``[min_clip, max_clip]``
         in log space, so it never overflows. Returns the new clip norm.
         """
-        b = _finite("fraction", fraction)
+        b = check.finite("fraction", fraction)
         clip = self._require_clip()
         ceiling = min(self.max_clip, _LARGEST)
         log_clip = math.log(clip) - self.lr * (b - self.target_quantile)
@@ -238,11 +238,3 @@ class AdaptiveQuantileClip:
         self.clip_norm, self.steps = clip, steps
         if self._attached is not None:
             self._attached.optimizer.max_grad_norm = clip
-
-
-def _finite(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value}")
-    return float(value)
