@@ -187,6 +187,12 @@ class TestProbeInput:
         with pytest.raises(TypeError, match="probe"):
             check_model(model, probe="no")
 
+    def test_lazy_parameters_are_not_initialised_by_the_probe(self):
+        model = nn.Sequential(nn.LazyLinear(3), Centre())
+        with pytest.warns(RuntimeWarning, match="lazy"):
+            check_model(model, torch.randn(4, 5), opacus=False)
+        assert nn.parameter.is_lazy(model[0].weight)
+
     def test_an_inferred_input_the_model_cannot_run_warns(self):
         model = nn.Sequential(nn.Linear(4, 6), nn.Unflatten(1, (2, 3)), nn.Linear(6, 2))
         with pytest.warns(RuntimeWarning, match="probe could not run on an inferred batch"):
@@ -215,3 +221,27 @@ def test_models_that_keep_examples_apart_pass_without_a_warning():
         tokens = torch.randint(0, 50, (6, 9))
         embed = nn.Sequential(nn.Embedding(50, 8), nn.LSTM(8, 8, batch_first=True))
         assert check_model(embed, tokens, opacus=False) is embed
+
+
+def test_a_config_built_transformer_passes_with_inferred_and_given_inputs():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=100,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    model = transformers.BertForSequenceClassification(config).train()
+    tokens = torch.randint(0, 100, (6, 9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert check_model(model, opacus=False) is model
+        given = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens)}
+        assert check_model(model, given, opacus=False) is model
+    # the same model with a custom batch-mixing layer spliced in deep inside is caught
+    model.bert.encoder.layer[1].output.LayerNorm = Centre()
+    (problem,) = problems(model, given, opacus=False)
+    assert (problem.name, problem.module) == ("bert.encoder.layer.1.output.LayerNorm", "Centre")

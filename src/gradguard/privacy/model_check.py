@@ -101,6 +101,12 @@ def type_problems(model: nn.Module, *, training_only: bool = False) -> list[Mode
 
 
 def _probe(model: nn.Module, example_input: Any) -> list[ModelProblem]:
+    if any(nn.parameter.is_lazy(p) for p in model.parameters()):  # a forward would set them
+        _warn.warn(
+            "check_model: the model has uninitialised (lazy) parameters, so the independence "
+            "probe did not run; run one forward pass first"
+        )
+        return []
     if example_input is not None:
         try:
             return independence_problems(model, example_input)
@@ -110,12 +116,6 @@ def _probe(model: nn.Module, example_input: Any) -> list[ModelProblem]:
             raise ValueError(
                 f"example_input: the model's forward failed on it ({type(error).__name__}: {error})"
             ) from error
-    if any(nn.parameter.is_lazy(p) for p in model.parameters()):
-        _warn.warn(
-            "check_model: the model has uninitialised (lazy) parameters, so the "
-            f"independence probe did not run; {_PASS}"
-        )
-        return []
     first_error = None
     for candidate in probe_inputs(model):
         try:
