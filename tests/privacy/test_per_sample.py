@@ -122,3 +122,18 @@ def test_functional_norms_refuse_a_batchnorm_in_training_mode_and_bad_batches():
         from_functional(model, nn.MSELoss(), torch.randn(4, 3), torch.randn(3, 1))
     with pytest.raises(ValueError, match="chunk_size"):
         from_functional(model, nn.MSELoss(), torch.randn(4, 3), torch.randn(4, 1), chunk_size=0)
+
+
+def test_bad_norms_and_sources_are_named():
+    with pytest.raises(TypeError, match="layer"):
+        PerSampleNorms(torch.ones(4))
+    with pytest.raises(TypeError, match="layer"):
+        PerSampleNorms(torch.ones(4, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match="names: 1 names for 2 tensors"):
+        PerSampleNorms(torch.ones(4, 2), ("a",))
+    with pytest.raises(TypeError, match="model"):
+        from_grad_sample("model")
+    with pytest.raises(TypeError, match="loss_fn"):
+        from_functional(small_model(), "mse", *batch())
+    with pytest.raises(TypeError, match="inputs"):
+        from_functional(small_model(), nn.CrossEntropyLoss(), [1.0], batch()[1])

@@ -8,7 +8,7 @@ the device, whose rows' norms are the per-example norms DP-SGD clips.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +31,16 @@ class PerSampleNorms:
 
     layer: Tensor
     names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        layer = self.layer
+        if not isinstance(layer, Tensor) or layer.dim() != 2 or layer.is_complex():
+            raise TypeError("layer must be a real (examples, tensors) tensor of norms")
+        if not layer.is_floating_point():
+            raise TypeError(f"layer must hold floating-point norms, got {layer.dtype}")
+        self.names = tuple(self.names)
+        if self.names and len(self.names) != layer.shape[1]:
+            raise ValueError(f"names: {len(self.names)} names for {layer.shape[1]} tensors")
 
     @property
     def total(self) -> Tensor:
@@ -104,8 +114,10 @@ def from_grad_sample(model: nn.Module | Sequence[Tensor]) -> PerSampleNorms:
     if isinstance(model, nn.Module):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         named = [(n.removeprefix("_module."), p) for n, p in named]
-    else:
+    elif isinstance(model, (Sequence, Iterator)) and not isinstance(model, (str, bytes)):
         named = [(f"parameters[{i}]", p) for i, p in enumerate(model)]
+    else:
+        raise TypeError(f"model must be an nn.Module or its parameters, got {type(model).__name__}")
     grads, names = [], []
     for name, p in named:
         sample = getattr(p, "grad_sample", None)
@@ -139,6 +151,10 @@ def from_functional(
     """
     from torch.func import functional_call, grad, vmap
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
     for name, value in (("inputs", inputs), ("targets", targets)):
         if not isinstance(value, Tensor) or value.dim() == 0:
             raise TypeError(f"{name} must be a batch tensor (examples first)")
