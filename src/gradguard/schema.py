@@ -96,7 +96,8 @@ class PerSampleData(TypedDict, total=False):
     noised: list[str]  #: names of the fields below released through the DP mechanism
     clip_norm: float | None  #: clip norm in force at the step
     expected_n: float  #: public expected number of examples per step
-    noised_fraction_clipped: float  #: 1 - the adaptive clip's noisy unclipped fraction
+    #: 1 - the adaptive clip's noisy unclipped fraction (noised: may leave [0, 1])
+    noised_fraction_clipped: float
     n: int  #: realised number of examples (exact: private under Poisson sampling)
     fraction_clipped: float | None  #: exact share of examples with norm > clip_norm
     quantiles: dict[str, float]  #: exact quantiles of per-example norms, by label ("0.5")

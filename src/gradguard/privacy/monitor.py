@@ -152,7 +152,8 @@ class PerSampleMonitor:
         with self._lock:
             self._rows.append(row)
             # a safety net: the recorder's own flushes drain every log_every steps
-            full = self.recorder is not None and len(self._rows) >= 2 * self.recorder.log_every
+            every = getattr(self.recorder, "log_every", 50)
+            full = self.recorder is not None and len(self._rows) >= 2 * every
         if full:
             self._emit(self._drain())
 
@@ -167,7 +168,7 @@ class PerSampleMonitor:
             )
 
     def flush(self) -> list[Event]:
-        """Move buffered summaries to the host now and record them; returns the events."""
+        """Move buffered summaries to the host now and record them; returns those events."""
         events = self._drain()
         self._emit(events)
         if self.recorder is not None and events:
