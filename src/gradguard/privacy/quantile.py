@@ -50,6 +50,8 @@ from .opacus import AttachedClip, attach_quantile_clip
 
 #: Bounds the clip norm when ``max_clip`` is infinite (its exp cannot overflow).
 _LARGEST = 1e300
+#: Bounds the noisy fraction, far beyond any value a sane count noise gives.
+_FRACTION_BOUND = 1e12
 
 
 class AdaptiveQuantileClip:
@@ -151,7 +153,8 @@ class AdaptiveQuantileClip:
         centred = (norms <= clip).to(torch.float64).sum() - 0.5 * norms.numel()
         if sigma_b > 0:
             centred = centred + sigma_b * self._noise.draw(norms.device)
-        return centred / m + 0.5
+        # bounded so that no count noise, however large, overflows (post-processing)
+        return (centred / m + 0.5).clamp(-_FRACTION_BOUND, _FRACTION_BOUND)
 
     def update(
         self, norms: Tensor, expected_size: float, count_noise_std: float | None = None
