@@ -54,7 +54,7 @@ class _Clip(Protocol):
         self, norms: Tensor, expected_size: float, count_noise_std: float | None = None
     ) -> Tensor: ...
     def update_from_fraction(self, fraction: float) -> float: ...
-    def _in_bounds(self, name: str, value: object) -> float: ...
+    def checked_clip_norm(self, name: str, value: object) -> float: ...
 
 
 class AttachedClip:
@@ -67,7 +67,7 @@ class AttachedClip:
         gradient_noise_multiplier(_budget(optimizer), count_std)  # raises when too small
         start = clip.clip_norm
         if start is None:
-            start = clip._in_bounds("optimizer.max_grad_norm", optimizer.max_grad_norm)
+            start = clip.checked_clip_norm("optimizer.max_grad_norm", optimizer.max_grad_norm)
         if monitor is not None and not callable(getattr(monitor, "observe", None)):
             raise TypeError(
                 f"monitor must be a PerSampleMonitor (with observe()), got {type(monitor).__name__}"

@@ -101,7 +101,7 @@ class AdaptiveQuantileClip:
             )
         self.max_clip = float(max_clip)
         self.clip_norm = (
-            None if initial_clip is None else self._in_bounds("initial_clip", initial_clip)
+            None if initial_clip is None else self.checked_clip_norm("initial_clip", initial_clip)
         )
         if not isinstance(secure_mode, bool):
             raise TypeError(f"secure_mode must be a bool, got {type(secure_mode).__name__}")
@@ -112,7 +112,6 @@ class AdaptiveQuantileClip:
                 "mode too); give seed=None"
             )
         self.secure_mode = secure_mode
-        self.seeded = seed is not None
         self._noise = SecureNormal() if secure_mode else SeededNormal(check_seed(seed))
         self.steps = 0
         self._attached: AttachedClip | None = None
@@ -123,7 +122,8 @@ class AdaptiveQuantileClip:
             f"{self.target_quantile}, lr={self.lr}, count_noise_std={self.count_noise_std!r})"
         )
 
-    def _in_bounds(self, name: str, value: object) -> float:
+    def checked_clip_norm(self, name: str, value: object) -> float:
+        """``value`` as a clip norm within ``[min_clip, max_clip]``, or an error naming ``name``."""
         clip = check.positive(name, value)
         if not self.min_clip <= clip <= self.max_clip:
             raise ValueError(
@@ -232,7 +232,7 @@ class AdaptiveQuantileClip:
             raise KeyError(f"state_dict for AdaptiveQuantileClip lacks {sorted(missing)}")
         clip = state["clip_norm"]
         if clip is not None:
-            clip = self._in_bounds("state_dict['clip_norm']", clip)
+            clip = self.checked_clip_norm("state_dict['clip_norm']", clip)
         elif self._attached is not None:
             raise ValueError("state_dict['clip_norm']: None, but this clip drives an optimizer")
         steps = check.positive_int("state_dict['steps']", state["steps"], minimum=0)
