@@ -113,7 +113,8 @@ def report(run_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def comparison(run_dir, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("compare")
-    write_synthetic(root / "synthetic", 300, ["inp.weight", "out.weight"], every=10, batch=300)
+    names = ["inp.weight", "out.weight"]
+    write_synthetic(root / "synthetic", 300, names, every=10, batch=300, training=True)
     return build_report([run_dir, root / "synthetic"], root / "compare.html")
 
 
@@ -209,6 +210,10 @@ def test_a_comparison_shows_both_runs(browser, comparison, run_dir):
     assert f"{run_dir.name} · total norm" in labels and "synthetic · total norm" in labels
     cards = page.page.locator(".verdict").all_inner_texts()
     assert len(cards) == 2 and run_dir.name in cards[0] and "synthetic" in cards[1]
+    # the AMP run brings its loss-scale chart; every chart of the comparison draws
+    assert "scale" in page.js("Object.keys(window.gradguardReport.charts)")
+    for chart in ("loss", "norm", "clip", "lr", "scale"):
+        assert page.js(INK, [chart, SATURATED]) > 150, chart
     heads = page.page.locator("table.summary tr").first.locator("th").all_inner_texts()
     assert heads[1:] == [run_dir.name, "synthetic"]
     # the layer view switches between the runs

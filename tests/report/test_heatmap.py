@@ -16,6 +16,7 @@ from gradguard.report.heatmap import (
     heatmap_payload,
     hierarchy,
     layer_rows,
+    merge_layers,
     quantize,
 )
 from tests.report.runs import write_synthetic
@@ -72,15 +73,32 @@ def test_rows_hold_each_group_then_its_layers_with_group_norms_combined(tmp_path
     names = [f"blocks.{b}.{m}.weight" for b in range(10) for m in ("a", "b", "c", "d", "e")]
     write_synthetic(tmp_path / "run", 200, names, every=10, batch=200)
     run = load_run(tmp_path / "run", rules=False)
-    rows, norms = layer_rows(run)
+    plan = layer_rows(run.names, run.layers)
+    rows, norms = plan.rows, plan.matrix(run.layer_norms)
     assert rows[0] == {"name": "blocks.0", "parent": -1, "group": True, "members": 5}
     assert [r["name"] for r in rows[1:6]] == [f"blocks.0.{m}" for m in "abcde"]
     assert all(r["parent"] == 0 for r in rows[1:6])
+    assert len(rows) == 60 and norms.shape == (20, 60)
     np.testing.assert_allclose(norms[:, 0], np.sqrt((norms[:, 1:6] ** 2).sum(1)))
-    payload = heatmap_payload(run)
+    np.testing.assert_allclose(norms[:, 1:6], run.layer_norms[:, :5])
+    payload = heatmap_payload(run)  # 20 snapshots: one column each, exact
     np.testing.assert_allclose(decode(payload), norms.T, rtol=2e-3)
     assert payload["start"][-1] == payload["end"][-1] == run.snapshot_steps[-1]
     assert sum(payload["count"]) == run.snapshot_steps.size
+
+
+def test_very_wide_models_merge_consecutive_layers():
+    layers = tuple(f"m{i}" for i in range(10))
+    norms = np.arange(1.0, 11.0)[None, :]
+    merged, values = merge_layers(layers, norms, limit=4)
+    assert merged == (
+        "m0 … m1 (2 layers)",
+        "m2 … m4 (3 layers)",
+        "m5 … m6 (2 layers)",
+        "m7 … m9 (3 layers)",
+    )
+    want = [np.sqrt(1 + 4), np.sqrt(9 + 16 + 25), np.sqrt(36 + 49), np.sqrt(64 + 81 + 100)]
+    np.testing.assert_allclose(values[0], want)
 
 
 def test_spikes_survive_column_bucketing(tmp_path):

@@ -30,16 +30,25 @@ def open_run(path: str | os.PathLike[str]) -> RunStore:
     return RunStore.open(p)
 
 
+def combine_l2(norms: np.ndarray, index: np.ndarray, groups: int) -> np.ndarray:
+    """``(rows, groups)``: the L2 norm of the columns of ``norms`` sharing an ``index``
+    (the norm of a group is the L2 of its members' norms); every group must have one."""
+    index = np.asarray(index, dtype=np.int64)
+    norms = np.asarray(norms)
+    if norms.shape[0] == 0:
+        return np.zeros((0, groups))
+    squares = np.square(norms, dtype=np.float64)  # float64: a 1e-20 norm must not vanish
+    if np.any(np.diff(index) < 0):  # members not contiguous: bring them together
+        order = np.argsort(index, kind="stable")
+        index, squares = index[order], squares[:, order]
+    starts = np.searchsorted(index, np.arange(groups))
+    return np.sqrt(np.add.reduceat(squares, starts, axis=1))
+
+
 def group_layers(names: tuple[str, ...], norms: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
     """Combine per-tensor norm columns per owning module, in model order (L2 of members)."""
     groups, positions = group_index(names)
-    index = np.asarray(positions, dtype=np.int64)
-    order = np.argsort(index, kind="stable")
-    starts = np.searchsorted(index[order], np.arange(len(groups)))
-    squares = np.asarray(norms, dtype=np.float64)[:, order] ** 2
-    if squares.shape[0] == 0:
-        return groups, np.zeros((0, len(groups)))
-    return groups, np.sqrt(np.add.reduceat(squares, starts, axis=1))
+    return groups, combine_l2(norms, np.asarray(positions), len(groups))
 
 
 @dataclass

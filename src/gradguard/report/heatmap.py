@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import base64
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..layers import group_index
-from .data import RunData
+from .data import RunData, combine_l2
 from .sample import bucket_starts, reduce_max
 
 MAX_COLUMNS = 400
@@ -37,13 +38,6 @@ def column_starts(n: int, columns: int) -> np.ndarray:
     if n <= 1 or columns <= 1:
         return np.zeros(min(n, 1), dtype=np.int64)
     return np.append(bucket_starts(n - 1, columns - 1), n - 1)
-
-
-def _combine(norms: np.ndarray, index: np.ndarray, groups: int) -> np.ndarray:
-    """L2 of the columns of ``norms`` sharing an ``index`` (the norm of a group)."""
-    order = np.argsort(index, kind="stable")
-    starts = np.searchsorted(index[order], np.arange(groups))
-    return np.sqrt(np.add.reduceat(norms[:, order] ** 2, starts, axis=1))
 
 
 def _by_depth(names: tuple[str, ...], modules: int) -> tuple[list[str], np.ndarray] | None:
@@ -103,58 +97,83 @@ def _bounds(values: np.ndarray) -> tuple[float, float]:
     return float(lo), float(hi if hi > lo else lo + 1)
 
 
-def layer_rows(run: RunData) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """Row descriptions and their ``(snapshots, rows)`` norms: parents, each followed by
-    its layers; a parent of one layer is replaced by the layer."""
-    layers, norms = list(run.layers), run.layer_norms
-    names = run.names
-    if len(layers) > MAX_LAYERS:  # merge consecutive layers
-        starts = bucket_starts(len(layers), MAX_LAYERS)
-        ends = [*starts[1:].tolist(), len(layers)]
-        index = np.repeat(np.arange(starts.size), np.diff(np.append(starts, len(layers))))
-        norms = _combine(norms, index, starts.size)
-        layers = [
-            layers[a] if b - a == 1 else f"{layers[a]} … {layers[b - 1]} ({b - a} layers)"
-            for a, b in zip(starts.tolist(), ends)
-        ]
-        names = tuple(layers)
-    parents, parent = hierarchy(names, tuple(layers))
+def merge_layers(
+    layers: tuple[str, ...], norms: np.ndarray, limit: int = MAX_LAYERS
+) -> tuple[tuple[str, ...], np.ndarray]:
+    """At most ``limit`` layers: consecutive ones combined (L2), labelled ``a … b (k layers)``."""
+    if len(layers) <= limit:
+        return layers, norms
+    starts = bucket_starts(len(layers), limit)
+    sizes = np.diff(np.append(starts, len(layers)))
+    merged = combine_l2(norms, np.repeat(np.arange(starts.size), sizes), starts.size)
+    labels = tuple(
+        layers[a] if k == 1 else f"{layers[a]} … {layers[a + k - 1]} ({k} layers)"
+        for a, k in zip(starts.tolist(), sizes.tolist())
+    )
+    return labels, merged
+
+
+@dataclass(frozen=True)
+class Rows:
+    """The heatmap's rows: each parent group followed by its layers (a group of one layer
+    is just the layer). ``source[j]`` is ``(False, layer)`` or ``(True, group)``."""
+
+    rows: list[dict[str, Any]]
+    source: list[tuple[bool, int]]
+    parent: np.ndarray  # each layer's group (-1 without groups)
+    groups: int
+
+    def matrix(self, norms: np.ndarray) -> np.ndarray:
+        """``(columns, rows)`` from per-layer norms; a group is the L2 of its layers."""
+        grouped = combine_l2(norms, self.parent, self.groups) if self.groups else norms[:, :0]
+        return np.stack([(grouped if g else norms)[:, i] for g, i in self.source], axis=1)
+
+
+def layer_rows(names: tuple[str, ...], layers: tuple[str, ...]) -> Rows:
+    """Rows for ``layers`` (grouped from parameter ``names``), in model order."""
+    parents, parent = hierarchy(names, layers)
     if not parents:
         rows = [{"name": n, "parent": -1} for n in layers]
-        return rows, norms
-    parent_norms = _combine(norms, parent, len(parents))
+        return Rows(rows, [(False, i) for i in range(len(layers))], parent, 0)
     rows: list[dict[str, Any]] = []
-    columns = []
+    source: list[tuple[bool, int]] = []
     for g, label in enumerate(parents):
-        members = np.flatnonzero(parent == g)
-        if members.size == 1:
+        members = np.flatnonzero(parent == g).tolist()
+        if len(members) == 1:
             rows.append({"name": layers[members[0]], "parent": -1})
-            columns.append(norms[:, members[0]])
+            source.append((False, members[0]))
             continue
         here = len(rows)
-        rows.append({"name": label, "parent": -1, "group": True, "members": int(members.size)})
-        columns.append(parent_norms[:, g])
-        for m in members.tolist():
+        rows.append({"name": label, "parent": -1, "group": True, "members": len(members)})
+        source.append((True, g))
+        for m in members:
             rows.append({"name": layers[m], "parent": here})
-            columns.append(norms[:, m])
-    return rows, np.stack(columns, axis=1)
+            source.append((False, m))
+    return Rows(rows, source, parent, len(parents))
 
 
 def heatmap_payload(run: RunData) -> dict[str, Any] | None:
-    """The per-layer view of ``run`` for the page, or ``None`` without snapshots."""
+    """The per-layer view of ``run`` for the page, or ``None`` without snapshots.
+
+    Snapshot columns are bucketed first (max per bucket); a group's cell then combines
+    its layers' cells, exactly for a one-snapshot column (the last one, and every column
+    of a run with few snapshots) and as an upper bound of the group's norm otherwise.
+    """
     if run.layer_norms.size == 0:
         return None
-    rows, norms = layer_rows(run)
+    layers, norms = merge_layers(tuple(run.layers), run.layer_norms)
+    names = run.names if layers == tuple(run.layers) else layers
+    plan = layer_rows(names, layers)
     n = norms.shape[0]
-    budget = max(MIN_COLUMNS, MAX_CELLS // max(len(rows), 1))
+    budget = max(MIN_COLUMNS, MAX_CELLS // max(len(plan.rows), 1))
     starts = column_starts(n, min(MAX_COLUMNS, budget))
-    cols = reduce_max(norms, starts, axis=0)
+    cols = plan.matrix(reduce_max(norms, starts, axis=0))
     lo, hi = _bounds(cols)
     ends = np.append(starts[1:], n) - 1
     steps = run.snapshot_steps
     codes = quantize(cols.T, lo, hi)  # rows x columns
     return {
-        "rows": rows,
+        "rows": plan.rows,
         "start": steps[starts].tolist(),
         "end": steps[ends].tolist(),
         "count": np.diff(np.append(starts, n)).tolist(),

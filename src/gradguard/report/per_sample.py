@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..schema import Event, EventKind
-from .sample import Grid, reduce
+from .sample import Bucketed, Grid
 from .series import floats
 from .text import fmt
 
@@ -121,24 +121,24 @@ def _exact_fields(rows: Sequence[Event]) -> set[str]:
 def per_sample_payload(series: PerSampleSeries, grid: Grid) -> dict[str, Any]:
     """Chart series on ``grid``: the outer and inner quantile bands (lowest to highest
     per bucket), the median, the clip norm and the fraction clipped."""
-    steps = series.steps
+    at = Bucketed.place(grid, series.steps)
     out: dict[str, Any] = {"labels": list(series.labels), "exact": sorted(series.exact)}
     if series.labels:
         lowest, highest = series.labels[0], series.labels[-1]
         out["outer"] = [lowest, highest]
-        out["outer_low"] = floats(reduce(grid, steps, series.column(lowest), "min"))
-        out["outer_high"] = floats(reduce(grid, steps, series.column(highest), "max"))
+        out["outer_low"] = floats(at.reduce(series.column(lowest), "min"))
+        out["outer_high"] = floats(at.reduce(series.column(highest), "max"))
         if {"0.25", "0.75"} <= set(series.labels) and (lowest, highest) != ("0.25", "0.75"):
-            out["inner_low"] = floats(reduce(grid, steps, series.column("0.25"), "min"))
-            out["inner_high"] = floats(reduce(grid, steps, series.column("0.75"), "max"))
+            out["inner_low"] = floats(at.reduce(series.column("0.25"), "min"))
+            out["inner_high"] = floats(at.reduce(series.column("0.75"), "max"))
     median = series.column("0.5")
     if median is not None:
-        out["median"] = floats(reduce(grid, steps, median, "mean"))
+        out["median"] = floats(at.reduce(median, "mean"))
     if np.isfinite(series.clip_norm).any():
-        out["clip_norm"] = floats(reduce(grid, steps, series.clip_norm, "mean"))
+        out["clip_norm"] = floats(at.reduce(series.clip_norm, "mean"))
     if np.isfinite(series.fraction_clipped).any():
-        out["fraction_clipped"] = floats(reduce(grid, steps, series.fraction_clipped, "mean"))
-        out["fraction_clipped_max"] = floats(reduce(grid, steps, series.fraction_clipped, "max"))
+        out["fraction_clipped"] = floats(at.reduce(series.fraction_clipped, "mean"))
+        out["fraction_clipped_max"] = floats(at.reduce(series.fraction_clipped, "max"))
     return out
 
 

@@ -51,55 +51,75 @@ class Grid:
         return np.searchsorted(self.start, np.asarray(steps, dtype=np.int64), side="right") - 1
 
 
-def _runs(grid: Grid, steps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For step-sorted points: the buckets they fill and where each bucket's run starts."""
-    where = grid.locate(steps)
-    if where.size and np.any(np.diff(where) < 0):
-        raise ValueError("steps must be in increasing order")
-    filled, first = np.unique(where, return_index=True)
-    return filled, first
+@dataclass(frozen=True)
+class Bucketed:
+    """Step-sorted points placed on a grid once, reduced per bucket many times."""
+
+    size: int  # buckets in the grid
+    points: int  # points placed
+    filled: np.ndarray  # the buckets holding points
+    first: np.ndarray  # index of each filled bucket's first point
+
+    @classmethod
+    def place(cls, grid: Grid, steps: np.ndarray) -> Bucketed:
+        steps = np.asarray(steps, dtype=np.int64).reshape(-1)
+        if steps.size == 0 or len(grid) == 0:
+            empty = np.zeros(0, dtype=np.int64)
+            return cls(len(grid), 0, empty, empty)
+        where = grid.locate(steps)
+        if np.any(np.diff(where) < 0):
+            raise ValueError("steps must be in increasing order")
+        starts = np.flatnonzero(np.diff(where)) + 1
+        first = np.concatenate(([0], starts))
+        return cls(len(grid), int(steps.size), where[first], first)
+
+    def reduce(self, values: np.ndarray, how: str) -> np.ndarray:
+        """Per bucket: ``min``, ``max``, ``mean`` or ``last`` of the finite values (NaN if
+        none); ``count`` the points, ``nonfinite`` the NaN/inf ones, ``sum`` the values."""
+        values = np.asarray(values, dtype=np.float64).reshape(-1)
+        if values.size != self.points:
+            raise ValueError(f"{self.points} steps were placed but values has {values.size}")
+        if how not in _REDUCTIONS:
+            raise ValueError(f"how must be one of {', '.join(_REDUCTIONS)}: {how!r}")
+        counting = how in ("count", "nonfinite", "sum")
+        out = np.full(self.size, 0.0 if counting else np.nan)
+        if self.points == 0:
+            return out
+        first, finite = self.first, np.isfinite(values)
+        if how == "count":
+            out[self.filled] = np.diff(np.append(first, values.size))
+            return out
+        if how == "nonfinite":
+            out[self.filled] = np.add.reduceat(~finite, first, dtype=np.int64)
+            return out
+        clean = values if finite.all() else np.where(finite, values, np.nan)
+        if how == "sum":
+            out[self.filled] = np.add.reduceat(np.nan_to_num(clean), first)
+            return out
+        count = np.add.reduceat(finite, first, dtype=np.int64)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if how == "min":
+                got = np.fmin.reduceat(clean, first)
+            elif how == "max":
+                got = np.fmax.reduceat(clean, first)
+            elif how == "mean":
+                got = np.add.reduceat(np.nan_to_num(clean), first) / np.maximum(count, 1)
+            else:  # last
+                index = np.where(finite, np.arange(values.size), -1)
+                last = np.maximum.reduceat(index, first)
+                got = np.where(last >= 0, values[np.maximum(last, 0)], np.nan)
+        out[self.filled] = np.where(count > 0, got, np.nan)
+        return out
+
+
+_REDUCTIONS = ("min", "max", "mean", "last", "count", "nonfinite", "sum")
 
 
 def reduce(grid: Grid, steps: np.ndarray, values: np.ndarray, how: str) -> np.ndarray:
-    """Per bucket: ``min``, ``max``, ``mean`` or ``last`` of the finite values (NaN if none).
-
-    ``count`` counts the points in each bucket, ``nonfinite`` the NaN/inf ones, ``sum``
-    adds the values (for 0/1 flags).
-    """
-    steps = np.asarray(steps, dtype=np.int64).reshape(-1)
-    values = np.asarray(values, dtype=np.float64).reshape(-1)
-    if steps.size != values.size:
-        raise ValueError(f"steps has {steps.size} entries but values has {values.size}")
-    out = np.full(len(grid), 0.0 if how in ("count", "nonfinite", "sum") else np.nan)
-    if steps.size == 0 or len(grid) == 0:
-        return out
-    filled, first = _runs(grid, steps)
-    finite = np.isfinite(values)
-    if how == "count":
-        out[filled] = np.diff(np.append(first, values.size))
-        return out
-    if how == "nonfinite":
-        out[filled] = np.add.reduceat((~finite).astype(np.int64), first)
-        return out
-    if how == "sum":
-        out[filled] = np.add.reduceat(np.where(finite, values, 0.0), first)
-        return out
-    count = np.add.reduceat(finite.astype(np.int64), first)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        if how == "min":
-            got = np.minimum.reduceat(np.where(finite, values, np.inf), first)
-        elif how == "max":
-            got = np.maximum.reduceat(np.where(finite, values, -np.inf), first)
-        elif how == "mean":
-            got = np.add.reduceat(np.where(finite, values, 0.0), first) / np.maximum(count, 1)
-        elif how == "last":
-            index = np.where(finite, np.arange(values.size), -1)
-            last = np.maximum.reduceat(index, first)
-            got = np.where(last >= 0, values[np.maximum(last, 0)], np.nan)
-        else:
-            raise ValueError(f"how must be min, max, mean, last, count, nonfinite or sum: {how!r}")
-    out[filled] = np.where(count > 0, got, np.nan)
-    return out
+    """``values`` at step-sorted ``steps`` reduced per bucket of ``grid`` (see
+    :meth:`Bucketed.reduce`); place the steps once with :meth:`Bucketed.place` to
+    reduce several columns."""
+    return Bucketed.place(grid, steps).reduce(values, how)
 
 
 def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
@@ -116,9 +136,6 @@ def rolling_mean(values: np.ndarray, window: int) -> np.ndarray:
 
 def reduce_max(values: np.ndarray, starts: np.ndarray, axis: int) -> np.ndarray:
     """Max over runs of ``values`` along ``axis`` starting at ``starts``; a non-finite
-    entry makes its run inf."""
-    bad = ~np.isfinite(values)
-    clean = np.where(bad, -np.inf, values)
-    out = np.maximum.reduceat(clean, starts, axis=axis)
-    anybad = np.add.reduceat(bad.astype(np.int64), starts, axis=axis) > 0
-    return np.where(anybad, np.inf, out)
+    entry makes its run inf (values are norms, never negative)."""
+    clean = np.where(np.isfinite(values), values, np.inf)
+    return np.maximum.reduceat(clean, starts, axis=axis)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from .data import RunData
-from .sample import Grid, reduce, rolling_mean
+from .sample import Bucketed, Grid, rolling_mean
 
 #: Steps listed one by one for the skip and non-finite marks (beyond: per-bucket counts).
 MAX_MARKS = 1000
@@ -45,31 +45,32 @@ def run_series(run: RunData, grid: Grid) -> dict[str, Any]:
     """The run's chart series on ``grid``; columns the run never recorded are left out."""
     s = run.steps
     step = s["step"]
-    out: dict[str, Any] = {"count": ints(reduce(grid, step, np.ones(step.size), "count"))}
+    at = Bucketed.place(grid, step)
+    out: dict[str, Any] = {"count": ints(at.reduce(np.ones(step.size), "count"))}
     norm = s["total_norm"]
     for how in ("min", "max", "mean"):
-        out[f"norm_{how}"] = floats(reduce(grid, step, norm, how))
-    out["norm_nonfinite"] = ints(reduce(grid, step, norm, "nonfinite"))
+        out[f"norm_{how}"] = floats(at.reduce(norm, how))
+    out["norm_nonfinite"] = ints(at.reduce(norm, "nonfinite"))
     loss = s["loss"]
     if np.isfinite(loss).any():
         for how in ("min", "max", "mean"):
-            out[f"loss_{how}"] = floats(reduce(grid, step, loss, how))
-        out["loss_nonfinite"] = ints(reduce(grid, step, loss, "nonfinite"))
+            out[f"loss_{how}"] = floats(at.reduce(loss, how))
+        out["loss_nonfinite"] = ints(at.reduce(loss, "nonfinite"))
     if np.isfinite(s["lr"]).any():
-        out["lr"] = floats(reduce(grid, step, s["lr"], "mean"))
+        out["lr"] = floats(at.reduce(s["lr"], "mean"))
     if np.isfinite(s["loss_scale"]).any():
-        out["loss_scale"] = floats(reduce(grid, step, s["loss_scale"], "min"))
+        out["loss_scale"] = floats(at.reduce(s["loss_scale"], "min"))
     threshold = s["threshold"]
     if np.isfinite(threshold).any():
-        out["threshold"] = floats(reduce(grid, step, threshold, "max"))
+        out["threshold"] = floats(at.reduce(threshold, "max"))
     clipped = s["clipped"].astype(np.float64)
     if clipped.any() or np.isfinite(threshold).any():
-        out["clip_coef"] = floats(reduce(grid, step, s["clip_coef"], "min"))
+        out["clip_coef"] = floats(at.reduce(s["clip_coef"], "min"))
         window = clip_window(step.size)
-        out["clip_rate"] = floats(reduce(grid, step, rolling_mean(clipped, window), "mean"))
+        out["clip_rate"] = floats(at.reduce(rolling_mean(clipped, window), "mean"))
         out["clip_window"] = window
-    out["clipped"] = ints(reduce(grid, step, clipped, "sum"))
-    out["skipped"] = ints(reduce(grid, step, s["skipped"].astype(np.float64), "sum"))
+    out["clipped"] = ints(at.reduce(clipped, "sum"))
+    out["skipped"] = ints(at.reduce(s["skipped"], "sum"))
     out["skip_steps"] = ints(step[s["skipped"]][:MAX_MARKS])
     out["nonfinite_steps"] = ints(step[~np.isfinite(norm)][:MAX_MARKS])
     return out

@@ -585,9 +585,9 @@
       var lossArrays = RUNS.map(function (r) { return r.series.loss_min; }).concat(RUNS.map(function (r) { return r.series.loss_max; }));
       var specs = [
         { id: "loss", title: "Loss", note: "raw (bucket mean, min–max band) and smoothed (EMA, slider above)", build: lossPanel, log: wantsLog(lossArrays) },
-        { id: "lr", title: "Learning rate", build: lrPanel, log: wantsLog(RUNS.map(function (r) { return r.series.lr; })), height: 150 },
         { id: "norm", title: "Total gradient norm", note: "before clipping: mean with min–max band, threshold dashed, clipped steps in orange, skipped steps dashed, non-finite red at the top", build: normPanel, log: true, marks: true, height: 230 },
         { id: "clip", title: "Clipping", note: "share of clipped steps (left) and the smallest clip coefficient (right)", build: clipPanel, log: true, toggles: "coefficient", height: 170 },
+        { id: "lr", title: "Learning rate", build: lrPanel, log: wantsLog(RUNS.map(function (r) { return r.series.lr; })), height: 150 },
         { id: "scale", title: "AMP loss scale", build: scalePanel, log: true, height: 150 },
       ];
       specs.forEach(function (spec) { makePanel(panels, spec); });
