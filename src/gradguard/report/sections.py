@@ -55,7 +55,8 @@ def summary_table(labels: Sequence[str], summaries: Sequence[Summary]) -> str:
         return f"{s.steps} ({s.first_step}–{s.last_step})" if s.steps else "0"
 
     def rate(s: Summary) -> str:
-        return f"{s.steps_per_second:.3g}" if s.steps_per_second == s.steps_per_second else "–"
+        v = s.steps_per_second
+        return "–" if v != v else f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
 
     rows: list[tuple[str, Any]] = [
         ("verdict", lambda s: s.verdict.text),

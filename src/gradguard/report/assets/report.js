@@ -164,18 +164,32 @@
 
   // ---------------------------------------------------------------- charts
   function yScale(log, base) { return log ? { distr: 3, log: base || 10 } : { distr: 1 }; }
+  function tick(v) {
+    var a = Math.abs(v);
+    if (v !== 0 && (a < 1e-3 || a >= 1e5) && isPow10(a)) return (v < 0 ? "-" : "") + "1e" + Math.round(Math.log10(a));
+    return fmt(v);
+  }
   function yTicks(log) {
     return function (u, splits) {
-      return splits.map(function (v) { return log && !isPow10(v) ? "" : fmt(v); });
+      if (!log) return splits.map(tick);
+      // few decades in view: label 1, 2 and 5 of each; many: the powers of ten only
+      var decades = splits.filter(function (v) { return v > 0 && isPow10(v); }).length;
+      return splits.map(function (v) {
+        if (!(v > 0)) return "";
+        var m = Math.round(v / Math.pow(10, Math.floor(Math.log10(v) + 1e-9)));
+        return isPow10(v) || (decades < 3 && (m === 2 || m === 5)) ? tick(v) : "";
+      });
     };
   }
   function chartOptions(spec, built, width) {
     var axes = [{ values: function (u, splits) { return splits.map(fmtStep); }, size: 30 }];
-    (built.axes || [{ scale: "y" }]).forEach(function (a) {
-      axes.push({
+    (built.axes || [{ scale: "y", log: built.log }]).forEach(function (a) {
+      var axis = {
         scale: a.scale, side: a.side == null ? 3 : a.side, size: 62, label: a.label, labelSize: a.label ? 16 : 0,
         grid: { show: a.side !== 1, stroke: "#eceef3" }, values: a.values || yTicks(a.log),
-      });
+      };
+      if (a.log) axis.filter = function (u, splits) { return splits; }; // yTicks picks the labels
+      axes.push(axis);
     });
     axes[0].grid = { stroke: "#eceef3" };
     // a request for the whole data (the initial view, a double-click) gets the whole page's
@@ -229,22 +243,22 @@
     return panel;
   }
 
-  function band(built, lo, hi, fill, label) {
+  function band(built, lo, hi, fill, label, edge) {
     built.data.push(hi, lo);
     var i = built.data.length - 2;
     built.series.push(
-      { label: label + " max", class: "gg-quiet", stroke: "transparent", width: 0, points: { show: false } },
+      { label: label + " max", class: "gg-quiet", stroke: edge || "transparent", width: edge ? 1 : 0, points: { show: false } },
       { label: label + " min", class: "gg-quiet", stroke: "transparent", width: 0, points: { show: false } });
     built.bands.push({ series: [i, i + 1], fill: fill });
   }
-  function fresh(scales) { return { data: [X], series: [], bands: [], scales: scales }; }
+  function fresh(scales, log) { return { data: [X], series: [], bands: [], scales: scales, log: log }; }
 
   function lossPanel(log) {
-    var built = fresh({ y: yScale(log) });
+    var built = fresh({ y: yScale(log) }, log);
     RUNS.forEach(function (r, ri) {
       var s = r.series; if (!s.loss_mean) return;
       var c = colour(ri), f = log ? positive : function (a) { return a; };
-      band(built, f(s.loss_min), f(s.loss_max), alpha(c, 0.12), prefix(r) + "loss");
+      band(built, f(s.loss_min), f(s.loss_max), alpha(c, 0.12), prefix(r) + "loss", alpha(c, 0.3));
       built.data.push(f(s.loss_mean));
       built.series.push({ label: prefix(r) + "loss", stroke: alpha(c, 0.45), width: 1, value: rangeValue(s.loss_min, s.loss_max) });
       built.data.push(f(ema(s.loss_mean, smoothing)));
@@ -253,7 +267,7 @@
     return built;
   }
   function lrPanel(log) {
-    var built = fresh({ y: yScale(log) });
+    var built = fresh({ y: yScale(log) }, log);
     RUNS.forEach(function (r, ri) {
       if (!r.series.lr) return;
       built.data.push(log ? positive(r.series.lr) : r.series.lr);
@@ -262,18 +276,21 @@
     return built;
   }
   function normPanel(log) {
-    var built = fresh({ y: yScale(log) });
+    var built = fresh({ y: yScale(log) }, log);
     RUNS.forEach(function (r, ri) {
       var s = r.series, c = colour(ri), f = log ? positive : function (a) { return a; };
-      band(built, f(s.norm_min), f(s.norm_max), alpha(c, MULTI ? 0.15 : 0.28), prefix(r) + "norm");
+      band(built, f(s.norm_min), f(s.norm_max), alpha(c, MULTI ? 0.15 : 0.28), prefix(r) + "norm", alpha(c, 0.55));
       built.data.push(f(s.norm_mean));
       built.series.push({ label: prefix(r) + "total norm", stroke: c, width: 1.3, value: rangeValue(s.norm_min, s.norm_max) });
       if (s.threshold) {
         built.data.push(f(s.threshold));
         built.series.push({ label: prefix(r) + "threshold", stroke: MULTI ? c : "#d62d2d", width: 1.5, dash: [6, 4], value: plainValue });
       }
+      // clipped buckets as points, unless so many that they would merge into a band (the
+      // clipping chart shows the rate)
       var marks = s.norm_max.map(function (v, i) { return s.clipped[i] > 0 && v != null && (!log || v > 0) ? v : null; });
-      if (s.clipped.some(function (k) { return k > 0; })) {
+      var marked = marks.filter(function (v) { return v != null; }).length;
+      if (marked > 0 && marked <= Math.max(20, 0.05 * marks.length)) {
         built.data.push(marks);
         built.series.push({
           label: prefix(r) + "clipped", stroke: "#e08a00", fill: "#e08a00", width: 0, paths: function () { return null; },
@@ -300,7 +317,8 @@
     return built;
   }
   function scalePanel(log) {
-    var built = fresh({ y: yScale(log, 2) });
+    var built = fresh({ y: yScale(log, 2) }, log);
+    built.axes = [{ scale: "y", values: function (u, splits) { return splits.map(tick); } }];
     RUNS.forEach(function (r, ri) {
       if (!r.series.loss_scale) return;
       built.data.push(log ? positive(r.series.loss_scale) : r.series.loss_scale);
@@ -309,7 +327,7 @@
     return built;
   }
   function dpNormPanel(log) {
-    var built = fresh({ y: yScale(log) });
+    var built = fresh({ y: yScale(log) }, log);
     RUNS.forEach(function (r, ri) {
       var d = r.per_sample, c = colour(ri), f = log ? positive : function (a) { return a; };
       if (!d) return;
@@ -487,7 +505,7 @@
     document.getElementById("history-title").textContent = "Norm history of " + name + (MULTI ? " (" + RUNS[LV.run].label + ")" : "");
     if (charts.history) { charts.history.destroy(); delete charts.history; }
     var spec = { id: "history", height: 170 };
-    var built = { data: data, scales: { y: yScale(true) }, bands: [],
+    var built = { data: data, scales: { y: yScale(true) }, bands: [], log: true,
       series: [{ label: name, stroke: colour(LV.run), width: 1.5, value: plainValue, points: { show: L.start.length < 200 } }],
       xLabel: function (c) { return colLabel(c); } };
     var box = document.getElementById("layer-history");
@@ -585,7 +603,7 @@
       var lossArrays = RUNS.map(function (r) { return r.series.loss_min; }).concat(RUNS.map(function (r) { return r.series.loss_max; }));
       var specs = [
         { id: "loss", title: "Loss", note: "raw (bucket mean, min–max band) and smoothed (EMA, slider above)", build: lossPanel, log: wantsLog(lossArrays) },
-        { id: "norm", title: "Total gradient norm", note: "before clipping: mean with min–max band, threshold dashed, clipped steps in orange, skipped steps dashed, non-finite red at the top", build: normPanel, log: true, marks: true, height: 230 },
+        { id: "norm", title: "Total gradient norm", note: "before clipping: mean with min–max band, threshold dashed, clipped steps in orange (when sparse), skipped steps dashed, non-finite red at the top", build: normPanel, log: true, marks: true, height: 230 },
         { id: "clip", title: "Clipping", note: "share of clipped steps (left) and the smallest clip coefficient (right)", build: clipPanel, log: true, toggles: "coefficient", height: 170 },
         { id: "lr", title: "Learning rate", build: lrPanel, log: wantsLog(RUNS.map(function (r) { return r.series.lr; })), height: 150 },
         { id: "scale", title: "AMP loss scale", build: scalePanel, log: true, height: 150 },
