@@ -248,3 +248,16 @@ def test_the_error_check_catches_a_broken_page(browser, tmp_path):
     page = Page(browser, broken)
     page.page.wait_for_load_state()
     assert any("notDefined" in e for e in page.errors)
+
+
+def test_a_run_without_steps_renders_without_errors(browser, tmp_path):
+    from gradguard.record.store import RunStore
+
+    store = RunStore(tmp_path / "empty")
+    store.start(["a.weight"])
+    store.close()
+    page = Page(browser, build_report(tmp_path / "empty", tmp_path / "empty.html")).ready()
+    assert page.js("Object.keys(window.gradguardReport.charts)") == []
+    assert "No steps were recorded." in page.page.locator("#panels").inner_text()
+    assert "No per-layer snapshots" in page.page.locator("#heatmap").inner_text()
+    assert page.errors == []
