@@ -148,9 +148,20 @@ def test_hovering_a_chart_shows_the_step_and_values(browser, report):
     assert page.page.locator("#panel-loss .u-legend .u-value").first.inner_text() == values[0]
 
 
+def heatmap_step_at(page: Page, fraction: float) -> int:
+    """The snapshot step the heatmap shows at ``fraction`` of its width (its tooltip)."""
+    canvas = page.page.locator("#heatmap-canvas")
+    canvas.scroll_into_view_if_needed()
+    box = canvas.bounding_box()
+    page.page.mouse.move(box["x"] + box["width"] * fraction, box["y"] + 22 + 10)
+    tip = page.page.locator("#heatmap .tip").inner_text()
+    return int(tip.split(" · ")[1].split()[1].split("–")[0])
+
+
 def test_zooming_one_chart_zooms_every_chart_and_the_heatmap(browser, report):
     page = Page(browser, report).ready()
     full = page.x_range("loss")
+    before = heatmap_step_at(page, 0.2)
     box = page.over("norm")
     y = box["y"] + box["height"] / 2
     page.page.mouse.move(box["x"] + box["width"] * 0.3, y)
@@ -162,6 +173,8 @@ def test_zooming_one_chart_zooms_every_chart_and_the_heatmap(browser, report):
     for chart in ("loss", "lr", "clip", "history"):
         assert page.x_range(chart) == pytest.approx(zoomed), chart
     assert page.js("window.gradguardReport.view") == pytest.approx(zoomed)
+    after = heatmap_step_at(page, 0.2)  # the same place on the heatmap: a zoomed-in step
+    assert before < zoomed[0] - 5 and zoomed[0] - 5 <= after <= zoomed[1]
     page.page.click("#reset-zoom")
     assert page.x_range("lr") == pytest.approx(full)
 
