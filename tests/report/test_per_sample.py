@@ -202,3 +202,16 @@ def test_100k_per_sample_events_keep_their_spike(tmp_path):
     assert len(dp["outer_high"]) == len(grid) == 2000
     assert max(v for v in dp["outer_high"] if v is not None) == pytest.approx(3e5)
     assert dp["outer_high"][grid.locate([n // 3])[0]] == pytest.approx(3e5)
+
+
+def test_observed_steps_beyond_the_recorded_steps_widen_the_axis(tmp_path):
+    names = ["a.weight"]
+    write_synthetic(tmp_path / "run", 5, names, every=1, batch=5)
+    store = RunStore(tmp_path / "run")
+    store.start(names)
+    store.write_events([Event(s, KIND, "m", {"quantiles": {"0.5": float(s)}}) for s in range(10)])
+    store.close()
+    d = page_data(render_report(tmp_path / "run"))
+    assert d["x"] == list(range(10))
+    assert d["runs"][0]["per_sample"]["median"] == [float(s) for s in range(10)]
+    assert d["runs"][0]["series"]["count"] == [1] * 5 + [0] * 5

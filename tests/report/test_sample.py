@@ -66,12 +66,14 @@ def test_buckets_without_points_are_empty_not_zero():
     assert reduce(grid, steps, values, "count")[2] == 0
 
 
-def test_reduce_rejects_unsorted_steps_and_unknown_reductions():
+def test_reduce_rejects_unsorted_or_outlying_steps_and_unknown_reductions():
     grid = Grid.over([np.arange(10)], 10)
     with pytest.raises(ValueError, match="increasing"):
         reduce(grid, np.array([3, 1]), np.array([1.0, 2.0]), "max")
     with pytest.raises(ValueError, match="how must be"):
         reduce(grid, np.arange(3), np.ones(3), "median")
+    with pytest.raises(ValueError, match="beyond the grid"):
+        reduce(grid, np.array([5, 12]), np.ones(2), "max")
 
 
 def test_rolling_mean_matches_a_direct_window():

@@ -22,7 +22,12 @@ from typing import Any
 from .data import RunData
 from .heatmap import heatmap_payload
 from .per_sample import KIND as PER_SAMPLE
-from .per_sample import per_sample_payload, per_sample_series, per_sample_summary
+from .per_sample import (
+    PerSampleSeries,
+    per_sample_payload,
+    per_sample_series,
+    per_sample_summary,
+)
 from .sample import BUCKETS, Grid
 from .sections import (
     events_section,
@@ -65,7 +70,11 @@ def run_labels(paths: Sequence[str]) -> list[str]:
 
 
 def payload(
-    runs: Sequence[RunData], labels: Sequence[str], summaries: Sequence[Summary], grid: Grid
+    runs: Sequence[RunData],
+    labels: Sequence[str],
+    summaries: Sequence[Summary],
+    per_sample: Sequence[PerSampleSeries | None],
+    grid: Grid,
 ) -> dict[str, Any]:
     """Everything the script draws, per run, on the shared step grid."""
     out: dict[str, Any] = {
@@ -74,8 +83,7 @@ def payload(
         "uplot": UPLOT_VERSION,
         "runs": [],
     }
-    for run, label, summary in zip(runs, labels, summaries):
-        dp = per_sample_series(run.events)
+    for run, label, summary, dp in zip(runs, labels, summaries, per_sample):
         out["runs"].append(
             {
                 "label": label,
@@ -112,10 +120,11 @@ LAYERS = (
 def render(runs: Sequence[RunData], labels: Sequence[str] | None = None) -> str:
     """The whole page for one run, or several runs compared on the same axes."""
     labels = list(labels) if labels is not None else run_labels([r.path for r in runs])
-    grid = Grid.over([r.steps["step"] for r in runs], BUCKETS)
-    summaries = [summarize(r) for r in runs]
     dp = [per_sample_series(r.events) for r in runs]
-    data = payload(runs, labels, summaries, grid)
+    observed = [d.steps for d in dp if d is not None]
+    grid = Grid.over([r.steps["step"] for r in runs] + observed, BUCKETS)
+    summaries = [summarize(r) for r in runs]
+    data = payload(runs, labels, summaries, dp, grid)
     sections = [
         _section(
             "summary",

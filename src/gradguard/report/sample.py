@@ -66,6 +66,8 @@ class Bucketed:
         if steps.size == 0 or len(grid) == 0:
             empty = np.zeros(0, dtype=np.int64)
             return cls(len(grid), 0, empty, empty)
+        if steps[0] < grid.start[0] or steps[-1] > grid.end[-1]:
+            raise ValueError(f"steps {steps[0]}..{steps[-1]} reach beyond the grid")
         where = grid.locate(steps)
         if np.any(np.diff(where) < 0):
             raise ValueError("steps must be in increasing order")
