@@ -217,3 +217,44 @@ def test_observed_steps_beyond_the_recorded_steps_widen_the_axis(tmp_path):
     assert d["x"] == list(range(10))
     assert d["runs"][0]["per_sample"]["median"] == [float(s) for s in range(10)]
     assert d["runs"][0]["series"]["count"] == [1] * 5 + [0] * 5
+
+
+def test_a_private_by_default_run_shows_the_released_clip_numbers_labelled(tmp_path):
+    """The default (private) monitor records only DP-released numbers: the section still
+    shows the clip norm and the share clipped, labelled as noised / expected."""
+    path = tmp_path / "run"
+    recorder = gg.Recorder(path, log_every=4)
+    monitor = PerSampleMonitor(recorder)
+    recorder.start(["w"], [(1,)])
+    try:
+        for step in range(8):
+            norms = PerSampleNorms(torch.rand(16, 1) + 1.0, ("w",))
+            monitor.observe(
+                step, norms, clip_norm=1.5, noisy_unclipped_fraction=0.75, expected_size=16.0
+            )
+            recorder.record(
+                step,
+                total_norm=1.0,
+                clipped_norm=1.0,
+                clip_coef=1.0,
+                threshold=1.0,
+                skipped=0,
+                reason=0,
+            )
+    finally:
+        recorder.close()
+    with RunStore.open(path) as store:
+        series = per_sample_series(store.events())
+    assert series.exact == frozenset()
+    assert series.released == {"fraction_clipped", "n"}
+    assert np.allclose(series.fraction_clipped, 0.25)
+    assert np.allclose(series.examples, 16.0)
+    assert np.allclose(series.clip_norm, 1.5)
+    section = render_report(path).split('id="per-sample"')[1].split("</section>")[0]
+    cards = dict(re.findall(r'<div class="card">(.*?)<b>(.*?)</b>', section))
+    labelled = {re.sub(r"<.*", "", k): (k, v) for k, v in cards.items()}
+    assert labelled["latest clip norm"][1] == "1.5"
+    assert labelled["mean fraction clipped"][1] == "25.0%"
+    assert ">noised<" in labelled["mean fraction clipped"][0]
+    assert ">expected<" in labelled["examples per step"][0]
+    assert "not private" not in section

@@ -39,9 +39,13 @@ class PerSampleSeries:
         labels: recorded quantile labels, lowest quantile first.
         quantiles: ``(steps, labels)`` per-example norm quantiles (NaN where missing).
         clip_norm: the clip norm of each step (NaN where none was given).
-        fraction_clipped: share of examples above the clip norm (NaN where unknown).
-        examples: examples per step.
+        fraction_clipped: share of examples above the clip norm (NaN where unknown);
+            the noised share the DP mechanism released when the exact one was not.
+        examples: examples per step (the expected batch size when the realised one was
+            not released).
         exact: payload fields marked exact (not covered by the privacy guarantee).
+        released: series shown from DP-released stand-ins (``"fraction_clipped"``,
+            ``"n"``), labelled as such.
     """
 
     steps: np.ndarray
@@ -51,6 +55,7 @@ class PerSampleSeries:
     fraction_clipped: np.ndarray
     examples: np.ndarray
     exact: frozenset[str] = frozenset()
+    released: frozenset[str] = frozenset()
 
     def __len__(self) -> int:
         return int(self.steps.size)
@@ -63,6 +68,15 @@ class PerSampleSeries:
 def _number(value: object) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    return math.nan
+
+
+def _first(data: dict[str, Any], keys: tuple[str, ...]) -> float:
+    """The first of ``keys`` that holds a number (exact fields first, then released ones)."""
+    for key in keys:
+        value = _number(data.get(key))
+        if math.isfinite(value):
+            return value
     return math.nan
 
 
@@ -103,10 +117,26 @@ def per_sample_series(events: Sequence[Event]) -> PerSampleSeries | None:
         labels=labels,
         quantiles=quantiles,
         clip_norm=np.array([_number(e.data.get("clip_norm")) for e in rows]),
-        fraction_clipped=np.array([_number(e.data.get("fraction_clipped")) for e in rows]),
-        examples=np.array([_number(e.data.get("n")) for e in rows]),
+        fraction_clipped=np.array([_first(e.data, _FRACTION) for e in rows]),
+        examples=np.array([_first(e.data, _EXAMPLES) for e in rows]),
         exact=frozenset(_exact_fields(rows)),
+        released=frozenset(_released(rows)),
     )
+
+
+#: Where each series is read from: the exact field when it was released (marked "not
+#: private"), else what the DP mechanism released (the private monitor's default).
+_FRACTION = ("fraction_clipped", "noised_fraction_clipped")
+_EXAMPLES = ("n", "expected_n")
+
+
+def _released(rows: Sequence[Event]) -> set[str]:
+    """Series shown from DP-released stand-ins: the events lacked the exact field."""
+    out = set()
+    for name, (exact, stand_in) in {"fraction_clipped": _FRACTION, "n": _EXAMPLES}.items():
+        if any(exact not in e.data and stand_in in e.data for e in rows):
+            out.add(name)
+    return out
 
 
 def _exact_fields(rows: Sequence[Event]) -> set[str]:
@@ -153,7 +183,14 @@ _FIELDS = {
 
 
 def not_private(field: str, series: PerSampleSeries) -> str:
-    """The "not private" label of a payload field marked exact, else nothing."""
+    """The label of a card: "not private" for an exact field, "noised" or "expected" for
+    a DP-released stand-in, else nothing."""
+    if field in series.released:
+        word = "noised" if field == "fraction_clipped" else "expected"
+        return (
+            f'<span class="released" title="released through the DP mechanism (covered by '
+            f'epsilon)">{word}</span>'
+        )
     if field not in series.exact:
         return ""
     return (
