@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -78,19 +80,27 @@ def run_check(name: str, device: str) -> Result:
 
 def run_isolated(name: str, command: Sequence[str], timeout_s: float) -> Result:
     """Run ``command`` (a child writing one Result as JSON to the file named by its last
-    argument); a crash, a hang or no result is that check's failure."""
+    argument); a crash, a hang or no result is that check's failure. On a hang the
+    child's whole process group goes (ranks it spawned included)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
+        child = subprocess.Popen(
+            [*command, str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         try:
-            done = subprocess.run(
-                [*command, str(out)], capture_output=True, text=True, timeout=timeout_s
-            )
+            log, _ = child.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.communicate()
             return Result(name, FAIL, f"no result within {timeout_s:.0f} s")
         if out.exists():
             return Result(**json.loads(out.read_text()))
-        tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
-        return Result(name, FAIL, f"process exited with {done.returncode}: {' | '.join(tail)}")
+        tail = " | ".join(log.strip().splitlines()[-3:])
+        return Result(name, FAIL, f"process exited with {child.returncode}: {tail}")
 
 
 def format_table(results: Sequence[Result]) -> str:
