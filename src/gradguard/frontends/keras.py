@@ -27,10 +27,9 @@ recorded with its non-finite norms, and the health rules report it.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -41,13 +40,10 @@ from .. import _warn
 from ..policies import ClipNorm, ClipTensorNorm, ClipValue, Policy
 from ..record import RunStore, Sink
 from ..schema import SkipReason, skip_event
+from . import _keras_log as layout
 from ._host import HostRecorder
+from ._keras_log import StepLog, index_of, squares
 
-# Row layout: head columns, then one norm per trainable variable. The step is split in
-# two float32 columns so that it stays exact far beyond float32's 2**24.
-_STEP_HI, _STEP_LO, _TOTAL, _CLIPPED, _LR, _SKIPPED, _SCALE = range(7)
-_HEAD = 7
-_STEP_BASE = 65536
 _ABSENT = object()
 
 
@@ -118,70 +114,12 @@ def _clipping_optimizer(optimizer: Any) -> Any:
     return optimizer.inner_optimizer if _is_loss_scaled(optimizer) else optimizer
 
 
-def _squares(grads: Sequence[Any]) -> Any:
-    """Per-tensor sums of squares, in float32, as one vector."""
-    return ops.stack([ops.sum(ops.square(ops.cast(g, "float32"))) for g in grads])
-
-
 def _name(path: str, model_name: str) -> str:
     """``"sequential/hidden/kernel"`` → ``"hidden.kernel"`` (dotted, model name dropped)."""
     prefix = model_name + "/"
     if path.startswith(prefix):
         path = path[len(prefix) :]
     return path.replace("/", ".")
-
-
-class _StepLog:
-    """A ring buffer of step rows and a step counter, as Keras variables.
-
-    :meth:`write` assigns through the variables, so it works eagerly (PyTorch), in a
-    ``tf.function`` (TensorFlow) and inside Keras's stateless scopes (JAX). On JAX the
-    variables must be ``optimizer``'s own (``threaded``): Keras threads only the
-    optimizer's variables through the optimizer's stateless update.
-    """
-
-    def __init__(self, optimizer: Any, width: int, capacity: int, *, threaded: bool) -> None:
-        self.optimizer = optimizer if threaded else None
-        self.capacity = capacity
-        shape, names = (capacity, _HEAD + width), ("gradguard_rows", "gradguard_steps")
-        if threaded:
-            self.rows = optimizer.add_variable(shape, "zeros", "float32", name=names[0])
-            self.count = optimizer.add_variable((), "zeros", "int32", name=names[1])
-        else:
-            self.rows = keras.Variable(ops.zeros(shape), trainable=False, name=names[0])
-            self.count = keras.Variable(0, dtype="int32", trainable=False, name=names[1])
-        self.variables = (self.rows, self.count)
-
-    def write(self, total: Any, clipped: Any, lr: Any, skipped: float, scale: Any, norms: Any):
-        step = ops.add(ops.convert_to_tensor(self.count.value), 1)
-        hi = ops.floor_divide(step, _STEP_BASE)
-        lo = ops.subtract(step, ops.multiply(hi, _STEP_BASE))
-        head = [hi, lo, total, clipped, lr, skipped, scale]
-        head = ops.stack([ops.reshape(ops.cast(v, "float32"), ()) for v in head])
-        row = ops.concatenate([head, ops.cast(norms, "float32")])[None, :]
-        at = ops.mod(ops.convert_to_tensor(self.count.value), self.capacity)
-        self.rows.assign(ops.slice_update(self.rows.value, (at, 0), row))
-        self.count.assign(step)
-
-    @contextlib.contextmanager
-    def hidden(self) -> Iterator[None]:
-        """Take the log's variables out of the optimizer's list for a while (saving)."""
-        if self.optimizer is None:
-            yield
-            return
-        owned = self.optimizer._variables
-        everything = list(owned)
-        self.remove()
-        try:
-            yield
-        finally:
-            owned[:] = everything
-
-    def remove(self) -> None:
-        """Take the log's variables out of the optimizer's list."""
-        if self.optimizer is not None:
-            owned = self.optimizer._variables
-            owned[:] = [v for v in owned if not any(v is mine for mine in self.variables)]
 
 
 class GradientRecorder(keras.callbacks.Callback):
@@ -217,7 +155,7 @@ class GradientRecorder(keras.callbacks.Callback):
             config={"framework": "keras", "backend": keras.backend.backend()},
         )
         self.log_every = self.host.log_every
-        self._log: _StepLog | None = None
+        self._log: StepLog | None = None
         self._restore: list[tuple[Any, str, Any]] = []
         self._names: tuple[str, ...] = ()
         self._last = 0
@@ -246,7 +184,7 @@ class GradientRecorder(keras.callbacks.Callback):
         capacity = self.log_every * spe + spe
         threaded = keras.backend.backend() == "jax"
         try:
-            self._log = _StepLog(inner, len(variables), capacity, threaded=threaded)
+            self._log = StepLog(inner, len(variables), capacity, threaded=threaded)
             self._install(outer, inner, len(variables))
         except Exception as error:  # an optimizer this callback does not know: train on
             self._fault(repr(error))
@@ -300,8 +238,8 @@ class GradientRecorder(keras.callbacks.Callback):
                 self._fault(f"{n - len(grads)} trainable variables have no gradient")
                 return out  # Keras dropped them: rows cannot be aligned with the names
             try:
-                sq = _squares(grads)
-                after = ops.sqrt(ops.sum(_squares(out)))
+                sq = squares(grads)
+                after = ops.sqrt(ops.sum(squares(out)))
                 scale = pending.get("scale", math.nan)
                 lr = inner.learning_rate
                 log.write(ops.sqrt(ops.sum(sq)), after, lr, 0.0, scale, ops.sqrt(sq))
@@ -313,7 +251,7 @@ class GradientRecorder(keras.callbacks.Callback):
         if log.optimizer is not None:  # checkpoints hold the optimizer's state, not the log
             for optimizer in {id(outer): outer, id(inner): inner}.values():
                 for method in ("save_own_variables", "load_own_variables"):
-                    self._patch(optimizer, method, _while_hidden(log, getattr(optimizer, method)))
+                    self._patch(optimizer, method, log.while_hidden(getattr(optimizer, method)))
         if _is_loss_scaled(outer):
             self._install_loss_scaled(outer, inner, n, pending)
 
@@ -330,14 +268,14 @@ class GradientRecorder(keras.callbacks.Callback):
 
         def remember(grads, scale):
             if len(grads) == n and all(g is not None for g in grads):
-                pending.update(squares=_squares(grads), scale=scale)
+                pending.update(squares=squares(grads), scale=scale)
 
         if keras.backend.backend() == "jax":
             stateless_apply = outer.stateless_apply
             handle_skip = outer._stateless_handle_non_finite_grads
 
             def apply(optimizer_variables, grads, trainable_variables):
-                at = _index_of(outer.variables, outer.dynamic_scale)
+                at = index_of(outer.variables, outer.dynamic_scale)
                 remember(grads, optimizer_variables[at])
                 try:
                     return stateless_apply(optimizer_variables, grads, trainable_variables)
@@ -389,42 +327,28 @@ class GradientRecorder(keras.callbacks.Callback):
 
     # -- reading the log --------------------------------------------------------------
 
-    def _rows(self) -> np.ndarray:
-        """The buffer's current value, from the JAX trainer's live state when unsynced."""
-        log = self._log
-        assert log is not None
-        state = getattr(self.model, "_jax_state", None)
-        if state and not getattr(self.model, "_jax_state_synced", True):
-            values = state["optimizer_variables"]
-            return np.asarray(values[_index_of(self.model.optimizer.variables, log.rows)])
-        return ops.convert_to_numpy(log.rows.value)
-
     def _drain(self) -> None:
         """Read the buffer once and record the rows written since the last read."""
         if self._log is None:
             return
         try:
-            rows = self._rows()
+            steps, values = self._log.read(self.model)
         except Exception as error:  # recording must never stop training
             self._fault(repr(error))
             return
         self.transfers += 1
-        steps = (rows[:, _STEP_HI].astype(np.int64) * _STEP_BASE) + rows[:, _STEP_LO].astype(
-            np.int64
-        )
         for i in np.argsort(steps, kind="stable"):
             step = int(steps[i])
-            if step <= self._last:
-                continue
-            self._record(step, rows[i])
-            self._last = step
+            if step > self._last:
+                self._record(step, values[i])
+                self._last = step
         self.host.flush()
 
     def _record(self, step: int, row: np.ndarray) -> None:
-        total, after = float(row[_TOTAL]), float(row[_CLIPPED])
-        skipped = bool(row[_SKIPPED])
-        scale = float(row[_SCALE])
-        norms = row[_HEAD:].astype(np.float64)
+        total, after = float(row[layout.TOTAL]), float(row[layout.CLIPPED])
+        skipped = bool(row[layout.SKIPPED])
+        scale = float(row[layout.SCALE])
+        norms = row[layout.HEAD :].astype(np.float64)
         ok = total > 0 and math.isfinite(total) and not skipped
         coef = min(after / total, 1.0) if ok else math.nan if skipped else 1.0
         self.host.record(
@@ -435,7 +359,7 @@ class GradientRecorder(keras.callbacks.Callback):
             threshold=self._threshold,
             skipped=skipped,
             reason=int(SkipReason.AMP_OVERFLOW) if skipped else 0,
-            lr=float(row[_LR]),
+            lr=float(row[layout.LR]),
             loss_scale=None if math.isnan(scale) else scale,
             tensor_norms=norms.tolist(),
             clipped=ok and after < total * (1 - 1e-6),
@@ -443,23 +367,6 @@ class GradientRecorder(keras.callbacks.Callback):
         if skipped:
             bad = [name for name, v in zip(self._names, norms) if not math.isfinite(v)]
             self.host.event(skip_event(step, SkipReason.AMP_OVERFLOW, bad))
-
-
-def _index_of(variables: Sequence[Any], target: Any) -> int:
-    for i, v in enumerate(variables):
-        if v is target:
-            return i
-    raise LookupError(f"{target.path} is not among the optimizer's variables")
-
-
-def _while_hidden(log: _StepLog, method: Any) -> Any:
-    """``method`` (an optimizer's save/load of its variables) without the log's variables."""
-
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        with log.hidden():
-            return method(*args, **kwargs)
-
-    return wrapped
 
 
 __all__ = ["GradientRecorder", "keras_clip_kwargs", "policy_from_keras", "policy_from_optimizer"]
