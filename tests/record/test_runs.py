@@ -183,3 +183,20 @@ def test_a_killed_writer_reads_as_interrupted(tmp_path):
         assert store.steps()["step"].tolist() == [0]
     assert info.status == "interrupted" and info.ended is None
     assert _record(tmp_path, range(1, 3), resume="latest", names=("w",)) == 1  # resumable
+
+
+def test_a_damaged_run_row_leaves_the_other_runs_readable(tmp_path):
+    import sqlite3
+
+    _record(tmp_path, range(4))
+    _record(tmp_path, range(6))
+    conn = sqlite3.connect(tmp_path / "gradguard.db")
+    conn.execute("UPDATE runs SET names = '{' WHERE run = 1")
+    conn.commit()
+    conn.close()
+    with RunStore.open(tmp_path) as store:
+        assert store.names() == NAMES and len(store.steps()["step"]) == 6
+        with pytest.raises(StoreError, match="run 1's names is not valid JSON"):
+            store.runs()
+    with RunStore.open(tmp_path, run=1) as store, pytest.raises(StoreError, match="run 1"):
+        store.meta()

@@ -44,14 +44,24 @@ class StoreReader:
             return _db.read_meta(self._reader(), self.path)
 
     def runs(self) -> list[RunInfo]:
-        """Every run in the store, oldest first."""
-        meta = self._store_meta()
-        with self._lock, _db.errors(self.path, "reading the runs"):
-            return _runs.list_runs(self._reader(), self.path, self._version, meta)
+        """Every run in the store, oldest first, with its step count."""
+        return self._runs()
 
     def info(self) -> RunInfo | None:
         """The selected run's :class:`RunInfo` (``None`` when the store has no run)."""
-        return next((r for r in self.runs() if r.run == self._run), None)
+        return self._selected(count=True)
+
+    def _runs(self, only: int | None = None, count: bool = True) -> list[RunInfo]:
+        meta = self._store_meta()
+        with self._lock, _db.errors(self.path, "reading the runs"):
+            return _runs.list_runs(self._reader(), self.path, self._version, meta, only, count)
+
+    def _selected(self, count: bool = False) -> RunInfo | None:
+        """The selected run's row alone (other runs' rows are not even decoded)."""
+        if self._run is None:
+            return None
+        found = self._runs(only=self._run, count=count)
+        return found[0] if found else None
 
     def meta(self) -> dict[str, Any]:
         """The store's meta merged with the selected run's fields.
@@ -61,7 +71,7 @@ class StoreReader:
         versions (``gradguard_version``, ``torch_version``, ``python_version``).
         """
         meta = self._store_meta()
-        info = self.info()
+        info = self._selected()
         if info is None:
             return {**meta, "run": None, "config": {}, "names": [], "shapes": None}
         return {
@@ -81,7 +91,7 @@ class StoreReader:
 
     def names(self) -> tuple[str, ...]:
         """Parameter names, aligned with the columns of :meth:`tensor_norms`."""
-        info = self.info()
+        info = self._selected()
         return info.names if info is not None else ()
 
     def _run_id(self) -> int:
@@ -109,7 +119,13 @@ class StoreReader:
         for j, c in enumerate(STEP_COLUMNS, start=1):
             col = table[:, j]  # NULL became NaN
             if c == "reason":
-                out[c] = np.nan_to_num(col, nan=0.0, posinf=0.0, neginf=0.0).astype(np.int64)
+                codes = np.nan_to_num(col, nan=0.0)
+                if np.any(np.abs(codes) > 255) or np.any(codes != np.round(codes)):
+                    raise StoreError(
+                        f"{_db.label(self.path)}: steps.reason holds values that are not skip "
+                        f"reason codes; {_db.DAMAGED}"
+                    )
+                out[c] = codes.astype(np.int64)
             elif c in _db.INT_COLUMNS:
                 out[c] = np.nan_to_num(col, nan=0.0) != 0
             else:

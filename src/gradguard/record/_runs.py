@@ -209,16 +209,24 @@ def _reopen(
 
 
 def list_runs(
-    conn: sqlite3.Connection, path: Path, version: int, meta: dict[str, Any]
+    conn: sqlite3.Connection,
+    path: Path,
+    version: int,
+    meta: dict[str, Any],
+    only: int | None = None,
+    count: bool = True,
 ) -> list[RunInfo]:
-    """Every run of the store, oldest first, with step counts."""
+    """The store's runs (or only run ``only``), oldest first; ``count`` fills in their
+    step counts (a scan of their steps)."""
+    where, args = ("WHERE run = ?", (only,)) if only is not None else ("", ())
     if version == 1:
-        rows = [v1_run_row(meta)]
-        counts = conn.execute("SELECT 1, count(*), max(step) FROM steps").fetchall()
+        rows = [v1_run_row(meta)] if only in (None, 1) else []
+        sql = "SELECT 1, count(*), max(step) FROM steps"
     else:
-        raw = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM runs ORDER BY run").fetchall()
-        rows = [_decode(dict(zip(_COLUMNS, r)), path) for r in raw]
-        counts = conn.execute("SELECT run, count(*), max(step) FROM steps GROUP BY run").fetchall()
+        sql = f"SELECT {', '.join(_COLUMNS)} FROM runs {where} ORDER BY run"
+        rows = [_decode(dict(zip(_COLUMNS, r)), path) for r in conn.execute(sql, args)]
+        sql = f"SELECT run, count(*), max(step) FROM steps {where} GROUP BY run"
+    counts = conn.execute(sql, args if version != 1 else ()).fetchall() if count else []
     by_run = {int(r): (int(n), m) for r, n, m in counts if n}
     resolved = str(path.resolve())
     out = []
