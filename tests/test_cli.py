@@ -28,3 +28,20 @@ def test_bad_arguments_exit_with_usage_error():
     assert out.returncode == 2
     assert "--steps" in out.stderr
     assert run_cli("no-such-command").returncode == 2
+
+
+def test_python_dash_m_gradguard():
+    out = subprocess.run(
+        [sys.executable, "-m", "gradguard", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0 and out.stdout.strip() == f"gradguard {gradguard.__version__}"
+    usage = subprocess.run(
+        [sys.executable, "-m", "gradguard", "watch", "nowhere", "--interval", "inf"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert usage.returncode == 2 and "finite" in usage.stderr and "Traceback" not in usage.stderr

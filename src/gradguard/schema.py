@@ -149,6 +149,7 @@ class HostBatch:
     tensor_steps: list[int] = field(default_factory=list)
     tensor_norms: list[list[float]] = field(default_factory=list)
     absent: frozenset[str] = frozenset()
+    extra_tensor_steps: frozenset[int] = frozenset()
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -168,6 +169,10 @@ class Event:
         key: identifies an episode within a run: an event with the same ``key`` as an
             earlier one replaces it (its range, message and data are updated in place).
             ``None`` for events that are never updated.
+        ongoing: ``True`` while an episode is open (later events with its ``key`` may
+            extend it); ``False`` once it is closed, and for point events. Sinks that
+            cannot update what they logged write an episode when it opens and when it
+            closes, not at each extension.
     """
 
     step: int
@@ -176,6 +181,7 @@ class Event:
     data: dict[str, Any] = field(default_factory=dict)
     end_step: int | None = None
     key: str | None = None
+    ongoing: bool = False
 
 
 @runtime_checkable

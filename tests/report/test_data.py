@@ -58,7 +58,7 @@ def test_runs_with_live_findings_are_not_replayed(tmp_path):
     write_synthetic(tmp_path / "run", 300, names, every=10, batch=300)
     replayed = load_run(tmp_path / "run")  # no live findings, short: the rules replay
     assert replayed.findings and replayed.findings_replayed
-    store = RunStore(tmp_path / "run")
+    store = RunStore(tmp_path / "run", resume="latest")  # add to the same run
     store.start(names)
     stored = Finding(Kind.LOSS_STALL, Severity.WARNING, (40, 90), (), {}, (), "stall")
     store.write_events([stored.to_event()])

@@ -209,7 +209,7 @@ def test_100k_per_sample_events_keep_their_spike(tmp_path):
 def test_observed_steps_beyond_the_recorded_steps_widen_the_axis(tmp_path):
     names = ["a.weight"]
     write_synthetic(tmp_path / "run", 5, names, every=1, batch=5)
-    store = RunStore(tmp_path / "run")
+    store = RunStore(tmp_path / "run", resume="latest")  # add to the same run
     store.start(names)
     store.write_events([Event(s, KIND, "m", {"quantiles": {"0.5": float(s)}}) for s in range(10)])
     store.close()
