@@ -146,10 +146,15 @@ def test_fused_folding_equals_unfused(make_opt):
 def test_fused_path_makes_no_host_sync_even_with_skip_policies():
     model = make_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
-    guard = gg.Guard(model, gg.chain(gg.SkipNonFinite(), gg.ZClip(warmup_steps=2)))
-    for step in range(4):
+    guard = gg.Guard(
+        model, gg.chain(gg.SkipNonFinite(), gg.ZClip(warmup_steps=2)), host_math=False
+    )
+    for step in range(5):
         optimizer.zero_grad()
         loss_of(model, step).backward()
+        if step == 0:  # before the optimizer has state, a skip is decided on the host
+            guard.step(optimizer)
+            continue
         with forbid_host_sync():
             guard.step(optimizer)
 
@@ -158,13 +163,13 @@ def test_plain_path_syncs_only_for_a_skip_decision():
     model = make_model()
     # Plain SGD: torch's own single-tensor Adam reads its step counter with .item().
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
-    guard = gg.Guard(model, gg.ZClip(warmup_steps=2))  # clips, never skips
+    guard = gg.Guard(model, gg.ZClip(warmup_steps=2), host_math=False)  # clips, never skips
     for step in range(4):
         optimizer.zero_grad()
         loss_of(model, step).backward()
         with forbid_host_sync():
             guard.step(optimizer)
-    skipping = gg.Guard(model, gg.SkipNonFinite())
+    skipping = gg.Guard(model, gg.SkipNonFinite(), host_math=False)
     optimizer.zero_grad()
     loss_of(model, 9).backward()
     with pytest.raises(AssertionError, match="host sync"), forbid_host_sync():

@@ -1,0 +1,128 @@
+"""The JAX back-end of :mod:`gradguard.ops` (imported only when JAX is used)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .ops import Ops
+
+
+def _FLOAT64() -> Any:  # noqa: N802 - float64 where JAX's 64-bit mode allows it
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
+def _is_traced(value: Any) -> bool:
+    return isinstance(value, jax.Array) and not isinstance(value, (bool, np.bool_))
+
+
+class JaxOps(Ops):
+    """Traced math inside ``jit``: counters are int32 arrays, updates are functional."""
+
+    name = "jax"
+    traced = True
+
+    def __init__(self) -> None:
+        from .policies.base import Decision
+
+        jax.tree_util.register_pytree_node(
+            Decision, lambda d: (d.arrays(), tuple(d.transforms)), Decision.from_arrays
+        )
+
+    def scalar(self, value, like):
+        return jnp.asarray(value, jnp.float32)
+
+    def full(self, size, value, like, dtype="float32"):
+        return jnp.full((size,), value, dtype=_FLOAT64() if dtype == "float64" else dtype)
+
+    def flag(self, value, like):
+        return jnp.asarray(bool(value))
+
+    def code(self, value, like):
+        return jnp.asarray(value, jnp.int8)
+
+    def counter(self, value=0):
+        return jnp.asarray(value, jnp.int32)
+
+    def asarray(self, value, like=None):
+        if hasattr(value, "detach"):  # a torch tensor (a checkpoint)
+            value = value.detach().cpu().numpy()
+        return jnp.asarray(value)
+
+    def f32(self, x):
+        return jnp.asarray(x, jnp.float32)
+
+    def f64(self, x):
+        return jnp.asarray(x, _FLOAT64())
+
+    def ravel(self, x):
+        return jnp.ravel(x)
+
+    def where(self, condition, a, b):
+        return jnp.where(condition, a, b)
+
+    isfinite = staticmethod(jnp.isfinite)
+    isnan = staticmethod(jnp.isnan)
+    sqrt = staticmethod(jnp.sqrt)
+    log10 = staticmethod(jnp.log10)
+    floor = staticmethod(jnp.floor)
+    reciprocal = staticmethod(jnp.reciprocal)
+    minimum = staticmethod(jnp.minimum)
+    maximum = staticmethod(jnp.maximum)
+    sum = staticmethod(jnp.sum)
+    cumsum = staticmethod(jnp.cumsum)
+    take = staticmethod(jnp.take)
+
+    def clip(self, x, low=None, high=None):
+        if low is not None:
+            x = jnp.maximum(x, low)
+        if high is not None:
+            x = jnp.minimum(x, high)
+        return x
+
+    def vector_norm(self, x, p):
+        return jnp.linalg.norm(x, ord=p).astype(jnp.float32)
+
+    def as_index(self, x):
+        return jnp.asarray(x).astype(jnp.int32)
+
+    def nanquantile(self, x, q):
+        value = jnp.nanquantile(x, q)
+        return jnp.where(jnp.all(jnp.isnan(x)), math.nan, value).astype(jnp.float32)
+
+    def searchsorted(self, sorted_values, value):
+        return jnp.searchsorted(sorted_values, value, side="left")
+
+    def set_at(self, x, index, value):
+        return x.at[index].set(value)
+
+    def add_at(self, x, index, values):
+        return x.at[index].add(values)
+
+    def head(self, x, n):
+        return x if _is_traced(n) else x[:n]
+
+    def cond(self, predicate, if_true, if_false, *args):
+        if not _is_traced(predicate):
+            return if_true(*args) if predicate else if_false(*args)
+        from .policies.base import Decision, StepInputs
+
+        count = next((a.count for a in args if isinstance(a, StepInputs)), None)
+
+        def filled(fn):
+            def run(operands):
+                out = fn(*operands)
+                return tuple(
+                    o.filled(self, count) if isinstance(o, Decision) else o
+                    for o in (out if isinstance(out, tuple) else (out,))
+                )
+
+            return run
+
+        # Branches close over the operands: only their outputs need to be pytrees.
+        out = jax.lax.cond(predicate, lambda: filled(if_true)(args), lambda: filled(if_false)(args))
+        return out if len(out) != 1 else out[0]
