@@ -147,7 +147,9 @@ def scale_(tensors: Sequence[Tensor], factor: Tensor, foreach: bool | None = Non
         mul_(group, factor)
 
 
-def scale_per_tensor_(tensors: Sequence[Tensor], factors: Tensor, foreach: bool | None = None) -> None:
+def scale_per_tensor_(
+    tensors: Sequence[Tensor], factors: Tensor, foreach: bool | None = None
+) -> None:
     """Multiply ``tensors[i]`` in place by ``factors[i]`` (per-tensor clipping)."""
     for group in groups(tensors, foreach):
         index = torch.tensor(group.indices, dtype=torch.long, device=factors.device)

@@ -12,7 +12,7 @@ import numpy as np
 from .ops import Ops
 
 
-def _FLOAT64() -> Any:  # noqa: N802 - float64 where JAX's 64-bit mode allows it
+def _FLOAT64() -> Any:
     return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
@@ -112,17 +112,30 @@ class JaxOps(Ops):
         from .policies.base import Decision, StepInputs
 
         count = next((a.count for a in args if isinstance(a, StepInputs)), None)
+        # Decisions may leave different fields unset in the two branches: fill just those.
+        shapes = [_as_tuple(jax.eval_shape(lambda f=f: f(*args))) for f in (if_true, if_false)]
+        gaps = [_unset_in_one(a, b) if isinstance(a, Decision) else None for a, b in zip(*shapes)]
 
-        def filled(fn):
-            def run(operands):
-                out = fn(*operands)
-                return tuple(
-                    o.filled(self, count) if isinstance(o, Decision) else o
-                    for o in (out if isinstance(out, tuple) else (out,))
-                )
-
-            return run
+        def run(fn):
+            out = _as_tuple(fn(*args))
+            return tuple(
+                o if gap is None else _fill(self, o, gap, count) for o, gap in zip(out, gaps)
+            )
 
         # Branches close over the operands: only their outputs need to be pytrees.
-        out = jax.lax.cond(predicate, lambda: filled(if_true)(args), lambda: filled(if_false)(args))
+        out = jax.lax.cond(predicate, lambda: run(if_true), lambda: run(if_false))
         return out if len(out) != 1 else out[0]
+
+
+def _as_tuple(out: Any) -> tuple[Any, ...]:
+    return out if isinstance(out, tuple) and not hasattr(out, "_fields") else (out,)
+
+
+def _unset_in_one(a: Any, b: Any) -> tuple[bool, ...]:
+    return tuple((x is None) != (y is None) for x, y in zip(a.arrays(), b.arrays()))
+
+
+def _fill(xp: Ops, decision: Any, gaps: tuple[bool, ...], count: int | None) -> Any:
+    filled = decision.filled(xp, count)
+    arrays = [f if gap else d for d, f, gap in zip(decision.arrays(), filled.arrays(), gaps)]
+    return type(decision).from_arrays(tuple(decision.transforms), arrays)

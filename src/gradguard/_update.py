@@ -13,6 +13,7 @@ optimizer, the skip costs the one host sync the guard allows.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +39,15 @@ def state_ready(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> b
         return True  # plain SGD keeps no state
     state = optimizer.state
     return all(p in state and state[p] for p in params)
+
+
+def learning_rate(optimizer: Any) -> Tensor | float | None:
+    """The learning rate of the first parameter group (a number, a 0-d tensor, or None)."""
+    groups = getattr(optimizer, "param_groups", None) or []
+    lr = groups[0].get("lr") if groups else None
+    if isinstance(lr, Tensor):
+        return lr.detach() if lr.numel() == 1 else None
+    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
 
 
 def run(
@@ -76,7 +86,9 @@ def _fused_step(optimizer: torch.optim.Optimizer, result: StepResult, skip_on_de
             # Fused kernels divide the gradients by grad_scale: fold the coefficient in.
             if result.xp is NUMPY:
                 if scale < 1.0:  # a host number: nothing to fold when nothing is clipped
-                    optimizer.grad_scale = torch.tensor(float(np.reciprocal(scale)), dtype=torch.float32)
+                    optimizer.grad_scale = torch.tensor(
+                        float(np.reciprocal(scale)), dtype=torch.float32
+                    )
             else:
                 optimizer.grad_scale = torch.reciprocal(scale)
         if skip_on_device:

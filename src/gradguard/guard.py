@@ -84,7 +84,9 @@ class Guard:
         if accumulate_dtype is not None and not (
             isinstance(accumulate_dtype, torch.dtype) and accumulate_dtype.is_floating_point
         ):
-            raise TypeError(f"accumulate_dtype must be a floating torch.dtype or None, got {accumulate_dtype!r}")
+            raise TypeError(
+                f"accumulate_dtype must be a floating torch.dtype or None, got {accumulate_dtype!r}"
+            )
         check.one_of("fold_fused", fold_fused, (bool,), "a bool")
         check.one_of("host_math", host_math, (bool,), "a bool")
         self.params = params
@@ -198,7 +200,7 @@ class Guard:
         )
         found = _amp.found_inf(scaler, optimizer, device) if amp else None  # type: ignore[arg-type]
         scale = _amp.current_scale(scaler) if amp else None  # type: ignore[arg-type]
-        lr = _learning_rate(optimizer)
+        lr = _update.learning_rate(optimizer)
         result = self._process(collected, loss, lr, found, scale, fold)
         skipped = _update.run(optimizer, result, fold=fold, scaler=scaler if amp else None)
         if skipped and not result.reported:
@@ -403,7 +405,10 @@ def _check_owner(optimizer: torch.optim.Optimizer, guard: Guard, collected: Coll
     """At the first step with ``optimizer``: it must update only parameters the guard sees."""
     guarded = {id(p) for p in guard.params}
     stray = [
-        p for g in optimizer.param_groups for p in g["params"] if id(p) not in guarded and p.grad is not None
+        p
+        for g in optimizer.param_groups
+        for p in g["params"]
+        if id(p) not in guarded and p.grad is not None
     ]
     if stray:
         shapes = ", ".join(str(tuple(p.shape)) for p in stray[:3])
@@ -422,14 +427,6 @@ def _check_owner(optimizer: torch.optim.Optimizer, guard: Guard, collected: Coll
         )
 
 
-def _learning_rate(optimizer: torch.optim.Optimizer) -> Tensor | float | None:
-    groups = optimizer.param_groups
-    lr = groups[0].get("lr") if groups else None
-    if isinstance(lr, Tensor):
-        return lr.detach() if lr.numel() == 1 else None
-    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
-
-
 def _lr_value(lr: Any, xp: Ops) -> Any:
     if isinstance(lr, Tensor) and xp is NUMPY:
         return float(lr)  # a CPU tensor: already on the host
@@ -444,7 +441,9 @@ def _check_scalar(name: str, value: Any) -> None:
             raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
         return
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise TypeError(f"{name} must be a number or a one-element tensor, got {type(value).__name__}")
+        raise TypeError(
+            f"{name} must be a number or a one-element tensor, got {type(value).__name__}"
+        )
 
 
 def _in_library(decision: Decision, xp: Ops) -> Decision:

@@ -160,8 +160,9 @@ class Ops:
     def cond(self, predicate: Any, if_true: Callable, if_false: Callable, *args: Any) -> Any:
         """``if_true(*args)`` where ``predicate`` holds, else ``if_false(*args)``.
 
-        A host bool picks one branch; under JAX a traced one runs ``lax.cond``, whose
-        branches must return the same structure.
+        A host bool runs one branch. A device predicate (torch) runs both and selects
+        with ``where``; under JAX a traced one runs ``lax.cond``. Both branches must then
+        return the same structure (decisions may leave different fields unset).
         """
         return if_true(*args) if predicate else if_false(*args)
 
@@ -169,22 +170,51 @@ class Ops:
         return f"<gradguard ops: {self.name}>"
 
 
+_ZERO = np.float32(0.0)
+_ONE = np.float32(1.0)
+_TRUE, _FALSE = np.bool_(True), np.bool_(False)
+_CODES = {code: np.int8(code) for code in range(8)}
+_SCALARS = frozenset({float, int, bool, np.float32, np.float64, np.bool_, np.int8, np.int64})
+
+
+def _typed(value: Any) -> Any:
+    """A chosen host scalar: Python numbers become float32, NumPy scalars keep their type."""
+    kind = type(value)
+    return _ZERO + value if kind is float or kind is int else value
+
+
+def _f32(value: Any) -> Any:
+    """A host scalar as a NumPy float32 (adding to a float32 zero rounds a Python float once;
+    it is much cheaper than the ``np.float32`` constructor)."""
+    kind = type(value)
+    if kind is np.float32:
+        return value
+    if kind is float or kind is int:
+        return _ZERO + value
+    return np.float32(value)
+
+
 class _NumpyOps(Ops):
-    """Host math: 0-d values are NumPy float32 scalars."""
+    """Host math: 0-d values are NumPy float32 scalars.
+
+    A NumPy ufunc called on a scalar costs microseconds, about as much as the torch
+    operation it replaces; scalar operators cost a tenth of that. So 0-d values take
+    Python-level paths below (same IEEE float32 results), arrays the ufuncs.
+    """
 
     name = "numpy"
 
     def scalar(self, value, like):
-        return np.float32(value)
+        return _f32(value)
 
     def full(self, size, value, like, dtype="float32"):
         return np.full(size, value, dtype=dtype)
 
     def flag(self, value, like):
-        return np.bool_(value)
+        return _TRUE if value else _FALSE
 
     def code(self, value, like):
-        return np.int8(value)
+        return _CODES[value] if value in _CODES else np.int8(value)
 
     def asarray(self, value, like=None):
         if isinstance(value, torch.Tensor):
@@ -195,37 +225,62 @@ class _NumpyOps(Ops):
         return out[()] if out.ndim == 0 else out.copy()
 
     def f32(self, x):
-        return np.float32(x) if np.ndim(x) == 0 else np.asarray(x, dtype=np.float32)
+        if type(x) in _SCALARS:
+            return _f32(x)
+        return np.asarray(x, dtype=np.float32)
 
     def f64(self, x):
-        return np.float64(x) if np.ndim(x) == 0 else np.asarray(x, dtype=np.float64)
+        return np.float64(x) if type(x) in _SCALARS else np.asarray(x, dtype=np.float64)
 
     def ravel(self, x):
         return np.ravel(x)
 
     def where(self, condition, a, b):
-        if np.ndim(condition) == 0 and np.ndim(a) == 0 and np.ndim(b) == 0:
-            chosen = a if condition else b
-            return chosen if isinstance(chosen, np.generic) else np.float32(chosen)
+        if type(condition) in _SCALARS and type(a) in _SCALARS and type(b) in _SCALARS:
+            return _typed(a if condition else b)
         return np.where(condition, a, b)
 
-    isfinite = staticmethod(np.isfinite)
-    isnan = staticmethod(np.isnan)
-    sqrt = staticmethod(np.sqrt)
+    def isfinite(self, x):
+        if type(x) in _SCALARS:
+            return _TRUE if math.isfinite(x) else _FALSE
+        return np.isfinite(x)
+
+    def isnan(self, x):
+        if type(x) in _SCALARS:
+            return _TRUE if x != x else _FALSE
+        return np.isnan(x)
+
+    def sqrt(self, x):
+        if type(x) in _SCALARS:  # float32 sqrt = the float64 one rounded once: exact
+            return _ZERO + (math.sqrt(x) if x >= 0 else math.nan) if x == x else _f32(x)
+        return np.sqrt(x)
+
+    def reciprocal(self, x):
+        if type(x) in _SCALARS:
+            return _ONE / x
+        return np.reciprocal(x)
+
+    def minimum(self, a, b):
+        if type(a) in _SCALARS and type(b) in _SCALARS:  # NaN wins, as in np.minimum
+            return _typed(a if (a != a or a <= b) else b)
+        return np.minimum(a, b)
+
+    def maximum(self, a, b):
+        if type(a) in _SCALARS and type(b) in _SCALARS:
+            return _typed(a if (a != a or a >= b) else b)
+        return np.maximum(a, b)
+
     log10 = staticmethod(np.log10)
     floor = staticmethod(np.floor)
-    reciprocal = staticmethod(np.reciprocal)
-    minimum = staticmethod(np.minimum)
-    maximum = staticmethod(np.maximum)
     sum = staticmethod(np.sum)
     cumsum = staticmethod(np.cumsum)
     take = staticmethod(np.take)
 
     def clip(self, x, low=None, high=None):
         if low is not None:
-            x = np.maximum(x, low)
+            x = self.maximum(x, low)
         if high is not None:
-            x = np.minimum(x, high)
+            x = self.minimum(x, high)
         return x
 
     def as_index(self, x):
@@ -240,9 +295,18 @@ class _NumpyOps(Ops):
         return np.float32(np.sum(x**p) ** (1.0 / p))
 
     def nanquantile(self, x, q):
-        if not np.any(~np.isnan(x)):
+        # torch's formula (float32 rank and weight, its lerp), not NumPy's float64 one.
+        values = np.sort(np.asarray(x, dtype=np.float32))  # NaN last, as in torch
+        count = int(np.count_nonzero(values == values))
+        if count == 0:
             return np.float32(math.nan)
-        return np.float32(np.nanquantile(x, q))
+        rank = _f32(q) * _f32(count - 1)
+        below, above = int(rank), math.ceil(rank)
+        weight = rank - _f32(below)
+        low, high = values[below], values[above]
+        if weight < 0.5:
+            return low + weight * (high - low)
+        return high - (high - low) * (_ONE - weight)
 
     def searchsorted(self, sorted_values, value):
         return np.searchsorted(sorted_values, value, side="left")
@@ -345,6 +409,37 @@ class _TorchOps(Ops):
 
     def add_at(self, x, index, values):
         return x.index_add_(0, index.reshape(-1), values.reshape(-1).to(x.dtype))
+
+    def cond(self, predicate, if_true, if_false, *args):
+        if not isinstance(predicate, torch.Tensor):
+            return if_true(*args) if predicate else if_false(*args)
+        # No branching on a device value: both branches run, the predicate selects.
+        return merge(self, predicate, if_true(*args), if_false(*args), _count(args))
+
+
+def _count(args: tuple[Any, ...]) -> int | None:
+    """The number of measured tensors, from the first argument that knows it."""
+    return next((a.count for a in args if hasattr(a, "count") and hasattr(a, "norms")), None)
+
+
+def merge(xp: Ops, predicate: Array, a: Any, b: Any, count: int | None) -> Any:
+    """``a`` where ``predicate`` holds, else ``b``, leaf by leaf, for two results of the
+    same structure (tuples, named tuples, decisions, arrays; host ints must agree)."""
+    if a is None and b is None:
+        return None
+    if hasattr(a, "filled") and hasattr(b, "filled"):  # decisions: unset fields are neutral
+        if any((x is None) != (y is None) for x, y in zip(a.arrays(), b.arrays())):
+            a, b = a.filled(xp, count), b.filled(xp, count)
+        fields = [merge(xp, predicate, x, y, count) for x, y in zip(a.arrays(), b.arrays())]
+        return type(a).from_arrays((*a.transforms, *b.transforms), fields)
+    if isinstance(a, tuple):
+        merged = [merge(xp, predicate, x, y, count) for x, y in zip(a, b)]
+        return type(a)(*merged) if hasattr(a, "_fields") else tuple(merged)
+    if isinstance(a, int) and isinstance(b, int):
+        if a != b:
+            raise ValueError("cond: the branches returned different host counters")
+        return a
+    return xp.where(predicate, a, b)
 
 
 NUMPY: Ops = _NumpyOps()

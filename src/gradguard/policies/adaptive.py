@@ -78,7 +78,9 @@ class AutoClip(Policy):
 
 def _exact(xp: Ops, q: float, state: AutoClipState, value: Array) -> tuple[AutoClipState, Array]:
     buffer = xp.set_at(state.buffer, state.count, value)
-    bins = None if state.bins is None else _histogram.add(xp, state.bins, value)  # JAX: kept current
+    bins = (
+        None if state.bins is None else _histogram.add(xp, state.bins, value)
+    )  # JAX: kept current
     threshold = xp.nanquantile(xp.head(buffer, state.count + 1), q)
     return AutoClipState(buffer, bins, state.count + 1), threshold
 
@@ -158,48 +160,55 @@ class ZClip(Policy):
         return ZClipState(zero, zero, zero, zero, zero)
 
     def update(self, state: ZClipState, inputs: StepInputs, xp: Ops) -> tuple[Decision, ZClipState]:
+        ready = state.n >= self.warmup_steps  # statistics existed before this step
+        decision, state = xp.cond(ready, self._track, self._warm_up, xp, state, inputs)
+        if self.max_norm is not None:
+            g = inputs.total_norm
+            decision.scale = xp.minimum(decision.scale, clip_coefficient(xp, self.max_norm, g))
+            decision.threshold = xp.minimum(decision.threshold, self.max_norm)
+        return decision, state
+
+    def _warm_up(
+        self, xp: Ops, state: ZClipState, inputs: StepInputs
+    ) -> tuple[Decision, ZClipState]:
+        """Accumulate the finite norms (capped: the ones applied); mean and variance follow."""
+        g = inputs.total_norm
+        finite = xp.isfinite(g)
+        applied = xp.where(finite, g, 0.0)
+        if self.warmup_max_norm is not None:
+            applied = xp.minimum(applied, self.warmup_max_norm)
+        n = state.n + finite
+        total, total_sq = state.sum + applied, state.sumsq + applied * applied
+        count = xp.maximum(n, 1.0)
+        mean = total / count
+        var = xp.maximum(total_sq / count - mean * mean, 0.0)
+        if self.warmup_max_norm is None:
+            decision = Decision(scale=xp.scalar(1.0, g), threshold=xp.scalar(math.inf, g))
+        else:
+            cap = self.warmup_max_norm
+            decision = Decision(scale=clip_coefficient(xp, cap, g), threshold=xp.scalar(cap, g))
+        return decision, ZClipState(n, total, total_sq, mean, var)
+
+    def _track(self, xp: Ops, state: ZClipState, inputs: StepInputs) -> tuple[Decision, ZClipState]:
+        """Clip a spike against the statistics from before this step, then update the EMAs
+        with the effective (clipped) norm."""
         g = inputs.total_norm
         finite = xp.isfinite(g)
         g0 = xp.where(finite, g, 0.0)
-        ready = state.n >= self.warmup_steps  # statistics existed before this step
-
-        # Warm-up: accumulate finite norms; initialise the EMAs once enough are in.
-        collect = finite & ~ready
-        applied = g0 if self.warmup_max_norm is None else xp.minimum(g0, self.warmup_max_norm)
-        total = state.sum + xp.where(collect, applied, 0.0)
-        total_sq = state.sumsq + xp.where(collect, applied * applied, 0.0)
-        n = state.n + collect
-        now_ready = ~ready & (n >= self.warmup_steps)
-        first_mean = total / xp.maximum(n, 1.0)
-        first_var = xp.maximum(total_sq / xp.maximum(n, 1.0) - first_mean * first_mean, 0.0)
-
-        # Spike test against the statistics from before this step.
         std = xp.sqrt(state.var)
         z = (g0 - state.mean) / (std + self.eps)
-        spike = ready & finite & (z > self.z_thresh)
+        spike = finite & (z > self.z_thresh)
         clipped_to = state.mean + self.z_thresh**2 * std / xp.maximum(z, self.eps)
         scale = xp.where(spike, clip_coefficient(xp, clipped_to, g), 1.0)
-
-        # EMA update with the effective (clipped) norm.
         effective = xp.where(spike, clipped_to, g0)
         new_mean = self.alpha * state.mean + (1 - self.alpha) * effective
         deviation = effective - new_mean
         new_var = self.alpha * state.var + (1 - self.alpha) * (deviation * deviation)
-        moving = ready & finite
-        mean = xp.where(moving, new_mean, xp.where(now_ready, first_mean, state.mean))
-        var = xp.where(moving, new_var, xp.where(now_ready, first_var, state.var))
-
-        boundary = xp.where(ready, mean + self.z_thresh * std, math.inf)
-        threshold = xp.where(spike, clipped_to, boundary)
-        if self.warmup_max_norm is not None:
-            cap = clip_coefficient(xp, self.warmup_max_norm, g)
-            scale = xp.where(ready, scale, xp.minimum(scale, cap))
-            threshold = xp.where(ready, threshold, xp.minimum(threshold, self.warmup_max_norm))
-        if self.max_norm is not None:
-            scale = xp.minimum(scale, clip_coefficient(xp, self.max_norm, g))
-            threshold = xp.minimum(threshold, self.max_norm)
-        decision = Decision(scale=scale, threshold=threshold)
-        return decision, ZClipState(n, total, total_sq, mean, var)
+        mean = xp.where(finite, new_mean, state.mean)
+        var = xp.where(finite, new_var, state.var)
+        threshold = xp.where(spike, clipped_to, mean + self.z_thresh * std)
+        tracked = ZClipState(state.n, state.sum, state.sumsq, mean, var)
+        return Decision(scale=scale, threshold=threshold), tracked
 
 
 class AdaptiveTensorClipState(NamedTuple):

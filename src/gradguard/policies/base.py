@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -39,7 +39,6 @@ from ..stats import GradStats
 Transform = Callable[[Sequence[Tensor], Sequence[Tensor]], None]
 
 
-@dataclass(frozen=True, eq=False)
 class StepInputs:
     """What every policy sees at one step; arrays live in ``xp``'s library.
 
@@ -51,31 +50,68 @@ class StepInputs:
         step: the step index (0-based): a host int, or a traced int32 under JAX.
         loss: this step's training loss (0-d float32, may be non-finite) when the caller
             gave one, else ``None``.
-        lr: the learning rate of the first parameter group when known, else ``None``.
+        lr: the learning rate of the first parameter group when known (a number, or a
+            0-d array on the device), else ``None``.
         names: parameter names aligned with ``norms``, or ``None``.
         norm_type: the p of the p-norms.
         stats: the torch :class:`~gradguard.GradStats` of the step (``None`` elsewhere).
         params: the parameters, for in-place transforms (torch only).
     """
 
-    total_norm: Array
-    norms: Array
-    xp: Ops
-    step: Any = 0
-    loss: Array | None = None
-    lr: Any = None
-    names: tuple[str, ...] | None = None
-    norm_type: float = 2.0
-    stats: GradStats | None = None
-    params: Sequence[Tensor] = ()
+    __slots__ = (
+        "count",
+        "loss",
+        "lr",
+        "names",
+        "norm_type",
+        "norms",
+        "params",
+        "stats",
+        "step",
+        "total_norm",
+        "xp",
+    )
 
-    @property
-    def count(self) -> int:
-        """How many tensors were measured."""
-        return int(self.norms.shape[0])
+    def __init__(
+        self,
+        total_norm: Array,
+        norms: Array,
+        xp: Ops,
+        step: Any = 0,
+        loss: Array | None = None,
+        lr: Any = None,
+        names: tuple[str, ...] | None = None,
+        norm_type: float = 2.0,
+        stats: GradStats | None = None,
+        params: Sequence[Tensor] = (),
+    ) -> None:
+        self.total_norm = total_norm
+        self.norms = norms
+        self.xp = xp
+        self.step = step
+        self.loss = loss
+        self.lr = lr
+        self.names = names
+        self.norm_type = norm_type
+        self.stats = stats
+        self.params = params
+        #: How many tensors were measured.
+        self.count = int(norms.shape[0])
 
     def __len__(self) -> int:
         return self.count
+
+    def replace(self, **changes: Any) -> StepInputs:
+        """A copy with some fields changed."""
+        fields = {name: getattr(self, name) for name in self.__slots__ if name != "count"}
+        fields.update(changes)
+        return StepInputs(**fields)
+
+    def __repr__(self) -> str:
+        return (
+            f"StepInputs(total_norm={self.total_norm!r}, step={self.step!r}, "
+            f"loss={self.loss!r}, lr={self.lr!r}, tensors={self.count}, xp={self.xp.name})"
+        )
 
     @classmethod
     def from_stats(
@@ -86,7 +122,7 @@ class StepInputs:
         xp: Ops | None = None,
         step: int = 0,
         loss: Tensor | float | None = None,
-        lr: float | None = None,
+        lr: Any = None,
     ) -> StepInputs:
         """The inputs of a step measured by :func:`gradguard.measure` (no host sync on a
         device; on the CPU the numbers are read where they already are)."""
@@ -96,8 +132,8 @@ class StepInputs:
         if xp is _ops.NUMPY:
             norms = stats.norms
             norms = (norms if norms.dtype == torch.float32 else norms.float()).numpy()
-            total_value = np.float32(total.item())
-            loss_value = None if loss is None else np.float32(float(loss))
+            total_value = _ops.NUMPY.f32(total.item())
+            loss_value = None if loss is None else _ops.NUMPY.f32(float(loss))
         else:
             norms = stats.norms.float()
             total_value = total.float()
@@ -274,7 +310,9 @@ class Policy:
         if all(given[n] is None for n in names):
             self._state, self._state_xp = None, None
             return
-        values = {n: _loaded(type(self).__name__, n, given[n], n in self.finite_fields) for n in names}
+        values = {
+            n: _loaded(type(self).__name__, n, given[n], n in self.finite_fields) for n in names
+        }
         self._state = self.State(**values)
         self._state_xp = None  # converted to the library in use at the next step
 
@@ -317,7 +355,9 @@ def _loaded(policy: str, name: str, value: Any, finite: bool) -> Any:
     if isinstance(value, Tensor):
         value = int(value)
     if isinstance(value, (bool, float)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"state_dict for {policy}: {name} must be a tensor or an int, got {value!r}")
+        raise TypeError(
+            f"state_dict for {policy}: {name} must be a tensor or an int, got {value!r}"
+        )
     if value < 0:
         raise ValueError(f"state_dict for {policy}: {name} must be >= 0, got {value}")
     return int(value)

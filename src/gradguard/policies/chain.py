@@ -48,8 +48,9 @@ class Chain(Policy):
     ) -> Decision:
         if isinstance(inputs, GradStats):
             inputs = StepInputs.from_stats(inputs, params, **extra)
-        decision = Decision()
-        for policy in self.policies:
+        first, *rest = self.policies
+        decision = first.decide(inputs, inputs.params)
+        for policy in rest:
             decision = decision.then(policy.decide(inputs, inputs.params), inputs.xp)
         return decision
 
