@@ -124,11 +124,15 @@ class StepInputs:
         loss: Tensor | float | None = None,
         lr: Any = None,
     ) -> StepInputs:
-        """The inputs of a step measured by :func:`gradguard.measure` (no host sync on a
-        device; on the CPU the numbers are read where they already are)."""
+        """The inputs of a step measured by :func:`gradguard.measure`.
+
+        ``xp=None`` (or :data:`~gradguard.ops.TORCH`) keeps them as tensors on the
+        gradients' device (no host sync); :data:`~gradguard.ops.NUMPY` reads them to the
+        host, as the guard does for gradients on the CPU.
+        """
         total = stats.total_norm
         if xp is None:
-            xp = _ops.for_device(total.device)
+            xp = _ops.TORCH
         if xp is _ops.NUMPY:
             norms = stats.norms
             norms = (norms if norms.dtype == torch.float32 else norms.float()).numpy()
@@ -207,6 +211,16 @@ class Decision:
             threshold=xp.scalar(math.inf, like) if self.threshold is None else self.threshold,
         )
 
+    def in_library(self, xp: Ops) -> Decision:
+        """This decision with arrays from another library (a policy written for torch
+        only, run by a guard that decides on the host) moved into ``xp``'s."""
+        if xp is _ops.NUMPY:
+            for name in ("scale", "tensor_scale", "skip", "reason", "threshold"):
+                value = getattr(self, name)
+                if isinstance(value, Tensor):
+                    setattr(self, name, _ops.NUMPY.asarray(value))
+        return self
+
     def arrays(self) -> tuple[Any, ...]:
         """The array fields, in declaration order (for pytree registration)."""
         return self.scale, self.tensor_scale, self.skip, self.reason, self.threshold
@@ -272,7 +286,8 @@ class Policy:
         """Decide one step and keep the new state on the policy.
 
         ``inputs`` may be the :class:`~gradguard.GradStats` of :func:`gradguard.measure`
-        (with ``params`` and optional ``loss``, ``lr``, ``step``), as in a unit test.
+        (with ``params`` and optional ``loss``, ``lr``, ``step``, ``xp``), as in a unit
+        test: the decision is then made of torch tensors on the gradients' device.
         """
         if isinstance(inputs, GradStats):
             inputs = StepInputs.from_stats(inputs, params, **extra)

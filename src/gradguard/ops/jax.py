@@ -26,13 +26,6 @@ class JaxOps(Ops):
     name = "jax"
     traced = True
 
-    def __init__(self) -> None:
-        from .policies.base import Decision
-
-        jax.tree_util.register_pytree_node(
-            Decision, lambda d: (d.arrays(), tuple(d.transforms)), Decision.from_arrays
-        )
-
     def scalar(self, value, like):
         return jnp.asarray(value, jnp.float32)
 
@@ -139,3 +132,8 @@ def _fill(xp: Ops, decision: Any, gaps: tuple[bool, ...], count: int | None) -> 
     filled = decision.filled(xp, count)
     arrays = [f if gap else d for d, f, gap in zip(decision.arrays(), filled.arrays(), gaps)]
     return type(decision).from_arrays(tuple(decision.transforms), arrays)
+
+
+#: The JAX operations (decisions must be registered as pytrees by the caller:
+#: :mod:`gradguard.frontends.jax` does).
+JAX = JaxOps()
