@@ -150,8 +150,8 @@ def measured_count(args: tuple[Any, ...]) -> int | None:
 def merge(xp: Ops, predicate: Array, a: Any, b: Any, count: int | None) -> Any:
     """``a`` where ``predicate`` holds, else ``b``, leaf by leaf, for two results of the
     same structure (tuples, named tuples, decisions, arrays; host ints must agree)."""
-    if a is None and b is None:
-        return None
+    if a is b:  # unchanged by both branches (None included)
+        return a
     if hasattr(a, "filled") and hasattr(b, "filled"):  # decisions: unset fields are neutral
         if any((x is None) != (y is None) for x, y in zip(a.arrays(), b.arrays())):
             a, b = a.filled(xp, count), b.filled(xp, count)

@@ -19,6 +19,13 @@ class TorchOps(Ops):
         self._constants: dict[tuple[Any, torch.dtype, torch.device], torch.Tensor] = {}
 
     def _constant(self, value: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        value = (
+            bool(value)
+            if dtype == torch.bool
+            else float(value)
+            if dtype.is_floating_point
+            else int(value)
+        )
         key = (value, dtype, device)
         constant = self._constants.get(key)
         if constant is None:  # shared and never written: one tensor per value and device
@@ -56,9 +63,16 @@ class TorchOps(Ops):
         return x.reshape(-1)
 
     def where(self, condition, a, b):
+        # A Python number would be made into a tensor at every call: use a cached one.
+        if not isinstance(a, torch.Tensor):
+            a = self._constant(a, b.dtype, b.device) if isinstance(b, torch.Tensor) else a
+        elif not isinstance(b, torch.Tensor):
+            b = self._constant(b, a.dtype, a.device)
         return torch.where(condition, a, b)
 
-    isfinite = staticmethod(torch.isfinite)
+    def isfinite(self, x):
+        return x * 0 == 0  # NaN and inf give NaN: two kernels, where torch.isfinite takes four
+
     isnan = staticmethod(torch.isnan)
     sqrt = staticmethod(torch.sqrt)
     log10 = staticmethod(torch.log10)

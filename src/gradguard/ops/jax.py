@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .ops import Ops
+from .base import Ops, measured_count
 
 
-def _FLOAT64() -> Any:
+def _float64() -> Any:  # float64 where JAX's 64-bit mode allows it
     return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
@@ -30,7 +30,7 @@ class JaxOps(Ops):
         return jnp.asarray(value, jnp.float32)
 
     def full(self, size, value, like, dtype="float32"):
-        return jnp.full((size,), value, dtype=_FLOAT64() if dtype == "float64" else dtype)
+        return jnp.full((size,), value, dtype=_float64() if dtype == "float64" else dtype)
 
     def flag(self, value, like):
         return jnp.asarray(bool(value))
@@ -50,7 +50,7 @@ class JaxOps(Ops):
         return jnp.asarray(x, jnp.float32)
 
     def f64(self, x):
-        return jnp.asarray(x, _FLOAT64())
+        return jnp.asarray(x, _float64())
 
     def ravel(self, x):
         return jnp.ravel(x)
@@ -102,12 +102,10 @@ class JaxOps(Ops):
     def cond(self, predicate, if_true, if_false, *args):
         if not _is_traced(predicate):
             return if_true(*args) if predicate else if_false(*args)
-        from .policies.base import Decision, StepInputs
-
-        count = next((a.count for a in args if isinstance(a, StepInputs)), None)
+        count = measured_count(args)
         # Decisions may leave different fields unset in the two branches: fill just those.
         shapes = [_as_tuple(jax.eval_shape(lambda f=f: f(*args))) for f in (if_true, if_false)]
-        gaps = [_unset_in_one(a, b) if isinstance(a, Decision) else None for a, b in zip(*shapes)]
+        gaps = [_unset_in_one(a, b) if hasattr(a, "filled") else None for a, b in zip(*shapes)]
 
         def run(fn):
             out = _as_tuple(fn(*args))
