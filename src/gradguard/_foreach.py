@@ -95,6 +95,9 @@ def stacked_norms(
     if accumulate is not None and len(parts) > 1:
         common = functools.reduce(torch.promote_types, (n.dtype for n in flat))
         flat = [n.to(device, common) for n in flat]
+    if len(parts) == 1 and parts[0].device == device:
+        stacked = torch.stack(flat)  # the usual case: nothing to move
+        return stacked, stacked
     stacked = torch.stack([n.to(device) for n in flat])
     if len(parts) == 1:
         return stacked, stacked

@@ -262,6 +262,7 @@ class Guard:
             collected.grads, self.norm_type, names=collected.names, dtype=self.accumulate_dtype
         )
 
+    @np.errstate(all="ignore")  # host math is as silent about NaN/inf as torch
     def _process(
         self,
         collected: Collected,
@@ -276,14 +277,13 @@ class Guard:
         stats = self._measure(collected)
         xp = self._ops_for(stats.total_norm.device)
         params, grads = collected.params, collected.grads
-        with np.errstate(all="ignore"):  # host math is as silent about NaN/inf as torch
-            inputs = StepInputs.from_stats(
-                stats, params, xp=xp, step=self._step, loss=loss, lr=lr_value(lr, xp)
-            )
-            decision = self.policy.decide(inputs, params).in_library(xp)
-            skip, reason, may_skip = skip_and_reason(xp, decision, found_inf, inputs.total_norm)
-            transformed = self._apply(decision, params, grads, xp, defer_scale)
-            clipped, coef, threshold = outcome(inputs, decision, transformed)
+        inputs = StepInputs.from_stats(
+            stats, params, xp=xp, step=self._step, loss=loss, lr=lr_value(lr, xp)
+        )
+        decision = self.policy.decide(inputs, params).in_library(xp)
+        skip, reason, may_skip = skip_and_reason(xp, decision, found_inf, inputs.total_norm)
+        transformed = self._apply(decision, params, grads, xp, defer_scale)
+        clipped, coef, threshold = outcome(inputs, decision, transformed)
         result = StepResult(
             self._step, stats, inputs, decision, skip, reason, clipped, coef, threshold, may_skip
         )
