@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -19,8 +19,7 @@ from torch.utils._foreach_utils import _device_has_foreach_support
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-@dataclass(frozen=True)
-class Group:
+class Group(NamedTuple):
     """Tensors sharing a device and dtype, their positions in the input, and the path to use."""
 
     device: torch.device

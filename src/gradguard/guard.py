@@ -300,11 +300,13 @@ class Guard:
         Returns the norm after the transforms and per-tensor scales when a recorder will
         record it (an extra pass over the gradients).
         """
-        # DTensor gradients are scaled through their local shards (same storage).
-        local = distributed.local_tensors(grads) if distributed.has_dtensor(grads) else grads
+        scale, factors = decision.scale, decision.tensor_scale
+        scales = factors is not None or (scale is not None and not defer)
+        local = grads
+        if scales and distributed.has_dtensor(grads):
+            local = distributed.local_tensors(grads)  # DTensors are scaled through their shards
         for transform in decision.transforms:
             transform(params, grads)
-        factors = decision.tensor_scale
         if factors is not None:
             if xp is NUMPY:
                 if not np.all(factors == 1.0):
@@ -314,7 +316,6 @@ class Guard:
         transformed = None
         if decision.transforms and self.recorder is not None:
             transformed = measure_grads(grads, self.norm_type, dtype=torch.float32).total_norm
-        scale = decision.scale
         if scale is not None and not defer:
             if xp is NUMPY:
                 if not scale >= 1.0:  # nothing to do when nothing is clipped (NaN does multiply)
