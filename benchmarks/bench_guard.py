@@ -53,6 +53,11 @@ def variants(named, fused: bool):
         "ClipTensorNorm(1.0)": gg.Guard(named, gg.ClipTensorNorm(1.0)),
         "AGC(0.01)": gg.Guard(named, gg.AGC()),
     }
+    return candidates(params, opt, {f"guard {name}": g for name, g in guards.items()})
+
+
+def candidates(params, opt, guards):
+    """A bare step, torch's clip and a step, and each guard's step, on fresh gradients."""
     out = {
         "optimizer.step() alone": lambda: (fresh(params), opt.step()),
         "clip_grad_norm_ + step": lambda: (
@@ -62,7 +67,7 @@ def variants(named, fused: bool):
         ),
     }
     for name, guard in guards.items():
-        out[f"guard {name}"] = lambda guard=guard: (fresh(params), guard.step(opt))
+        out[name] = lambda guard=guard: (fresh(params), guard.step(opt))
     return out
 
 
@@ -128,16 +133,7 @@ def fixed_cost(rounds: int, repeats: int) -> None:
         "default guard, device math": gg.Guard(model, host_math=False),
         "ClipNorm(1.0) guard": gg.Guard(model, gg.ClipNorm(1.0)),
     }
-    cands = {
-        "optimizer.step() alone": lambda: (fresh(params), opt.step()),
-        "clip_grad_norm_ + step": lambda: (
-            fresh(params),
-            torch.nn.utils.clip_grad_norm_(params, 1.0),
-            opt.step(),
-        ),
-    }
-    for name, guard in guards.items():
-        cands[name] = lambda guard=guard: (fresh(params), guard.step(opt))
+    cands = candidates(params, opt, guards)
     samples: dict[str, list[float]] = {name: [] for name in cands}
     for _ in range(repeats):  # medians of medians: the machine is shared and noisy
         for name, t in interleaved(cands, rounds).items():

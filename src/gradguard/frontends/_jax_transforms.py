@@ -260,27 +260,20 @@ def guard(
 
 
 # ------------------------------------------------------------------- shorthands
-def zclip(
-    alpha: float = 0.97,
-    z_thresh: float = 2.5,
-    warmup_steps: int = 25,
-    max_norm: float | None = None,
-    warmup_max_norm: float | None = None,
-    eps: float = 1e-6,
-) -> optax.GradientTransformation:
-    """:class:`gradguard.ZClip` (Kumar et al. 2025) as an optax transformation."""
-    return transform(ZClip(alpha, z_thresh, warmup_steps, max_norm, warmup_max_norm, eps))
+def zclip(*args: Any, **kwargs: Any) -> optax.GradientTransformation:
+    """:class:`gradguard.ZClip` (Kumar et al. 2025) as an optax transformation; the same
+    arguments and defaults."""
+    return transform(ZClip(*args, **kwargs))
 
 
-def autoclip(
-    percentile: float = 10.0, history: int | None = None, exact_until: int = 4096
-) -> optax.GradientTransformation:
+def autoclip(*args: Any, **kwargs: Any) -> optax.GradientTransformation:
     """:class:`gradguard.AutoClip` (Seetharaman et al. 2020) as an optax transformation.
 
-    The same defaults as in torch: every past norm, exactly for ``exact_until`` steps,
-    then log-binned (the state holds both arrays: shapes are static under jit).
+    The same arguments and defaults as in torch: every past norm, exactly for
+    ``exact_until`` steps, then log-binned (the state holds both arrays: shapes are static
+    under jit).
     """
-    return transform(AutoClip(percentile, history, exact_until))
+    return transform(AutoClip(*args, **kwargs))
 
 
 def clip_tensor_norm(max_norm: float) -> optax.GradientTransformation:

@@ -79,7 +79,11 @@ class Ops:
         raise NotImplementedError
 
     def clip(self, x: Array, low: float | None = None, high: float | None = None) -> Array:
-        raise NotImplementedError
+        if low is not None:
+            x = self.maximum(x, low)
+        if high is not None:
+            x = self.minimum(x, high)
+        return x
 
     def div(self, a: Array | float, b: Array) -> Array:
         """``a / b``; a number divided by an array is ``reciprocal(b) * a``, as torch does."""

@@ -116,13 +116,6 @@ class NumpyOps(Ops):
     cumsum = staticmethod(np.cumsum)
     take = staticmethod(np.take)
 
-    def clip(self, x, low=None, high=None):
-        if low is not None:
-            x = self.maximum(x, low)
-        if high is not None:
-            x = self.minimum(x, high)
-        return x
-
     def as_index(self, x):
         return np.asarray(x).astype(np.int64)
 

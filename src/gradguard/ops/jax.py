@@ -70,13 +70,6 @@ class JaxOps(Ops):
     cumsum = staticmethod(jnp.cumsum)
     take = staticmethod(jnp.take)
 
-    def clip(self, x, low=None, high=None):
-        if low is not None:
-            x = jnp.maximum(x, low)
-        if high is not None:
-            x = jnp.minimum(x, high)
-        return x
-
     def vector_norm(self, x, p):
         return jnp.linalg.norm(x, ord=p).astype(jnp.float32)
 
