@@ -34,6 +34,8 @@ from .. import ops as _ops
 from ..ops import Array, Ops
 from ..stats import GradStats
 
+_F32_ZERO = np.float32(0.0)
+
 #: An in-place gradient transformation: ``fn(params, grads)`` (torch only).
 Transform = Callable[[Sequence[Tensor], Sequence[Tensor]], None]
 
@@ -144,7 +146,7 @@ class StepInputs:
             xp = _ops.TORCH
         if xp is _ops.NUMPY:
             norms = stats.norms  # a CPU tensor, seen as NumPy when first read
-            total_value = _ops.NUMPY.f32(total.item())
+            total_value = _F32_ZERO + total.item()  # one rounding to float32
             loss_value = None if loss is None else _ops.NUMPY.f32(float(loss))
         else:
             norms = stats.norms.float()
