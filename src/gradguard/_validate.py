@@ -33,6 +33,14 @@ def _as_float(name: str, value: object) -> float:
     return float(value)
 
 
+def finite(name: str, value: object) -> float:
+    """Return ``value`` as a float, requiring a finite number."""
+    number = _as_float(name, value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {number}")
+    return number
+
+
 def _in_float32(name: str, number: float) -> float:
     if number > FLOAT32_MAX:
         raise ValueError(
