@@ -85,7 +85,7 @@ def clip_grads_with_norm_(
 
     Drop-in for ``torch.nn.utils.clip_grads_with_norm_``.
     """
-    limit = check.non_negative("max_norm", max_norm, float32=False)
+    limit = check.non_negative("max_norm", max_norm)
     grads = grads_with_names(parameters).grads
     if grads:
         _foreach.scale_(grads, clip_coefficient(limit, total_norm), foreach)
@@ -126,7 +126,7 @@ def clip_grad_norm_(
     Returns the total norm before clipping, or with ``return_stats=True`` the full
     :class:`GradStats` (per-tensor norms, names, non-finite flags) of the pre-clip gradients.
     """
-    limit = check.non_negative("max_norm", max_norm, float32=False)
+    limit = check.non_negative("max_norm", max_norm)
     p = check.norm_type(norm_type, like_torch=True)
     if isinstance(parameters, types.GeneratorType):
         parameters = list(parameters)
@@ -156,7 +156,7 @@ def clip_grad_value_(
     Drop-in for ``torch.nn.utils.clip_grad_value_``. Unlike norm clipping this can
     change the gradient's direction.
     """
-    limit = check.non_negative("clip_value", clip_value, float32=False)
+    limit = check.non_negative("clip_value", clip_value)
     for group in _foreach.groups(grads_with_names(parameters).grads, foreach):
         _foreach.clamp_(group, -limit, limit)
 
@@ -174,7 +174,7 @@ def clip_tensor_norms_(
     ``ClipGradByNorm``): ``g ← g · min(max_norm / (‖g‖ + 1e-6), 1)`` for each tensor.
     Returns the pre-clip statistics.
     """
-    limit = check.non_negative("max_norm", max_norm, float32=False)
+    limit = check.non_negative("max_norm", max_norm)
     p = check.norm_type(norm_type)
     found = grads_with_names(parameters)
     stats = measure_grads(found.grads, p, names=found.names, foreach=foreach)

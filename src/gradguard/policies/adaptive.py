@@ -136,15 +136,17 @@ class ZClip(Policy):
         eps: float = 1e-6,
     ) -> None:
         self.alpha = check.in_open_unit("alpha", alpha)
-        self.z_thresh = check.positive("z_thresh", z_thresh)
+        self.z_thresh = check.positive("z_thresh", z_thresh, float32=True)
         self.warmup_steps = check.positive_int("warmup_steps", warmup_steps)
-        self.max_norm = None if max_norm is None else check.non_negative("max_norm", max_norm)
+        self.max_norm = (
+            None if max_norm is None else check.non_negative("max_norm", max_norm, float32=True)
+        )
         self.warmup_max_norm = (
             None
             if warmup_max_norm is None
-            else check.non_negative("warmup_max_norm", warmup_max_norm)
+            else check.non_negative("warmup_max_norm", warmup_max_norm, float32=True)
         )
-        self.eps = check.positive("eps", eps)
+        self.eps = check.positive("eps", eps, float32=True)
 
     def _config(self):
         return {
@@ -237,7 +239,7 @@ class AdaptiveTensorClip(Policy):
         warmup_steps: int = 100,
         warmup_max_norm: float | None = 1.0,
     ) -> None:
-        self.relative = check.positive("relative", relative)
+        self.relative = check.positive("relative", relative, float32=True)
         if self.relative < 1.0:
             raise ValueError(f"relative must be >= 1, got {self.relative}")
         self.beta = check.in_open_unit("beta", beta)
@@ -245,7 +247,7 @@ class AdaptiveTensorClip(Policy):
         self.warmup_max_norm = (
             None
             if warmup_max_norm is None
-            else check.non_negative("warmup_max_norm", warmup_max_norm)
+            else check.non_negative("warmup_max_norm", warmup_max_norm, float32=True)
         )
 
     def _config(self):

@@ -38,7 +38,7 @@ class ClipNorm(Policy):
     """
 
     def __init__(self, max_norm: float, norm_type: float | str = 2.0) -> None:
-        self.max_norm = check.non_negative("max_norm", max_norm)
+        self.max_norm = check.non_negative("max_norm", max_norm, float32=True)
         self.norm_type = check.norm_type(norm_type)
 
     def _config(self):
@@ -58,7 +58,7 @@ class ClipValue(Policy):
     """Clamp every gradient element to ``[-clip_value, clip_value]`` (may change direction)."""
 
     def __init__(self, clip_value: float) -> None:
-        self.clip_value = check.non_negative("clip_value", clip_value)
+        self.clip_value = check.non_negative("clip_value", clip_value, float32=True)
 
     def _config(self):
         return {"clip_value": self.clip_value}
@@ -77,7 +77,7 @@ class ClipTensorNorm(Policy):
     """Clip each gradient tensor to norm ``max_norm`` on its own (Paddle's ``ClipGradByNorm``)."""
 
     def __init__(self, max_norm: float) -> None:
-        self.max_norm = check.non_negative("max_norm", max_norm)
+        self.max_norm = check.non_negative("max_norm", max_norm, float32=True)
 
     def _config(self):
         return {"max_norm": self.max_norm}
@@ -97,8 +97,8 @@ class AGC(Policy):
     def __init__(
         self, clip_factor: float = 0.01, eps: float = 1e-3, exclude: Sequence[str] = ()
     ) -> None:
-        self.clip_factor = check.positive("clip_factor", clip_factor)
-        self.eps = check.non_negative("eps", eps)
+        self.clip_factor = check.positive("clip_factor", clip_factor, float32=True)
+        self.eps = check.non_negative("eps", eps, float32=True)
         self.exclude = tuple(exclude)
 
     def _config(self):

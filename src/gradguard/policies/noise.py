@@ -41,8 +41,8 @@ class GradientNoise(Policy):
     """
 
     def __init__(self, eta: float = 0.01, gamma: float = 0.55, seed: int | None = None) -> None:
-        self.eta = check.positive("eta", eta)
-        self.gamma = check.non_negative("gamma", gamma)
+        self.eta = check.positive("eta", eta, float32=True)
+        self.gamma = check.non_negative("gamma", gamma, float32=True)
         self._rng = DeviceGenerators(check_seed(seed))
         self.step = 0
 

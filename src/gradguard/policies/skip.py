@@ -50,7 +50,7 @@ class SkipSpike(Policy):
     def __init__(
         self, sigma: float = 6.0, window: int = 128, min_history: int | None = None
     ) -> None:
-        self.sigma = check.positive("sigma", sigma)
+        self.sigma = check.positive("sigma", sigma, float32=True)
         self.window = check.positive_int("window", window, minimum=2)
         default = max(min(20, self.window), self.window // 2)
         self.min_history = (
