@@ -104,11 +104,13 @@ def test_integer_arguments_accept_numpy_and_tensor_integers():
             check.positive_int("n", value)
 
 
-def test_thresholds_stay_within_float32():
-    assert check.non_negative("max_norm", 3.4e38) == 3.4e38
+def test_policy_thresholds_stay_within_float32():
+    assert check.non_negative("max_norm", 3.4e38, float32=True) == 3.4e38
     with pytest.raises(ValueError, match="max_norm must be at most"):
-        check.non_negative("max_norm", 1e39)
-    assert check.non_negative("max_norm", 1e39, float32=False) == 1e39
+        check.non_negative("max_norm", 1e39, float32=True)
+    with pytest.raises(ValueError, match="eps must be at most"):
+        check.positive("eps", 1e39, float32=True)
+    assert check.non_negative("max_norm", 1e39) == 1e39  # elsewhere no float32 bound
 
 
 def test_norm_types_as_torch_for_the_drop_ins():
