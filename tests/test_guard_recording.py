@@ -62,7 +62,8 @@ def test_store_holds_every_step_as_returned_and_skip_event_names_the_origin(tmp_
     assert "0.weight" in nonfinite and "4.weight" not in nonfinite
     # The first NaN in backward order is layer 2's, not the registration-order "0.weight".
     assert skips[0].data["origin"] in ("2.weight", "2.bias")
-    assert any("step 17 skipped" in str(w.message) for w in caught)
+    skip_warnings = [w for w in caught if "step 17 skipped" in str(w.message)]
+    assert skip_warnings and skip_warnings[0].filename == __file__  # the user's line
     assert store.names() == tuple(n for n, _ in model.named_parameters())
 
 

@@ -263,7 +263,6 @@ class Guard:
             collected.grads, self.norm_type, names=collected.names, dtype=self.accumulate_dtype
         )
 
-    @np.errstate(all="ignore")  # host math is as silent about NaN/inf as torch
     def _process(
         self,
         collected: Collected,
@@ -276,6 +275,18 @@ class Guard:
         if loss is not None or lr is not None:
             check_scalar("loss", loss)
             check_scalar("lr", lr)
+        result = self._decide(collected, loss, lr, found_inf, defer_scale)
+        self._step += 1
+        # Outside the NumPy error state: warnings here are attributed to the user's line.
+        self._record(result, lr, loss_scale)
+        self._skips.after_step(result)
+        return result
+
+    @np.errstate(all="ignore")  # host math is as silent about NaN/inf as torch
+    def _decide(
+        self, collected: Collected, loss: Any, lr: Any, found_inf: Any, defer_scale: bool
+    ) -> StepResult:
+        """Measure, decide and apply: the step's :class:`StepResult`."""
         stats = self._measure(collected)
         xp = self._ops_for(stats.total_norm.device)
         params, grads = collected.params, collected.grads
@@ -286,13 +297,9 @@ class Guard:
         skip, reason, may_skip = skip_and_reason(xp, decision, found_inf, inputs.total_norm)
         transformed = self._apply(decision, params, grads, xp, defer_scale)
         clipped, coef, threshold = outcome(inputs, decision, transformed)
-        result = StepResult(
+        return StepResult(
             self._step, stats, inputs, decision, skip, reason, clipped, coef, threshold, may_skip
         )
-        self._step += 1
-        self._record(result, lr, loss_scale)
-        self._skips.after_step(result)
-        return result
 
     def _apply(
         self, decision: Decision, params: list[Tensor], grads: list[Tensor], xp: Ops, defer: bool
