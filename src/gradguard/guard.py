@@ -32,7 +32,7 @@ from ._guard_setup import (
 from ._params import Collected, ParamsLike, collect, named_params
 from ._skips import SkipReports
 from .ops import NUMPY, TORCH, Ops
-from .policies import Decision, Policy, default_policy
+from .policies import Chain, Decision, Policy, default_policy
 from .policies.base import StepInputs
 from .result import StepResult, outcome, skip_and_reason
 from .schema import Sink
@@ -101,6 +101,10 @@ class Guard:
         self.params = params
         self.names = names
         self.policy = policy if policy is not None else default_policy()
+        # A policy that overrides decide() may answer in torch on the host path.
+        self._custom_decide = not isinstance(self.policy, Chain) and (
+            type(self.policy).decide is not Policy.decide
+        )
         self.norm_type = check.norm_type(norm_type)
         self.log_every = check.positive_int("log_every", log_every)
         self.accumulate_dtype = accumulate_dtype
@@ -293,7 +297,9 @@ class Guard:
         inputs = StepInputs.from_stats(
             stats, params, xp=xp, step=self._step, loss=loss, lr=lr_value(lr, xp)
         )
-        decision = self.policy.decide(inputs, params).in_library(xp)
+        decision = self.policy.decide(inputs, params)
+        if self._custom_decide:
+            decision = decision.in_library(xp)
         skip, reason, may_skip = skip_and_reason(xp, decision, found_inf, inputs.total_norm)
         transformed = self._apply(decision, params, grads, xp, defer_scale)
         clipped, coef, threshold = outcome(inputs, decision, transformed)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -57,7 +57,7 @@ class Decision:
     skip: Array | None = None
     reason: Array | None = None
     threshold: Array | None = None
-    transforms: list[Transform] = field(default_factory=list)
+    transforms: Sequence[Transform] = ()
 
     def then(self, other: Decision, xp: Ops | None = None) -> Decision:
         """Compose with a decision taken after this one (see the module docstring)."""
@@ -83,7 +83,9 @@ class Decision:
             else:
                 assert xp is not None
                 threshold = xp.minimum(threshold, other.threshold)
-        transforms = [*self.transforms, *other.transforms]
+        transforms = self.transforms
+        if other.transforms:
+            transforms = [*transforms, *other.transforms]
         return Decision(scale, tensor_scale, skip, reason, threshold, transforms)
 
     def filled(self, xp: Ops, count: int | None) -> Decision:
@@ -117,7 +119,7 @@ class Decision:
 
     @classmethod
     def from_arrays(cls, transforms: tuple[Transform, ...], arrays: Sequence[Any]) -> Decision:
-        return cls(*arrays, transforms=list(transforms))
+        return cls(*arrays, transforms=tuple(transforms))
 
 
 def _namespace(*decisions: Decision) -> Ops | None:

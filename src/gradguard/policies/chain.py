@@ -57,7 +57,7 @@ class Chain(Policy):
             if type(policy).decide is Policy.decide:
                 step = policy._decide(inputs)  # checked once, here
             else:  # a policy that decides its own way (an older custom policy)
-                step = policy.decide(inputs, inputs.params)
+                step = policy.decide(inputs, inputs.params).in_library(inputs.xp)
             decision = step if decision is None else decision.then(step, inputs.xp)
         assert decision is not None
         return decision
