@@ -1,7 +1,7 @@
 """Clipping and skipping policies, composable with :func:`chain`."""
 
 from .adaptive import AdaptiveTensorClip, AutoClip, ZClip
-from .base import Decision, Policy
+from .base import Decision, Policy, StepInputs
 from .chain import Chain, chain, default_policy
 from .fixed import AGC, ClipNorm, ClipTensorNorm, ClipValue, Monitor
 from .noise import GradientNoise
@@ -21,6 +21,7 @@ __all__ = [
     "Policy",
     "SkipNonFinite",
     "SkipSpike",
+    "StepInputs",
     "ZClip",
     "chain",
     "default_policy",

@@ -78,10 +78,8 @@ def now() -> str:
 
 
 def versions() -> dict[str, str]:
-    try:
-        from .. import __version__ as gradguard_version
-    except ImportError:  # pragma: no cover - partial installs
-        gradguard_version = "unknown"
+    from .._version import __version__ as gradguard_version
+
     try:
         import torch
 
