@@ -42,6 +42,14 @@ def _in_float32(name: str, number: float) -> float:
     return number
 
 
+def finite(name: str, value: object) -> float:
+    """Return ``value`` as a float, requiring a finite number."""
+    number = _as_float(name, value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {number}")
+    return number
+
+
 def non_negative(name: str, value: object) -> float:
     """Return ``value`` as a float, requiring a finite float32 number >= 0."""
     number = _as_float(name, value)
