@@ -162,7 +162,7 @@ def test_taking_over_keeps_the_trainers_clip_without_its_norm_pass(tmp_path, mon
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(accelerate.Accelerator, "clip_grad_norm_", counted)
-    plain_logs, plain_model = plain_run(tmp_path, max_grad_norm=MAX_NORM)
+    _, plain_model = plain_run(tmp_path, max_grad_norm=MAX_NORM)
     assert len(calls) == STEPS
     calls.clear()
 
@@ -186,7 +186,7 @@ def test_taking_over_keeps_the_trainers_clip_without_its_norm_pass(tmp_path, mon
 
 
 def test_a_users_policy_replaces_the_trainers_clip_and_says_so(tmp_path):
-    plain_logs, plain_model = plain_run(tmp_path, max_grad_norm=0.0)
+    _, plain_model = plain_run(tmp_path, max_grad_norm=0.0)
     model, reporter = tiny_gpt2(), Reporter()
     callback = GradGuardTrainerCallback(ClipNorm(1e9), health=False)
     trainer = make_trainer(tmp_path, model, [reporter, callback], max_grad_norm=MAX_NORM)
