@@ -159,3 +159,20 @@ def test_bad_arguments_are_named():
         guard_gradients(accelerator, model, None)
     with pytest.raises(TypeError, match="accelerator"):
         guard_gradients(object(), Guard(model, health=False), None)
+
+
+def test_fsdp2_on_two_ranks_matches_ddp_and_skips_together():
+    from tests.integrations._workers import NAN_STEP, STEPS, results
+
+    expected_skips = [step + 1 == NAN_STEP for step in range(STEPS)]
+    for rank, found in enumerate(results(2)):
+        ddp, fsdp2 = found["accelerate"]["ddp"], found["accelerate"]["fsdp2"]
+        assert fsdp2["sharded"] and not ddp["sharded"]
+        assert fsdp2["norms"] == pytest.approx(ddp["norms"], rel=1e-5, nan_ok=True)
+        for run in (ddp, fsdp2):
+            assert run["skipped"] == expected_skips  # accelerator.optimizer_step_was_skipped
+            assert run["recording"] == (rank == 0)
+        for got, want in zip(fsdp2["params"], ddp["params"]):
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=0)
+        if rank == 0:
+            assert fsdp2["stored"]["total_norm"] == pytest.approx(fsdp2["norms"], nan_ok=True)

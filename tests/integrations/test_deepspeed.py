@@ -266,3 +266,34 @@ def test_bad_engine_policies_and_arguments_are_named(single_process):
         DeepSpeedGuard(engine, ClipNorm(1.0), monitor_only=True)
     with pytest.raises(ValueError, match="lr_on_skip"):
         DeepSpeedGuard(engine, lr_on_skip="hold on")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_zero_stages_on_several_ranks_match_one_process_and_skip_together(world):
+    """ZeRO 0-3 on 2 ranks (1 and 3 on 4), one rank's NaN micro-batch: every rank measures
+    the unsharded norm (DeepSpeed's own), skips the same step through DeepSpeed and ends
+    with the unsharded run's parameters; rank 0 records."""
+    from tests.integrations._workers import DEEPSPEED, NAN_STEP, STEPS, results
+
+    expected_skips = [step + 1 == NAN_STEP for step in range(STEPS)]
+    for rank, found in enumerate(results(world)):
+        runs = found["deepspeed"]
+        for stage, precision in DEEPSPEED[world]:
+            run = runs[f"{stage}-{precision}"]
+            rel = 1e-5 if precision == "fp32" else 1e-2
+            assert run["skipped"] == expected_skips and run["skipped_steps"] == 1
+            assert run["applied"] == [not s for s in expected_skips]
+            for got, want, ds, skipped in zip(
+                run["norms"], runs["reference"], run["ds_norms"], run["skipped"]
+            ):
+                if skipped:
+                    continue
+                assert got == pytest.approx(want, rel=rel)
+                assert math.isnan(ds) or got == pytest.approx(ds, rel=1e-5)
+            atol = 1e-5 if precision == "fp32" else 2e-2
+            for got, want in zip(run["params"], runs["reference_params"]):
+                torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=atol, rtol=0)
+            assert run["recording"] == (rank == 0)
+            if rank == 0:
+                assert run["stored"]["step"] == [float(s) for s in range(1, STEPS + 1)]
+                assert run["stored"]["skipped"] == [float(s) for s in expected_skips]

@@ -349,3 +349,26 @@ def test_deepspeed_and_fsdp1_strategies_are_refused():
     with pytest.raises(NotImplementedError, match="ModelParallelStrategy"):
         refuse_sharded(FSDPStrategy())
     refuse_sharded(SingleDeviceStrategy(device=torch.device("cpu")))  # no error
+
+
+def test_ddp_and_fsdp2_on_two_ranks_match_one_process_and_skip_together():
+    """DDPStrategy and ModelParallelStrategy (FSDP2) on 2 gloo ranks, one rank's NaN batch:
+    norms equal the unsharded run, every rank skips the same step, rank 0 records."""
+    from tests.integrations._workers import NAN_STEP, results
+
+    for rank, found in enumerate(results(2)):
+        runs = found["lightning"]
+        reference = runs["reference"]
+        for name in ("ddp", "fsdp2"):
+            run = runs[name]
+            assert run["skipped"] == [step + 1 == NAN_STEP for step in range(len(reference))]
+            for got, want, skipped in zip(run["norms"], reference, run["skipped"]):
+                assert math.isnan(got) if skipped else got == pytest.approx(want, rel=1e-5)
+            for got, want in zip(run["params"], runs["reference_params"]):
+                torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=0)
+            assert run["recording"] == (rank == 0)
+            if rank == 0:
+                stored = run["stored"]
+                assert stored["step"] == [0.0, 1.0, 2.0, 3.0]  # trainer.global_step
+                assert stored["total_norm"] == pytest.approx(run["norms"], nan_ok=True)
+                assert stored["skipped"] == [float(s) for s in run["skipped"]]

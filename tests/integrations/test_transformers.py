@@ -303,3 +303,26 @@ def test_bad_arguments_are_named(tmp_path):
         GradGuardTrainerCallback(ClipNorm(1.0), monitor_only=True)
     with pytest.raises(ValueError, match="lr_on_skip"):
         GradGuardTrainerCallback(lr_on_skip="pause")
+
+
+def test_fsdp2_on_two_ranks_matches_ddp_and_skips_together():
+    """The Trainer with an fsdp config (FSDP2) and without (DDP) on 2 gloo ranks, one
+    rank's NaN batch: gradguard's norm is the Trainer's grad_norm at every step, equal
+    across sharding; every rank skips the same step and holds the LR; rank 0 records."""
+    from tests.integrations._workers import NAN_STEP, STEPS, results
+
+    expected_skips = [step + 1 == NAN_STEP for step in range(STEPS)]
+    for rank, found in enumerate(results(2)):
+        ddp, fsdp2 = found["transformers"]["ddp"], found["transformers"]["fsdp2"]
+        assert fsdp2["sharded"] and not ddp["sharded"]
+        assert fsdp2["logged"] == pytest.approx(ddp["logged"], rel=1e-5, nan_ok=True)
+        for run in (ddp, fsdp2):
+            assert run["skipped"] == expected_skips  # optimizer_step_was_skipped, every rank
+            assert [math.isnan(n) for n in run["logged"]] == expected_skips
+            assert run["recording"] == (rank == 0)
+        for got, want in zip(fsdp2["params"], ddp["params"]):
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=0)
+        if rank == 0:
+            for run in (ddp, fsdp2):
+                assert run["stored"]["step"] == [float(s) for s in range(1, STEPS + 1)]
+                assert run["stored"]["total_norm"] == pytest.approx(run["logged"], nan_ok=True)
