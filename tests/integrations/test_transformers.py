@@ -121,11 +121,12 @@ def test_monitor_records_the_pre_clip_norm_and_changes_nothing(tmp_path, monkeyp
         monkeypatch.setitem(sys.modules, "tensorflow", None)
     callback = GradGuardTrainerCallback(store=tmp_path / "run", log_every=1)
     reporter, model = Reporter(), tiny_gpt2()
+    options = dict(max_grad_norm=MAX_NORM, gradient_accumulation_steps=2)
     trainer = make_trainer(
-        tmp_path, model, [reporter, callback], max_grad_norm=MAX_NORM, report_to=["tensorboard"]
+        tmp_path, model, [reporter, callback], report_to=["tensorboard"], **options
     )
     trainer.train()
-    plain_logs, plain_model = plain_run(tmp_path, max_grad_norm=MAX_NORM)
+    plain_logs, plain_model = plain_run(tmp_path, **options)
 
     assert callback.monitoring
     assert trainer.callback_handler.callbacks[0] is callback  # moved ahead of the reporters
