@@ -10,21 +10,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.utils._foreach_utils import (
-    _device_has_foreach_support,
-    _group_tensors_by_device_and_dtype,
-    _has_foreach_support,
-)
+from torch.utils._foreach_utils import _device_has_foreach_support
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
-@dataclass(frozen=True)
-class Group:
+class Group(NamedTuple):
     """Tensors sharing a device and dtype, their positions in the input, and the path to use."""
 
     device: torch.device
@@ -41,14 +36,13 @@ def groups(tensors: Sequence[Tensor], foreach: bool | None = None) -> list[Group
     """
     if not tensors:
         return []
-    grouped = _group_tensors_by_device_and_dtype(
-        [list(tensors)],
-        with_indices=True,  # type: ignore[list-item]
-    )
+    # torch's grouping, without the no_grad wrapper torch puts around it (nothing here
+    # records autograd history); its cost is most of a small model's measurement.
+    grouped = torch._C._group_tensors_by_device_and_dtype([list(tensors)], True)
     result = []
     for (device, _), ([device_tensors], indices) in grouped.items():
         if foreach is None:
-            use = _has_foreach_support(device_tensors, device)  # type: ignore[arg-type]
+            use = _device_supports(device) and all(type(t) is Tensor for t in device_tensors)
         elif foreach:
             if not _device_has_foreach_support(device):
                 raise RuntimeError(
@@ -60,6 +54,11 @@ def groups(tensors: Sequence[Tensor], foreach: bool | None = None) -> list[Group
             use = False
         result.append(Group(device, device_tensors, list(indices), use))  # type: ignore[arg-type]
     return result
+
+
+@functools.lru_cache(maxsize=16)
+def _device_supports(device: torch.device) -> bool:
+    return _device_has_foreach_support(device)
 
 
 def norms(group: Group, norm_type: float, dtype: torch.dtype | None = None) -> list[Tensor]:
@@ -95,6 +94,9 @@ def stacked_norms(
     if accumulate is not None and len(parts) > 1:
         common = functools.reduce(torch.promote_types, (n.dtype for n in flat))
         flat = [n.to(device, common) for n in flat]
+    if len(parts) == 1 and parts[0].device == device:
+        stacked = torch.stack(flat)  # the usual case: nothing to move
+        return stacked, stacked
     stacked = torch.stack([n.to(device) for n in flat])
     if len(parts) == 1:
         return stacked, stacked

@@ -73,6 +73,12 @@ class Collected(NamedTuple):
     given: int
 
 
+_STRIDED = torch.strided
+_MEASURABLE = frozenset(
+    {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128}
+)
+
+
 def collect(params: Sequence[Tensor], names: Sequence[str] | None) -> Collected:
     """The parameters of ``params`` that have a gradient (``grad is None`` skipped), checked."""
     kept_params: list[Tensor] = []
@@ -82,7 +88,7 @@ def collect(params: Sequence[Tensor], names: Sequence[str] | None) -> Collected:
         grad = param.grad
         if grad is None:
             continue
-        if grad.layout != torch.strided or not grad.dtype.is_floating_point:
+        if grad.dtype not in _MEASURABLE or grad.layout is not _STRIDED:
             label = repr(names[index]) if names is not None else f"parameters[{index}]"
             check_grad(grad, label)
         kept_params.append(param)

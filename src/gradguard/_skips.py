@@ -57,7 +57,8 @@ class SkipReports:
         result.reported = True
         guard = self.guard
         reason = result.reason_label
-        names = result.nonfinite_names() if reason == "nonfinite" else []
+        # An AMP overflow is non-finite gradients too (after a scale too large): name them.
+        names = result.nonfinite_names() if reason in ("nonfinite", "amp_overflow") else []
         origin = guard.nonfinite_origin(result) if names else None
         ranks = _nonfinite_ranks(result) if names and collective else None
         event = skip_event(result.step, reason, names, origin, ranks)

@@ -50,12 +50,13 @@ def finite(name: str, value: object) -> float:
     return number
 
 
-def non_negative(name: str, value: object) -> float:
-    """Return ``value`` as a float, requiring a finite float32 number >= 0."""
+def non_negative(name: str, value: object, *, float32: bool = True) -> float:
+    """Return ``value`` as a float, requiring a finite number >= 0 (within float32's range
+    unless ``float32=False``: the drop-ins of ``torch.nn.utils`` accept what torch does)."""
     number = _as_float(name, value)
     if not math.isfinite(number) or number < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {number}")
-    return _in_float32(name, number)
+    return _in_float32(name, number) if float32 else number
 
 
 def positive(name: str, value: object) -> float:

@@ -19,15 +19,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _amp, _foreach, _update, _warn, distributed
+from . import _amp, _foreach, _update, distributed
 from . import _validate as check
+from ._guard_setup import (
+    attach_health,
+    backward_order,
+    check_health,
+    check_owner,
+    check_scalar,
+    lr_value,
+)
 from ._params import Collected, ParamsLike, check_grad, collect, named_params
 from ._skips import SkipReports
 from .ops import NUMPY, TORCH, Ops
 from .policies import Decision, Policy, default_policy
 from .policies.base import StepInputs
-from .result import StepResult, outcome
-from .schema import Sink, SkipReason
+from .result import StepResult, outcome, skip_and_reason
+from .schema import Sink
 from .stats import GradStats, measure_grads
 
 __all__ = ["Guard", "StepResult"]
@@ -80,7 +88,7 @@ class Guard:
             raise ValueError("model: there are no parameters to guard")
         if policy is not None and not isinstance(policy, Policy):
             raise TypeError(f"policy must be a gradguard Policy, got {type(policy).__name__}")
-        _check_health(health)
+        check_health(health)
         if accumulate_dtype is not None and not (
             isinstance(accumulate_dtype, torch.dtype) and accumulate_dtype.is_floating_point
         ):
@@ -111,10 +119,10 @@ class Guard:
         self.recorder = recorder
         if recorder is not None:
             self.log_every = int(getattr(recorder, "log_every", self.log_every))
-        self._order = _backward_order(model)
+        self._order = backward_order(model)
         self._skips = SkipReports(self)
         if recorder is not None and health is not False:
-            self.health = _attach_health(recorder, model, health, self._order)
+            self.health = attach_health(recorder, model, health, self._order)
 
     # -- accumulation -----------------------------------------------------------------
 
@@ -200,7 +208,7 @@ class Guard:
             _amp.unscale_once(scaler, optimizer)  # type: ignore[arg-type]
         collected = self._collect()
         if id(optimizer) not in self._checked:
-            _check_owner(optimizer, self, collected)
+            check_owner(optimizer, self.params, collected)
             _update.warn_if_private(optimizer)
             self._checked.add(id(optimizer))
         device = collected.grads[0].device
@@ -290,6 +298,7 @@ class Guard:
             collected.grads, self.norm_type, names=collected.names, dtype=self.accumulate_dtype
         )
 
+    @np.errstate(all="ignore")  # host math is as silent about NaN/inf as torch
     def _process(
         self,
         collected: Collected,
@@ -299,19 +308,18 @@ class Guard:
         loss_scale: Any,
         defer_scale: bool,
     ) -> StepResult:
-        _check_scalar("loss", loss)
-        _check_scalar("lr", lr)
+        check_scalar("loss", loss)
+        check_scalar("lr", lr)
         stats = self._measure(collected)
         xp = self._ops_for(stats.total_norm.device)
         params, grads = collected.params, collected.grads
-        with np.errstate(all="ignore"):  # host math is as silent about NaN/inf as torch
-            inputs = StepInputs.from_stats(
-                stats, params, xp=xp, step=self._step, loss=loss, lr=_lr_value(lr, xp)
-            )
-            decision = _in_library(self.policy.decide(inputs, params), xp)
-            skip, reason, may_skip = _skip_and_reason(xp, decision, found_inf, inputs.total_norm)
-            transformed = self._apply(decision, params, grads, xp, defer_scale)
-            clipped, coef, threshold = outcome(inputs, decision, transformed)
+        inputs = StepInputs.from_stats(
+            stats, params, xp=xp, step=self._step, loss=loss, lr=lr_value(lr, xp)
+        )
+        decision = self.policy.decide(inputs, params).in_library(xp)
+        skip, reason, may_skip = skip_and_reason(xp, decision, found_inf, inputs.total_norm)
+        transformed = self._apply(decision, params, grads, xp, defer_scale)
+        clipped, coef, threshold = outcome(inputs, decision, transformed)
         result = StepResult(
             self._step, stats, inputs, decision, skip, reason, clipped, coef, threshold, may_skip
         )
@@ -328,11 +336,13 @@ class Guard:
         Returns the norm after the transforms and per-tensor scales when a recorder will
         record it (an extra pass over the gradients).
         """
-        # DTensor gradients are scaled through their local shards (same storage).
-        local = distributed.local_tensors(grads) if distributed.has_dtensor(grads) else grads
+        scale, factors = decision.scale, decision.tensor_scale
+        scales = factors is not None or (scale is not None and not defer)
+        local = grads
+        if scales and distributed.has_dtensor(grads):
+            local = distributed.local_tensors(grads)  # DTensors are scaled through their shards
         for transform in decision.transforms:
             transform(params, grads)
-        factors = decision.tensor_scale
         if factors is not None:
             if xp is NUMPY:
                 if not np.all(factors == 1.0):
@@ -342,7 +352,6 @@ class Guard:
         transformed = None
         if decision.transforms and self.recorder is not None:
             transformed = measure_grads(grads, self.norm_type, dtype=torch.float32).total_norm
-        scale = decision.scale
         if scale is not None and not defer:
             if xp is NUMPY:
                 if not scale >= 1.0:  # nothing to do when nothing is clipped (NaN does multiply)
@@ -401,112 +410,3 @@ class Guard:
         self._skips.resolve(collective=False)
         if self.recorder is not None:
             self.recorder.close()
-
-
-def _check_health(health: Any) -> None:
-    if isinstance(health, bool):
-        return
-    from .health import HealthConfig
-
-    if not isinstance(health, HealthConfig):
-        raise TypeError(f"health must be True, False or a HealthConfig, got {health!r}")
-
-
-def _attach_health(recorder: Any, model: ParamsLike, health: Any, order: Any) -> Any:
-    from .health import HealthConfig
-    from .health.listener import attach_health
-
-    if isinstance(health, HealthConfig):
-        config = health
-    elif isinstance(model, torch.nn.Module):
-        config = HealthConfig.for_model(model)
-    else:
-        config = HealthConfig()
-    return attach_health(recorder, config, order=order)
-
-
-def _backward_order(model: ParamsLike) -> Any:
-    """Learn the backward order of a module's parameters (hooks live for one backward)."""
-    if not isinstance(model, torch.nn.Module):
-        return None
-    from .health import BackwardOrder
-
-    try:
-        return BackwardOrder(model)
-    except ValueError:
-        return None
-
-
-def _check_owner(optimizer: torch.optim.Optimizer, guard: Guard, collected: Collected) -> None:
-    """At the first step with ``optimizer``: it must update only parameters the guard sees."""
-    guarded = {id(p) for p in guard.params}
-    stray = [
-        p
-        for g in optimizer.param_groups
-        for p in g["params"]
-        if id(p) not in guarded and p.grad is not None
-    ]
-    if stray:
-        shapes = ", ".join(str(tuple(p.shape)) for p in stray[:3])
-        raise ValueError(
-            f"optimizer: it updates {len(stray)} parameter(s) with gradients that the guard does "
-            f"not measure (shapes {shapes}); build the Guard over the same parameters as the "
-            "optimizer, or it would clip and skip without them"
-        )
-    owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
-    idle = [i for i, p in enumerate(collected.params) if id(p) not in owned]
-    if idle:
-        labels = collected.names or [f"parameters[{i}]" for i in range(len(collected.params))]
-        _warn.warn(
-            f"gradguard: {len(idle)} guarded parameter(s) with gradients are not updated by "
-            f"this optimizer (e.g. {labels[idle[0]]!r}); their norms still count"
-        )
-
-
-def _lr_value(lr: Any, xp: Ops) -> Any:
-    if isinstance(lr, Tensor) and xp is NUMPY:
-        return float(lr)  # a CPU tensor: already on the host
-    return lr
-
-
-def _check_scalar(name: str, value: Any) -> None:
-    if value is None:
-        return
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise TypeError(
-            f"{name} must be a number or a one-element tensor, got {type(value).__name__}"
-        )
-
-
-def _in_library(decision: Decision, xp: Ops) -> Decision:
-    """A decision whose arrays come from another library (a policy written for torch
-    only, run on the host path) moved into ``xp``'s."""
-    if xp is not NUMPY:
-        return decision
-    for name in ("scale", "tensor_scale", "skip", "reason", "threshold"):
-        value = getattr(decision, name)
-        if isinstance(value, Tensor):
-            setattr(decision, name, NUMPY.asarray(value))
-    return decision
-
-
-def _skip_and_reason(
-    xp: Ops, decision: Decision, found_inf: Any, like: Any
-) -> tuple[Any, Any, bool]:
-    """The step's skip flag and reason code, with an AMP overflow folded in."""
-    skip, reason = decision.skip, decision.reason
-    none = xp.code(int(SkipReason.NONE), like)
-    if skip is not None:
-        reason = xp.where(skip, reason, none)
-    if found_inf is not None:
-        overflow = xp.asarray(found_inf, like) > 0
-        amp = xp.code(int(SkipReason.AMP_OVERFLOW), like)
-        reason = xp.where(overflow, amp, none if reason is None else reason)
-        skip = overflow if skip is None else skip | overflow
-    if skip is None:
-        return xp.flag(False, like), none, False
-    return skip, reason, True

@@ -169,3 +169,21 @@ def outcome(inputs: StepInputs, decision: Decision, transformed_norm: Any) -> tu
     if threshold is None:
         threshold = xp.scalar(math.inf, total)
     return clipped, coef, threshold
+
+
+def skip_and_reason(
+    xp: Ops, decision: Decision, found_inf: Any, like: Any
+) -> tuple[Any, Any, bool]:
+    """The step's skip flag and reason code, with an AMP overflow folded in."""
+    skip, reason = decision.skip, decision.reason
+    none = xp.code(int(SkipReason.NONE), like)
+    if skip is not None:
+        reason = xp.where(skip, reason, none)
+    if found_inf is not None:
+        overflow = xp.asarray(found_inf, like) > 0
+        amp = xp.code(int(SkipReason.AMP_OVERFLOW), like)
+        reason = xp.where(overflow, amp, none if reason is None else reason)
+        skip = overflow if skip is None else skip | overflow
+    if skip is None:
+        return xp.flag(False, like), none, False
+    return skip, reason, True

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
 import torch
 
 import gradguard as gg
-from gradguard.ops import TORCH
 from gradguard.policies import Decision
 from gradguard.schema import SkipReason
 from tests.conftest import forbid_host_sync
@@ -260,9 +260,9 @@ def test_policies_make_no_host_sync():
         gg.AdaptiveTensorClip(warmup_steps=1),
     )
     stats_list = [stats_for(v, n=3) for v in (1.0, 2.0, 1.5, 30.0, 1.2)]
-    with forbid_host_sync():  # the device path (torch ops), as on an accelerator
+    with forbid_host_sync():
         for stats, params in stats_list:
-            d = policy.decide(stats, params, xp=TORCH)
+            d = policy.decide(stats, params)
     assert isinstance(d, Decision)
 
 
@@ -309,3 +309,49 @@ class TestBadInput:
     def test_load_foreign_state(self):
         with pytest.raises(KeyError, match="lacks"):
             gg.ZClip().load_state_dict({"_buffer": None})
+
+
+class LossState(NamedTuple):
+    best: Any  # the lowest finite loss so far
+
+
+class SkipLossJump(gg.Policy):
+    """README's loss-aware policy: skip a step whose loss is over 10x the lowest seen."""
+
+    State = LossState
+
+    def init(self, inputs, xp):
+        return LossState(xp.scalar(math.inf, inputs.total_norm))
+
+    def update(self, state, inputs, xp):
+        loss = inputs.loss
+        best = xp.where(xp.isfinite(loss), xp.minimum(state.best, loss), state.best)
+        skip = loss > 10 * state.best
+        return Decision(skip=skip, reason=xp.code(SkipReason.POLICY, loss)), LossState(best)
+
+
+@pytest.mark.parametrize("host_math", [True, False])
+def test_a_policy_can_see_the_loss_the_lr_and_the_step(host_math):
+    seen = []
+
+    class Spy(gg.Policy):
+        def update(self, state, inputs, xp):
+            seen.append((float(inputs.loss), inputs.lr, inputs.step))
+            return Decision(), state
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gg.Guard(model, gg.chain(Spy(), SkipLossJump()), host_math=host_math)
+    skipped = []
+    for scale in [1.0, 1.0, 1.0, 100.0, 1.0]:
+        optimizer.zero_grad()
+        loss = model(torch.randn(8, 3)).pow(2).mean() * scale
+        loss.backward()
+        skipped.append(guard.step(optimizer, loss=loss).is_skipped())
+    assert skipped == [False, False, False, True, False]
+    assert [s for _, _, s in seen] == [0, 1, 2, 3, 4]
+    assert all(lr == pytest.approx(0.05) for _, lr, _ in seen)
+    assert seen[3][0] > 10 * min(v for v, _, _ in seen[:3])
+    state = guard.policy.policies[1].state_dict()
+    assert float(state["best"]) == pytest.approx(min(v for v, _, _ in seen if v < 1e3))

@@ -160,21 +160,21 @@ class ZClip(Policy):
         return ZClipState(zero, zero, zero, zero, zero)
 
     def update(self, state: ZClipState, inputs: StepInputs, xp: Ops) -> tuple[Decision, ZClipState]:
+        g = inputs.total_norm
+        finite = xp.isfinite(g)
+        g0 = xp.where(finite, g, 0.0)  # a non-finite norm never enters the statistics
         ready = state.n >= self.warmup_steps  # statistics existed before this step
-        decision, state = xp.cond(ready, self._track, self._warm_up, xp, state, inputs)
+        decision, state = xp.cond(ready, self._track, self._warm_up, xp, state, g, finite, g0)
         if self.max_norm is not None:
-            g = inputs.total_norm
             decision.scale = xp.minimum(decision.scale, clip_coefficient(xp, self.max_norm, g))
             decision.threshold = xp.minimum(decision.threshold, self.max_norm)
         return decision, state
 
     def _warm_up(
-        self, xp: Ops, state: ZClipState, inputs: StepInputs
+        self, xp: Ops, state: ZClipState, g: Array, finite: Array, g0: Array
     ) -> tuple[Decision, ZClipState]:
         """Accumulate the finite norms (capped: the ones applied); mean and variance follow."""
-        g = inputs.total_norm
-        finite = xp.isfinite(g)
-        applied = xp.where(finite, g, 0.0)
+        applied = g0
         if self.warmup_max_norm is not None:
             applied = xp.minimum(applied, self.warmup_max_norm)
         n = state.n + finite
@@ -189,12 +189,11 @@ class ZClip(Policy):
             decision = Decision(scale=clip_coefficient(xp, cap, g), threshold=xp.scalar(cap, g))
         return decision, ZClipState(n, total, total_sq, mean, var)
 
-    def _track(self, xp: Ops, state: ZClipState, inputs: StepInputs) -> tuple[Decision, ZClipState]:
+    def _track(
+        self, xp: Ops, state: ZClipState, g: Array, finite: Array, g0: Array
+    ) -> tuple[Decision, ZClipState]:
         """Clip a spike against the statistics from before this step, then update the EMAs
         with the effective (clipped) norm."""
-        g = inputs.total_norm
-        finite = xp.isfinite(g)
-        g0 = xp.where(finite, g, 0.0)
         std = xp.sqrt(state.var)
         z = (g0 - state.mean) / (std + self.eps)
         spike = finite & (z > self.z_thresh)
@@ -258,8 +257,7 @@ class AdaptiveTensorClip(Policy):
         }
 
     def init(self, inputs: StepInputs, xp: Ops) -> AdaptiveTensorClipState:
-        norms = inputs.norms
-        return AdaptiveTensorClipState(finite_or(xp, norms, 0.0), xp.counter(0))
+        return AdaptiveTensorClipState(xp.full(inputs.count, 0.0, inputs.total_norm), xp.counter(0))
 
     def update(
         self, state: AdaptiveTensorClipState, inputs: StepInputs, xp: Ops
@@ -270,10 +268,13 @@ class AdaptiveTensorClip(Policy):
                 f"AdaptiveTensorClip tracked {state.ema.shape[0]} tensors but got "
                 f"{norms.shape[0]}: the set of parameters with gradients changed"
             )
+        # The EMA starts from the first norms seen.
+        start = xp.cond(state.step == 0, _first_norms, _same_ema, xp, state, inputs)
+        state = AdaptiveTensorClipState(start, state.step)
         warming = state.step < self.warmup_steps
         decision, clipped = xp.cond(warming, self._warm, self._clip, xp, state, inputs)
         finite = xp.isfinite(norms)
-        ema = xp.where(finite, self.beta * state.ema + (1 - self.beta) * clipped, state.ema)
+        ema = xp.where(finite, self.beta * start + (1 - self.beta) * clipped, start)
         return decision, AdaptiveTensorClipState(ema, state.step + 1)
 
     def _warm(self, xp: Ops, state: Any, inputs: StepInputs) -> tuple[Decision, Array]:
@@ -289,3 +290,11 @@ class AdaptiveTensorClip(Policy):
         limit = self.relative * state.ema
         coef = xp.where(xp.isfinite(norms), clip_coefficient(xp, limit, norms), 1.0)
         return Decision(tensor_scale=coef), norms * coef
+
+
+def _first_norms(xp: Ops, state: AdaptiveTensorClipState, inputs: StepInputs) -> Array:
+    return finite_or(xp, inputs.norms, 0.0)
+
+
+def _same_ema(xp: Ops, state: AdaptiveTensorClipState, inputs: StepInputs) -> Array:
+    return state.ema

@@ -32,7 +32,6 @@ from torch import Tensor
 
 from .. import ops as _ops
 from ..ops import Array, Ops
-from ..schema import SkipReason
 from ..stats import GradStats
 
 #: An in-place gradient transformation: ``fn(params, grads)`` (torch only).
@@ -59,12 +58,12 @@ class StepInputs:
     """
 
     __slots__ = (
+        "_norms",
         "count",
         "loss",
         "lr",
         "names",
         "norm_type",
-        "norms",
         "params",
         "stats",
         "step",
@@ -86,7 +85,7 @@ class StepInputs:
         params: Sequence[Tensor] = (),
     ) -> None:
         self.total_norm = total_norm
-        self.norms = norms
+        self._norms = norms
         self.xp = xp
         self.step = step
         self.loss = loss
@@ -98,12 +97,22 @@ class StepInputs:
         #: How many tensors were measured.
         self.count = int(norms.shape[0])
 
+    @property
+    def norms(self) -> Array:
+        norms = self._norms
+        if self.xp is _ops.NUMPY and isinstance(norms, Tensor):
+            # Host math reads a CPU tensor's memory as NumPy, when a policy first asks.
+            norms = (norms if norms.dtype == torch.float32 else norms.float()).numpy()
+            self._norms = norms
+        return norms
+
     def __len__(self) -> int:
         return self.count
 
     def replace(self, **changes: Any) -> StepInputs:
         """A copy with some fields changed."""
-        fields = {name: getattr(self, name) for name in self.__slots__ if name != "count"}
+        names = ("total_norm", "norms", "xp", "step", "loss", "lr", "names", "norm_type")
+        fields = {name: getattr(self, name) for name in (*names, "stats", "params")}
         fields.update(changes)
         return StepInputs(**fields)
 
@@ -124,14 +133,17 @@ class StepInputs:
         loss: Tensor | float | None = None,
         lr: Any = None,
     ) -> StepInputs:
-        """The inputs of a step measured by :func:`gradguard.measure` (no host sync on a
-        device; on the CPU the numbers are read where they already are)."""
+        """The inputs of a step measured by :func:`gradguard.measure`.
+
+        ``xp=None`` (or :data:`~gradguard.ops.TORCH`) keeps them as tensors on the
+        gradients' device (no host sync); :data:`~gradguard.ops.NUMPY` reads them to the
+        host, as the guard does for gradients on the CPU.
+        """
         total = stats.total_norm
         if xp is None:
-            xp = _ops.for_device(total.device)
+            xp = _ops.TORCH
         if xp is _ops.NUMPY:
-            norms = stats.norms
-            norms = (norms if norms.dtype == torch.float32 else norms.float()).numpy()
+            norms = stats.norms  # a CPU tensor, seen as NumPy when first read
             total_value = _ops.NUMPY.f32(total.item())
             loss_value = None if loss is None else _ops.NUMPY.f32(float(loss))
         else:
@@ -160,7 +172,7 @@ def _device_loss(loss: Tensor | float | None, like: Tensor) -> Tensor | None:
     return torch.full((), float(loss), dtype=torch.float32, device=like.device)
 
 
-@dataclass
+@dataclass(slots=True)
 class Decision:
     """What to do with this step's gradients; every array is 0-d unless stated.
 
@@ -183,14 +195,29 @@ class Decision:
     def then(self, other: Decision, xp: Ops | None = None) -> Decision:
         """Compose with a decision taken after this one (see the module docstring)."""
         xp = xp or _namespace(self, other)
-        return Decision(
-            scale=_combine(self.scale, other.scale, lambda a, b: a * b),
-            tensor_scale=_combine(self.tensor_scale, other.tensor_scale, lambda a, b: a * b),
-            skip=_combine(self.skip, other.skip, lambda a, b: a | b),
-            reason=_first_reason(self, other, xp),
-            threshold=_combine(self.threshold, other.threshold, xp.minimum if xp else None),
-            transforms=[*self.transforms, *other.transforms],
-        )
+        scale, tensor_scale = self.scale, self.tensor_scale
+        skip, reason, threshold = self.skip, self.reason, self.threshold
+        if other.scale is not None:
+            scale = other.scale if scale is None else scale * other.scale
+        if other.tensor_scale is not None:
+            tensor_scale = (
+                other.tensor_scale if tensor_scale is None else tensor_scale * other.tensor_scale
+            )
+        if other.skip is not None:
+            if skip is None:
+                skip, reason = other.skip, other.reason
+            else:  # the first skipping policy names the reason
+                assert xp is not None
+                reason = xp.where(skip, reason, other.reason)
+                skip = skip | other.skip
+        if other.threshold is not None:
+            if threshold is None:
+                threshold = other.threshold
+            else:
+                assert xp is not None
+                threshold = xp.minimum(threshold, other.threshold)
+        transforms = [*self.transforms, *other.transforms]
+        return Decision(scale, tensor_scale, skip, reason, threshold, transforms)
 
     def filled(self, xp: Ops, count: int | None) -> Decision:
         """Every array field set (neutral where unset): one structure for traced code."""
@@ -207,6 +234,16 @@ class Decision:
             threshold=xp.scalar(math.inf, like) if self.threshold is None else self.threshold,
         )
 
+    def in_library(self, xp: Ops) -> Decision:
+        """This decision with arrays from another library (a policy written for torch
+        only, run by a guard that decides on the host) moved into ``xp``'s."""
+        if xp is _ops.NUMPY:
+            for name in ("scale", "tensor_scale", "skip", "reason", "threshold"):
+                value = getattr(self, name)
+                if isinstance(value, Tensor):
+                    setattr(self, name, _ops.NUMPY.asarray(value))
+        return self
+
     def arrays(self) -> tuple[Any, ...]:
         """The array fields, in declaration order (for pytree registration)."""
         return self.scale, self.tensor_scale, self.skip, self.reason, self.threshold
@@ -222,24 +259,6 @@ def _namespace(*decisions: Decision) -> Ops | None:
             if array is not None:
                 return _ops.namespace_of(array)
     return None
-
-
-def _combine(a: Any, b: Any, op: Callable[[Any, Any], Any] | None) -> Any:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    assert op is not None
-    return op(a, b)
-
-
-def _first_reason(a: Decision, b: Decision, xp: Ops | None) -> Any:
-    if a.skip is None:
-        return b.reason
-    if b.skip is None:
-        return a.reason
-    assert xp is not None and a.reason is not None and b.reason is not None
-    return xp.where(a.skip, a.reason, b.reason)
 
 
 class Policy:
@@ -272,16 +291,22 @@ class Policy:
         """Decide one step and keep the new state on the policy.
 
         ``inputs`` may be the :class:`~gradguard.GradStats` of :func:`gradguard.measure`
-        (with ``params`` and optional ``loss``, ``lr``, ``step``), as in a unit test.
+        (with ``params`` and optional ``loss``, ``lr``, ``step``, ``xp``), as in a unit
+        test: the decision is then made of torch tensors on the gradients' device.
         """
         if isinstance(inputs, GradStats):
             inputs = StepInputs.from_stats(inputs, params, **extra)
         require_grads(inputs, self)
+        return self._decide(inputs)
+
+    def _decide(self, inputs: StepInputs) -> Decision:
+        """One step of the stateful form, on checked inputs."""
         xp = inputs.xp
         state = self._state_in(xp, inputs.total_norm)
         if state is None and self.State is not None:
             state = self.init(inputs, xp)
         decision, self._state = self.update(state, inputs, xp)
+        self._state_xp = xp
         return decision
 
     # -- checkpointing ----------------------------------------------------------------
@@ -321,10 +346,16 @@ class Policy:
         state = self._state
         if state is None:
             return None
-        device = like.device if xp is _ops.TORCH else None
-        if self._state_xp is not xp or self._state_device != device:
-            state = type(state)(*(_convert(v, xp, like) for v in state))
-            self._state, self._state_xp, self._state_device = state, xp, device
+        if xp is _ops.TORCH:
+            device = like.device
+            if self._state_xp is xp and self._state_device == device:
+                return state
+        elif self._state_xp is xp:
+            return state
+        else:
+            device = None
+        state = type(state)(*(_convert(v, xp, like) for v in state))
+        self._state, self._state_xp, self._state_device = state, xp, device
         return state
 
     def __repr__(self) -> str:
@@ -381,8 +412,3 @@ def require_grads(inputs: StepInputs | GradStats, policy: Policy) -> None:
 def finite_or(xp: Ops, value: Array, fallback: Array | float) -> Array:
     """``value`` where finite, else ``fallback``: keeps NaN/inf out of policy histories."""
     return xp.where(xp.isfinite(value), value, fallback)
-
-
-def reason_code(xp: Ops, reason: SkipReason, like: Array) -> Array:
-    """A 0-d int8 array holding ``reason`` where ``like`` lives."""
-    return xp.code(int(reason), like)

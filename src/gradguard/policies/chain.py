@@ -9,7 +9,7 @@ from torch import Tensor
 
 from ..ops import Ops
 from ..stats import GradStats
-from .base import Decision, Policy, StepInputs
+from .base import Decision, Policy, StepInputs, require_grads
 
 
 class Chain(Policy):
@@ -48,10 +48,18 @@ class Chain(Policy):
     ) -> Decision:
         if isinstance(inputs, GradStats):
             inputs = StepInputs.from_stats(inputs, params, **extra)
-        first, *rest = self.policies
-        decision = first.decide(inputs, inputs.params)
-        for policy in rest:
-            decision = decision.then(policy.decide(inputs, inputs.params), inputs.xp)
+        require_grads(inputs, self)
+        return self._decide(inputs)
+
+    def _decide(self, inputs: StepInputs) -> Decision:
+        decision = None
+        for policy in self.policies:
+            if type(policy).decide is Policy.decide:
+                step = policy._decide(inputs)  # checked once, here
+            else:  # a policy that decides its own way (an older custom policy)
+                step = policy.decide(inputs, inputs.params)
+            decision = step if decision is None else decision.then(step, inputs.xp)
+        assert decision is not None
         return decision
 
     def state_dict(self) -> dict[str, Any]:

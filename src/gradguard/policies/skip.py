@@ -8,7 +8,9 @@ from typing import Any, NamedTuple
 from .. import _validate as check
 from ..ops import Array, Ops
 from ..schema import SkipReason
-from .base import Decision, Policy, StepInputs, finite_or, reason_code
+from .base import Decision, Policy, StepInputs, finite_or
+
+_NONFINITE, _POLICY = int(SkipReason.NONFINITE), int(SkipReason.POLICY)
 
 
 class SkipNonFinite(Policy):
@@ -20,8 +22,7 @@ class SkipNonFinite(Policy):
 
     def update(self, state: Any, inputs: StepInputs, xp: Ops) -> tuple[Decision, Any]:
         total = inputs.total_norm
-        bad = ~xp.isfinite(total)
-        return Decision(skip=bad, reason=reason_code(xp, SkipReason.NONFINITE, total)), state
+        return Decision(skip=~xp.isfinite(total), reason=xp.code(_NONFINITE, total)), state
 
 
 class SkipSpikeState(NamedTuple):
@@ -80,5 +81,5 @@ class SkipSpike(Policy):
         spike = (n >= self.min_history) & xp.isfinite(g) & (g > limit)
         entry = finite_or(xp, xp.where(spike, limit, g), math.nan)
         window = xp.set_at(history, state.count % self.window, entry)
-        decision = Decision(skip=spike, reason=reason_code(xp, SkipReason.POLICY, g))
+        decision = Decision(skip=spike, reason=xp.code(_POLICY, g))
         return decision, SkipSpikeState(window, state.count + 1)

@@ -135,7 +135,7 @@ def _versions() -> dict[str, str]:
     import torch
 
     try:
-        from .. import __version__ as gg_version
+        from .._version import __version__ as gg_version
     except ImportError:  # pragma: no cover - partial installs
         gg_version = "unknown"
     return {
@@ -377,5 +377,5 @@ def _numpy() -> Any:
     try:
         import numpy
     except ImportError as e:
-        raise ImportError("reading a run store needs numpy: pip install 'gradguard[numpy]'") from e
+        raise ImportError("reading a run store needs numpy: pip install numpy") from e
     return numpy

@@ -24,7 +24,7 @@ import numpy as np
 from ..record import RunStore
 from ..schema import HostBatch, Sink, SkipReason, skip_event
 from ._host import HostRecorder
-from .jax import ClipStats, find_stats, leaf_names
+from ._jax_transforms import ClipStats, find_stats, leaf_names
 
 _F32 = jnp.float32
 _HEAD = 8  # the packed per-step values before the per-leaf norms

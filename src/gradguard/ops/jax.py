@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .ops import Ops
+from .base import Ops, measured_count
 
 
-def _FLOAT64() -> Any:
+def _float64() -> Any:  # float64 where JAX's 64-bit mode allows it
     return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
@@ -26,18 +26,11 @@ class JaxOps(Ops):
     name = "jax"
     traced = True
 
-    def __init__(self) -> None:
-        from .policies.base import Decision
-
-        jax.tree_util.register_pytree_node(
-            Decision, lambda d: (d.arrays(), tuple(d.transforms)), Decision.from_arrays
-        )
-
     def scalar(self, value, like):
         return jnp.asarray(value, jnp.float32)
 
     def full(self, size, value, like, dtype="float32"):
-        return jnp.full((size,), value, dtype=_FLOAT64() if dtype == "float64" else dtype)
+        return jnp.full((size,), value, dtype=_float64() if dtype == "float64" else dtype)
 
     def flag(self, value, like):
         return jnp.asarray(bool(value))
@@ -57,7 +50,7 @@ class JaxOps(Ops):
         return jnp.asarray(x, jnp.float32)
 
     def f64(self, x):
-        return jnp.asarray(x, _FLOAT64())
+        return jnp.asarray(x, _float64())
 
     def ravel(self, x):
         return jnp.ravel(x)
@@ -76,13 +69,6 @@ class JaxOps(Ops):
     sum = staticmethod(jnp.sum)
     cumsum = staticmethod(jnp.cumsum)
     take = staticmethod(jnp.take)
-
-    def clip(self, x, low=None, high=None):
-        if low is not None:
-            x = jnp.maximum(x, low)
-        if high is not None:
-            x = jnp.minimum(x, high)
-        return x
 
     def vector_norm(self, x, p):
         return jnp.linalg.norm(x, ord=p).astype(jnp.float32)
@@ -109,12 +95,10 @@ class JaxOps(Ops):
     def cond(self, predicate, if_true, if_false, *args):
         if not _is_traced(predicate):
             return if_true(*args) if predicate else if_false(*args)
-        from .policies.base import Decision, StepInputs
-
-        count = next((a.count for a in args if isinstance(a, StepInputs)), None)
+        count = measured_count(args)
         # Decisions may leave different fields unset in the two branches: fill just those.
         shapes = [_as_tuple(jax.eval_shape(lambda f=f: f(*args))) for f in (if_true, if_false)]
-        gaps = [_unset_in_one(a, b) if isinstance(a, Decision) else None for a, b in zip(*shapes)]
+        gaps = [_unset_in_one(a, b) if hasattr(a, "filled") else None for a, b in zip(*shapes)]
 
         def run(fn):
             out = _as_tuple(fn(*args))
@@ -139,3 +123,8 @@ def _fill(xp: Ops, decision: Any, gaps: tuple[bool, ...], count: int | None) -> 
     filled = decision.filled(xp, count)
     arrays = [f if gap else d for d, f, gap in zip(decision.arrays(), filled.arrays(), gaps)]
     return type(decision).from_arrays(tuple(decision.transforms), arrays)
+
+
+#: The JAX operations (decisions must be registered as pytrees by the caller:
+#: :mod:`gradguard.frontends.jax` does).
+JAX = JaxOps()
