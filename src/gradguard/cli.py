@@ -44,28 +44,44 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
-        help="the seeds' gradient experiments, then a run with bad batches, unguarded and guarded",
+        help="gradients vanishing and exploding, then one run with bad batches, unguarded and "
+        "guarded, compared in an HTML report",
+        description="The efficacy experiments are a separate command in a source checkout: "
+        "python -m benchmarks.efficacy.",
     )
     demo.add_argument("--steps", type=int, default=600, help="training steps per run")
-    demo.add_argument(
-        "--full",
-        action="store_true",
-        help="also run the efficacy experiments (benchmarks/efficacy; minutes; source checkout)",
-    )
     demo.add_argument(
         "--out",
         metavar="DIR",
         default="gradguard-demo",
-        help="where the runs and their HTML reports go (default ./gradguard-demo)",
+        help="where the runs and their comparison report go (default ./gradguard-demo)",
     )
 
     report = commands.add_parser(
         "report",
-        help="write a self-contained HTML report of a recorded run",
-        description="Write one offline HTML file (plots, findings, metadata) for a run.",
+        help="write a self-contained HTML report of a recorded run, or compare several runs",
+        description="Write one offline, interactive HTML file for a run: verdict, linked "
+        "charts, per-layer heatmap, findings, events, metadata. Give several runs to "
+        "overlay them on the same axes with a side-by-side summary.",
     )
-    report.add_argument("run_dir", metavar="RUN_DIR", help="run directory or gradguard.db file")
-    report.add_argument("--out", metavar="FILE", help="output file (default RUN_DIR/report.html)")
+    report.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="run directory or gradguard.db file"
+    )
+    report.add_argument(
+        "--out",
+        metavar="FILE",
+        help="output file (default RUN_DIR/report.html; for several runs, compare.html in "
+        "their common parent directory)",
+    )
+    report.add_argument(
+        "--label", action="append", metavar="NAME", help="a run's name in the report (once per run)"
+    )
+    report.add_argument(
+        "--rules",
+        action="store_true",
+        help="replay the health rules over the whole run (~100 s per million steps) "
+        "instead of showing the findings recorded while training",
+    )
 
     watch = commands.add_parser(
         "watch",
@@ -126,8 +142,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "report":
         from .report import build_report
 
-        path = build_report(args.run_dir, args.out)
-        print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB)")
+        if args.label is not None and len(args.label) != len(args.run_dirs):
+            return _fail(f"--label: give one per run ({len(args.run_dirs)}), got {len(args.label)}")
+        path = build_report(args.run_dirs, args.out, labels=args.label, rules=args.rules or None)
+        print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB): {path.resolve().as_uri()}")
         return EXIT_OK
     if args.command == "watch":
         from .watch import watch
@@ -157,12 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--steps must be at least 500: the bad batches come at steps 300-450")
         from .demo import main as demo_main
 
-        code = demo_main(args.steps, out=args.out)
-        if args.full:
-            from .demo import efficacy_tables
-
-            print(efficacy_tables())
-        return code
+        return demo_main(args.steps, out=args.out)
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
