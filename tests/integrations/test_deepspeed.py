@@ -20,7 +20,6 @@ from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 from gradguard import ClipNorm, ClipValue, RunStore, SkipNonFinite, ZClip, chain  # noqa: E402
 from gradguard.integrations.deepspeed import DeepSpeedGuard, DeepSpeedMonitor  # noqa: E402
 from gradguard.policies import Decision, Policy  # noqa: E402
-from gradguard.policies.base import reason_code  # noqa: E402
 from gradguard.schema import SkipReason  # noqa: E402
 
 torch.set_num_threads(1)
@@ -56,9 +55,7 @@ class SkipAt(Policy):
 
     def update(self, state, inputs, xp):
         skip = xp.flag(inputs.step == self.at, inputs.total_norm)
-        return Decision(
-            skip=skip, reason=reason_code(xp, SkipReason.POLICY, inputs.total_norm)
-        ), state
+        return Decision(skip=skip, reason=xp.code(int(SkipReason.POLICY), inputs.total_norm)), state
 
 
 def data():

@@ -372,3 +372,15 @@ def test_ddp_and_fsdp2_on_two_ranks_match_one_process_and_skip_together():
                 assert stored["step"] == [0.0, 1.0, 2.0, 3.0]  # trainer.global_step
                 assert stored["total_norm"] == pytest.approx(run["norms"], nan_ok=True)
                 assert stored["skipped"] == [float(s) for s in run["skipped"]]
+
+
+def test_one_callback_guards_a_second_fit_too():
+    callback = GradGuardCallback(monitor_only=False, log=False, health=False)
+    first = trainer(callback, max_steps=2, gradient_clip_val=1.5)
+    first.fit(Module())
+    guard = callback.guard
+    second = trainer(callback, max_steps=3, gradient_clip_val=0.5)
+    second.fit(Module())
+    assert callback.guard is not guard and callback.last_result.step == 2
+    assert "ClipNorm(max_norm=0.5" in repr(callback.guard.policy)  # the second Trainer's clip
+    assert first.gradient_clip_val == 1.5 and second.gradient_clip_val == 0.5

@@ -135,6 +135,7 @@ class GradGuardCallback(CallbackBase, Callback):
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit" or self._policy is not None:
             return
+        self.guards, self._steps = [], {}  # closed at the end of an earlier fit
         clip, where, custom = _lightning_clip(trainer, pl_module)
         policy, self._monitoring = resolve_policy(self.policy, self.monitor_only, clip, where)
         # A module that clips its own way is recorded, not described.
@@ -277,6 +278,7 @@ class GradGuardCallback(CallbackBase, Callback):
             self._restore_clip = None
         for guard in self.guards:
             guard.close()
+        self._policy = None  # a next fit decides (and builds its guards) again
 
     def state_dict(self) -> dict[str, Any]:
         if not self.guards:
