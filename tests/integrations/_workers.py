@@ -13,9 +13,6 @@ import functools
 import importlib
 import math
 import os
-import socket
-import tempfile
-import time
 import traceback
 import warnings
 from pathlib import Path
@@ -23,8 +20,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
+
+from tests.distributed._workers import run_ranks
 
 TIMEOUT_S = 420
 BATCH, STEPS, NAN_STEP, LR = 4, 4, 2, 0.05
@@ -32,40 +30,10 @@ BATCH, STEPS, NAN_STEP, LR = 4, 4, 2, 0.05
 DEEPSPEED = {2: [(0, "fp32"), (1, "bf16"), (2, "fp32"), (3, "fp32")], 4: [(1, "fp32"), (3, "bf16")]}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @functools.cache
 def results(world: int) -> list[dict[str, Any]]:
     """Run every scenario of ``world`` ranks; each rank's findings, by rank."""
-    out = Path(tempfile.mkdtemp(prefix=f"gg-integrations{world}-"))
-    ctx = mp.start_processes(
-        _entry, args=(world, _free_port(), str(out)), nprocs=world, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + TIMEOUT_S
-    exited: Exception | None = None
-    try:
-        while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{world}-rank run did not finish in {TIMEOUT_S}s")
-    except mp.ProcessExitedException as error:
-        exited = error
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-                p.join(5)
-    files = [out / f"rank{r}.pt" for r in range(world)]
-    if exited is not None and not all(f.exists() for f in files):
-        raise exited
-    found = [torch.load(f, weights_only=False) for f in files]
-    errors = [f"rank {r} failed:\n{f['error']}" for r, f in enumerate(found) if "error" in f]
-    if errors:
-        raise AssertionError("\n".join(errors))
-    return found
+    return run_ranks(_entry, world, "gg-integrations", TIMEOUT_S)
 
 
 def _entry(rank: int, world: int, port: int, out: str) -> None:

@@ -5,46 +5,32 @@ Several ranks (2 and 4, ZeRO stages 0-3) are checked in tests/integrations/test_
 
 from __future__ import annotations
 
-import importlib
 import math
-import socket
 
 import pytest
 import torch
 from torch import nn
 
 deepspeed = pytest.importorskip("deepspeed")
-ds_comm_torch = importlib.import_module("deepspeed.comm.torch")  # not deepspeed.comm's "torch"
 from deepspeed.utils import safe_get_full_fp32_param  # noqa: E402
 
 from gradguard import ClipNorm, ClipValue, RunStore, SkipNonFinite, ZClip, chain  # noqa: E402
 from gradguard.integrations.deepspeed import DeepSpeedGuard, DeepSpeedMonitor  # noqa: E402
 from gradguard.policies import Decision, Policy  # noqa: E402
 from gradguard.schema import SkipReason  # noqa: E402
+from tests.integrations._deepspeed import isolate, release  # noqa: E402
 
 torch.set_num_threads(1)
 ACCUMULATE, BATCH, STEPS, CLIP, LR, GAMMA, SPIKE = 2, 4, 5, 1.4, 0.05, 0.5, 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def single_process():
     """One process group for the module: DeepSpeed keeps global groups across engines."""
     with pytest.MonkeyPatch.context() as patch:
-        # The CPU accelerator would JIT-compile its shared-memory all-reduce (~100 s): an
-        # optional fast path that one process does not need.
-        patch.setattr(ds_comm_torch, "build_shm_op", lambda: None)
-        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-        for key, value in {**env, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
-            patch.setenv(key, value)
+        isolate(patch)
         yield
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        release()
 
 
 class SkipAt(Policy):

@@ -68,23 +68,13 @@ def test_transformers_example_logs_gradguard_metrics(tmp_path, capsys):
 
 def test_deepspeed_example_skips_step_4_through_the_engine(tmp_path, capsys, monkeypatch):
     pytest.importorskip("deepspeed")
-    import importlib
-    import socket
+    from tests.integrations._deepspeed import isolate, release
 
-    import torch.distributed as dist
-
-    # The CPU accelerator would JIT-compile a shared-memory all-reduce (~100 s) first.
-    monkeypatch.setattr(
-        importlib.import_module("deepspeed.comm.torch"), "build_shm_op", lambda: None
-    )
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
+    isolate(monkeypatch)
     try:
         with pytest.warns(RuntimeWarning, match="step 4 skipped"):
             run("deepspeed_example.py", str(tmp_path / "run"))
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        release()
     out = capsys.readouterr().out
     assert "10 steps in" in out and "skipped steps: [4], DeepSpeed skipped_steps=1" in out

@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import Logger  # noqa: E402
 
 from gradguard import ClipNorm, RunStore, SkipNonFinite, chain  # noqa: E402
 from gradguard.integrations.lightning import GradGuardCallback, refuse_sharded  # noqa: E402
+from tests.integrations._states import same  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -193,15 +194,6 @@ def test_nan_step_is_skipped_bit_for_bit_with_one_rule_for_the_lr(tmp_path, lr_o
     mine = [w for w in caught if "gradguard" in str(w.message)]
     assert len(mine) == 1 and mine[0].filename == __file__  # one warning, at the fit line
     assert "step 4 skipped (nonfinite)" in str(mine[0].message)
-
-    def same(a, b) -> bool:
-        if isinstance(a, torch.Tensor):
-            return torch.equal(a, b)
-        if isinstance(a, dict):
-            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-        if isinstance(a, (list, tuple)):
-            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-        return a == b
 
     assert same(snapshots[nan_at], snapshots[nan_at + 1])  # parameters, Adam's step and moments
     assert not same(snapshots[nan_at + 1][0], module.state_dict())  # later steps train
