@@ -80,22 +80,27 @@ _MEASURABLE = frozenset(
 
 
 def collect(params: Sequence[Tensor], names: Sequence[str] | None) -> Collected:
-    """The parameters of ``params`` that have a gradient (``grad is None`` skipped), checked."""
-    kept_params: list[Tensor] = []
-    grads: list[Tensor] = []
-    kept_names: list[str] | None = [] if names is not None else None
-    for index, param in enumerate(params):
-        grad = param.grad
+    """The parameters of ``params`` that have a gradient (``grad is None`` skipped), checked.
+
+    When every parameter has one, ``params`` and ``names`` themselves are returned.
+    """
+    grads = [p.grad for p in params]
+    complete = True
+    for index, grad in enumerate(grads):
         if grad is None:
-            continue
-        if grad.dtype not in _MEASURABLE or grad.layout is not _STRIDED:
+            complete = False
+        elif grad.dtype not in _MEASURABLE or grad.layout is not _STRIDED:
             label = repr(names[index]) if names is not None else f"parameters[{index}]"
             check_grad(grad, label)
-        kept_params.append(param)
-        grads.append(grad)
-        if kept_names is not None and names is not None:
-            kept_names.append(names[index])
-    return Collected(kept_params, grads, kept_names, len(params))
+    if complete:  # (``None in grads`` would compare tensors with None)
+        return Collected(params, grads, names, len(params))  # type: ignore[arg-type]
+    kept = [i for i, g in enumerate(grads) if g is not None]
+    return Collected(
+        [params[i] for i in kept],
+        [grads[i] for i in kept],
+        None if names is None else [names[i] for i in kept],
+        len(params),
+    )
 
 
 def grads_with_names(parameters: ParamsLike) -> Collected:

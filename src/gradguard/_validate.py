@@ -33,20 +33,20 @@ def _as_float(name: str, value: object) -> float:
     return float(value)
 
 
+def finite(name: str, value: object) -> float:
+    """Return ``value`` as a float, requiring a finite number."""
+    number = _as_float(name, value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {number}")
+    return number
+
+
 def _in_float32(name: str, number: float) -> float:
     if number > FLOAT32_MAX:
         raise ValueError(
             f"{name} must be at most {FLOAT32_MAX:.4g} (the largest float32: decisions are "
             f"taken in float32), got {number}"
         )
-    return number
-
-
-def finite(name: str, value: object) -> float:
-    """Return ``value`` as a float, requiring a finite number."""
-    number = _as_float(name, value)
-    if not math.isfinite(number):
-        raise ValueError(f"{name} must be a finite number, got {number}")
     return number
 
 

@@ -84,6 +84,7 @@ class Guard:
         host_math: bool = True,
     ) -> None:
         params, names = named_params(model)
+        names = None if names is None else tuple(names)
         if not params:
             raise ValueError("model: there are no parameters to guard")
         if policy is not None and not isinstance(policy, Policy):
@@ -308,8 +309,9 @@ class Guard:
         loss_scale: Any,
         defer_scale: bool,
     ) -> StepResult:
-        check_scalar("loss", loss)
-        check_scalar("lr", lr)
+        if loss is not None or lr is not None:
+            check_scalar("loss", loss)
+            check_scalar("lr", lr)
         stats = self._measure(collected)
         xp = self._ops_for(stats.total_norm.device)
         params, grads = collected.params, collected.grads

@@ -197,7 +197,7 @@ def measure_grads(
     DTensor gradients (FSDP2, tensor parallel) are measured exactly across ranks by
     :func:`gradguard.distributed.sharded_norms` (a collective: every rank must call it).
     """
-    shapes = tuple(g.shape for g in grads)
+    shapes = tuple([g.shape for g in grads])
     name_tuple = tuple(names) if names is not None else None
     if not grads:
         empty = torch.zeros(0)
