@@ -1,6 +1,9 @@
-"""DeepSpeed + gradguard: record per-tensor gradient norms while DeepSpeed clips.
+"""DeepSpeed + gradguard: guard the steps of a ZeRO-2 engine through the engine itself.
 
-Runs one CPU process with gloo. ``monitor.step()`` replaces ``engine.step()``.
+Runs one CPU process with gloo. ``guard.step()`` replaces ``engine.step()``. The config's
+``gradient_clipping=1.0`` becomes ``chain(SkipNonFinite(), ClipNorm(1.0))``: DeepSpeed
+clips at the policy's threshold, and the bad batch at step 4 goes DeepSpeed's overflow
+path (not applied, counted in ``engine.skipped_steps``, the LR scheduler held).
 
     python examples/deepspeed_example.py [RUN_DIR]
     # several processes: deepspeed --num_gpus N examples/deepspeed_example.py
@@ -15,7 +18,7 @@ import torch
 from torch import nn
 
 from gradguard import RunStore
-from gradguard.integrations.deepspeed import DeepSpeedMonitor
+from gradguard.integrations.deepspeed import DeepSpeedGuard
 
 
 def main(run_dir: str) -> None:
@@ -28,23 +31,27 @@ def main(run_dir: str) -> None:
     config = {
         "train_micro_batch_size_per_gpu": 16,
         "gradient_accumulation_steps": 2,
-        "gradient_clipping": 1.0,  # DeepSpeed clips; gradguard records
+        "gradient_clipping": 1.0,
         "zero_optimization": {"stage": 2},
         "steps_per_print": 10**9,
     }
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    monitor = DeepSpeedMonitor(engine, store=run_dir, log_every=5)
+    guard = DeepSpeedGuard(engine, monitor_only=False, store=run_dir, log_every=5)
     x = torch.randn(320, 8)
     y = x.sum(dim=1, keepdim=True).sin()
     for i in range(0, len(x), 16):
         loss = nn.functional.mse_loss(engine(x[i : i + 16]), y[i : i + 16])
+        if i // 32 == 3:
+            loss = loss * float("nan")  # a bad batch at step 4
         engine.backward(loss)
-        monitor.step(loss=loss)
-    monitor.close()
+        guard.step(loss=loss)
+    guard.close()
     steps = RunStore.open(run_dir).steps()
     print(f"{len(steps['step'])} steps in {run_dir}; norms {steps['total_norm'].round(3)}")
-    print(f"DeepSpeed clipped {int((steps['clip_coef'] < 1).sum())} of them")
+    print(f"skipped steps: {steps['step'][steps['skipped']].tolist()}, "
+          f"DeepSpeed skipped_steps={engine.skipped_steps}")  # fmt: skip
+    print(f"clipped at 1.0: {int(steps['clipped'].sum())} steps")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Lightning + gradguard: one callback instead of ``gradient_clip_val``. Runs on CPU in seconds.
 
-A bad batch (NaN loss) at step 5 is skipped; the run store records every step.
+A bad batch (NaN loss) at steps 5 and 21 is skipped: parameters and AdamW's state stay as
+they were and the step-interval LR schedule holds; the run store records every step with
+its loss and learning rate.
 
     python examples/lightning_example.py [RUN_DIR]
 """
@@ -27,7 +29,12 @@ class Regression(L.LightningModule):
         return loss * float("nan") if batch_idx == 5 else loss
 
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+        optimizer = torch.optim.AdamW(self.parameters(), lr=1e-2)
+        scheduler = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=0.95)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
 
 def main(run_dir: str) -> None:
@@ -46,9 +53,12 @@ def main(run_dir: str) -> None:
     )
     trainer.fit(Regression(), loader)
     steps = RunStore.open(run_dir).steps()
-    print(f"{len(steps['step'])} steps recorded in {run_dir}")
-    print(f"skipped steps: {steps['step'][steps['skipped']].tolist()}")
-    print(f"clipped steps: {int(steps['clipped'].sum())}")
+    skipped = steps["step"][steps["skipped"]].tolist()
+    print(f"{len(steps['step'])} steps recorded in {run_dir}, final loss {steps['loss'][-1]:.4f}")
+    print(f"skipped steps: {skipped}")
+    for step in skipped:
+        lr = steps["lr"][step : step + 2].tolist()
+        print(f"  lr at steps {step} and {step + 1}: {lr[0]:.6f} {lr[1]:.6f} (held)")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,11 @@
 """Hugging Face Trainer + gradguard on a tiny GPT-2 built from a config (nothing downloaded).
 
-``max_grad_norm=0`` hands clipping to gradguard; ``attach`` puts its callback first so its
-metrics (``gradguard/total_norm``, ``gradguard/skipped``, ...) are in every log line.
+The callback is added as usual. ``monitor_only=False`` hands the Trainer's clipping to
+gradguard: ``max_grad_norm=1.0`` becomes ``chain(SkipNonFinite(), ClipNorm(1.0))``, so
+what is clipped stays the same and non-finite steps are skipped; without it gradguard
+would only monitor (pre-clip norms) while the Trainer clips. Its metrics
+(``gradguard/total_norm``, ``gradguard/skipped``, ...) are in every log line, and in
+TensorBoard, W&B or MLflow with ``report_to``.
 
     python examples/transformers_example.py [OUTPUT_DIR]
 """
@@ -12,7 +16,7 @@ import tempfile
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
-from gradguard.integrations.transformers import attach
+from gradguard.integrations.transformers import GradGuardTrainerCallback
 
 
 class RandomTokens(torch.utils.data.Dataset):
@@ -42,15 +46,19 @@ def main(output_dir: str) -> None:
         max_steps=12,
         per_device_train_batch_size=8,
         learning_rate=5e-3,
-        max_grad_norm=0.0,  # gradguard clips and skips
+        max_grad_norm=1.0,  # kept: gradguard clips there
         logging_steps=4,
         report_to=[],  # e.g. ["tensorboard"]: gradguard's metrics go there too
         save_strategy="no",
         use_cpu=True,
         disable_tqdm=True,
     )
-    trainer = Trainer(model=GPT2LMHeadModel(config), args=args, train_dataset=RandomTokens())
-    attach(trainer)  # default policy: skip non-finite steps, clip spikes (ZClip)
+    trainer = Trainer(
+        model=GPT2LMHeadModel(config),
+        args=args,
+        train_dataset=RandomTokens(),
+        callbacks=[GradGuardTrainerCallback(monitor_only=False, health=False)],
+    )
     trainer.train()
     for row in trainer.state.log_history:
         if "gradguard/total_norm" in row:
@@ -58,6 +66,7 @@ def main(output_dir: str) -> None:
                 f"step {row['step']}: loss {row['loss']:.3f}  "
                 f"trainer grad_norm {row['grad_norm']:.3f}  "
                 f"gradguard total_norm {row['gradguard/total_norm']:.3f}  "
+                f"clip_coef {row['gradguard/clip_coef']:.3f}  "
                 f"skipped {int(row['gradguard/skipped'])}"
             )
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _amp
+from . import _amp, _warn
 from .ops import NUMPY
 from .result import StepResult
 
@@ -39,6 +39,26 @@ def state_ready(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> b
         return True  # plain SGD keeps no state
     state = optimizer.state
     return all(p in state and state[p] for p in params)
+
+
+def warn_if_private(optimizer: Any) -> None:
+    """Warn when ``optimizer`` is (or wraps) an Opacus ``DPOptimizer``.
+
+    A guard measures the exact batch gradient, which differential privacy does not cover,
+    and would clip it outside DP-SGD's per-example clip.
+    """
+    layer, depth = optimizer, 0
+    while layer is not None and depth < 8:
+        if type(layer).__module__.split(".", 1)[0] == "opacus":
+            _warn.warn(
+                f"gradguard: the optimizer is an Opacus {type(layer).__name__}: a Guard would "
+                "record the exact, non-private batch gradient norms (not covered by epsilon) "
+                "and clip outside DP-SGD. For DP runs use gradguard.privacy "
+                "(PerSampleMonitor, AdaptiveQuantileClip)."
+            )
+            return
+        inner = getattr(layer, "optimizer", None) or getattr(layer, "original_optimizer", None)
+        layer, depth = (inner if inner is not layer else None), depth + 1
 
 
 def learning_rate(optimizer: Any) -> Tensor | float | None:

@@ -38,6 +38,7 @@ _FRAMEWORKS = (
     "paddle",
     "jax",
     "optax",
+    "numpy",  # np.errstate as a decorator wraps gradguard's own functions
     "threading",
     "contextlib",
 )

@@ -29,7 +29,7 @@ from ._guard_setup import (
     check_scalar,
     lr_value,
 )
-from ._params import Collected, ParamsLike, collect, named_params
+from ._params import Collected, ParamsLike, check_grad, collect, named_params
 from ._skips import SkipReports
 from .ops import NUMPY, TORCH, Ops
 from .policies import Chain, Decision, Policy, default_policy
@@ -159,6 +159,8 @@ class Guard:
         found_inf: Tensor | float | None = None,
         loss_scale: Tensor | float | None = None,
         defer_scale: bool = False,
+        step: int | None = None,
+        grads: Sequence[Tensor | None] | None = None,
     ) -> StepResult:
         """Measure, decide and apply, without an optimizer; record the step.
 
@@ -175,8 +177,17 @@ class Guard:
             loss_scale: the AMP loss scale, recorded.
             defer_scale: leave the global clip coefficient (``result.scale``) unapplied,
                 for a caller that folds it into its optimizer.
+            step: the framework's number for this step (its global step); the steps
+                after it are counted on from it.
+            grads: the gradients to use instead of each guarded parameter's ``.grad``,
+                one per guarded parameter in order (``None`` where it has none), for an
+                engine that keeps them elsewhere (DeepSpeed).
         """
-        return self._process(self._collect(), loss, lr, found_inf, loss_scale, defer_scale)
+        number = None if step is None else check.positive_int("step", step, minimum=0)
+        collected = self._collect() if grads is None else self._given(grads)
+        if number is not None:
+            self._step = number
+        return self._process(collected, loss, lr, found_inf, loss_scale, defer_scale)
 
     def step(
         self,
@@ -207,6 +218,7 @@ class Guard:
         collected = self._collect()
         if id(optimizer) not in self._checked:
             check_owner(optimizer, self.params, collected)
+            _update.warn_if_private(optimizer)
             self._checked.add(id(optimizer))
         device = collected.grads[0].device
         on_host = self._ops_for(device) is NUMPY
@@ -262,6 +274,30 @@ class Guard:
                 "backward since); call loss.backward() before each step"
             )
         return collected
+
+    def _given(self, grads: Sequence[Tensor | None]) -> Collected:
+        grads = list(grads)
+        if len(grads) != len(self.params):
+            raise ValueError(
+                f"grads: expected one gradient (or None) per guarded parameter, "
+                f"{len(self.params)} in all, got {len(grads)}"
+            )
+        kept = [i for i, g in enumerate(grads) if g is not None]
+        if not kept:
+            raise ValueError("grads: every gradient is None; there is nothing to measure")
+        names = self.names
+        for i in kept:
+            if not isinstance(grads[i], Tensor):
+                raise TypeError(
+                    f"grads[{i}] must be a tensor or None, got {type(grads[i]).__name__}"
+                )
+            check_grad(grads[i], repr(names[i]) if names is not None else f"parameters[{i}]")
+        return Collected(
+            [self.params[i] for i in kept],
+            [grads[i] for i in kept],  # type: ignore[misc]
+            [names[i] for i in kept] if names is not None else None,
+            len(self.params),
+        )
 
     def _remember(self, grads: list[Tensor]) -> None:
         self._seen = [(weakref.ref(g), g._version) for g in grads]

@@ -38,17 +38,23 @@ def _free_port() -> int:
 @functools.cache
 def results(world: int) -> list[dict[str, Any]]:
     """Run every scenario on ``world`` gloo ranks; return each rank's findings (by rank)."""
-    out = Path(tempfile.mkdtemp(prefix=f"gg-dist{world}-"))
+    return run_ranks(_entry, world, "gg-dist", TIMEOUT_S)
+
+
+def run_ranks(entry: Any, world: int, prefix: str, timeout_s: float) -> list[dict[str, Any]]:
+    """Spawn ``entry(rank, world, port, out)`` on ``world`` processes; each rank saves its
+    findings to ``out/rank<r>.pt`` (a dict, with ``"error"`` when it failed)."""
+    out = Path(tempfile.mkdtemp(prefix=f"{prefix}{world}-"))
     port = _free_port()
     ctx = mp.start_processes(
-        _entry, args=(world, port, str(out)), nprocs=world, join=False, start_method="spawn"
+        entry, args=(world, port, str(out)), nprocs=world, join=False, start_method="spawn"
     )
-    deadline = time.monotonic() + TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     exit_problem: Exception | None = None
     try:
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{world}-rank run did not finish in {TIMEOUT_S}s")
+                raise TimeoutError(f"{world}-rank run did not finish in {timeout_s}s")
     except mp.ProcessExitedException as error:
         exit_problem = error
     finally:

@@ -1,10 +1,11 @@
-"""HookStep: a skipped step leaves every torch optimizer untouched; imports stay lazy."""
+"""What the integrations share: skipped steps change nothing, one rule for modes and losses."""
 
 from __future__ import annotations
 
 import copy
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from torch import nn
 
 from gradguard import ClipNorm, Guard, Monitor, SkipNonFinite, chain
 from gradguard.integrations._core import HookStep, check_skippable, innermost
+from gradguard.policies import Chain
 
 torch.set_num_threads(1)
 
@@ -112,3 +114,62 @@ def test_importing_gradguard_and_the_integrations_package_loads_no_framework():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_one_rule_for_modes_in_every_integration():
+    from gradguard.integrations._core import resolve_policy
+
+    clip = ClipNorm(1.0)
+    policy, monitoring = resolve_policy(None, None, clip, "max_grad_norm=1")
+    assert monitoring and policy is clip  # the framework clips; gradguard describes it
+    policy, monitoring = resolve_policy(None, False, clip, "max_grad_norm=1")
+    assert not monitoring and isinstance(policy, Chain)
+    assert [type(p).__name__ for p in policy.policies] == ["SkipNonFinite", "ClipNorm"]
+    policy, monitoring = resolve_policy(None, None, None, "")
+    assert not monitoring and "ZClip" in repr(policy)  # nothing clipped before: the default
+    mine = ClipNorm(5.0)
+    with pytest.warns(RuntimeWarning, match=r"max_grad_norm=1\) is turned off.*ClipNorm\(1.0\)"):
+        assert resolve_policy(mine, None, clip, "max_grad_norm=1") == (mine, False)
+    kept = chain(SkipNonFinite(), ClipNorm(1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the user's policy already clips there: no warning
+        assert resolve_policy(kept, None, clip, "max_grad_norm=1") == (kept, False)
+    policy, monitoring = resolve_policy(None, True, None, "")
+    assert monitoring and isinstance(policy, Monitor)
+
+
+def test_loss_window_sums_or_averages_on_the_device():
+    from gradguard.integrations._core import LossWindow
+
+    total = LossWindow(mean=False)
+    for value in (0.5, 0.25):
+        total.add(torch.tensor(value, requires_grad=True) * 1)
+    taken = total.take()
+    assert isinstance(taken, torch.Tensor) and not taken.requires_grad and float(taken) == 0.75
+    assert total.take() is None  # the window starts again
+    mean = LossWindow(mean=True)
+    mean.add(1.0)
+    mean.add(torch.tensor(3.0))
+    assert float(mean.take()) == 2.0
+    with pytest.raises(ValueError, match="loss must be a scalar"):
+        mean.add(torch.ones(2))
+    with pytest.raises(TypeError, match="loss"):
+        mean.add("0.5")  # type: ignore[arg-type]
+
+
+def test_an_opacus_dp_optimizer_is_named_and_pointed_to_gradguard_privacy():
+    opacus = pytest.importorskip("opacus")
+    model = opacus.GradSampleModule(nn.Linear(4, 1))
+    dp = opacus.optimizers.DPOptimizer(
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        noise_multiplier=1.0,
+        max_grad_norm=1.0,
+        expected_batch_size=8,
+    )
+    with pytest.warns(RuntimeWarning, match="DPOptimizer.*non-private.*gradguard.privacy") as w:
+        check_skippable(dp)  # what every integration runs on the optimizers it is given
+    assert w[0].filename == __file__
+    model(torch.randn(8, 4)).sum().backward()
+    guard = Guard(model, Monitor(), health=False)
+    with pytest.warns(RuntimeWarning, match="gradguard.privacy"):
+        guard.step(dp)

@@ -15,10 +15,11 @@ from lightning.pytorch.loggers import Logger  # noqa: E402
 
 from gradguard import ClipNorm, RunStore, SkipNonFinite, chain  # noqa: E402
 from gradguard.integrations.lightning import GradGuardCallback, refuse_sharded  # noqa: E402
+from tests.integrations._states import same  # noqa: E402
 
 torch.set_num_threads(1)
 
-BATCH, N_BATCHES = 4, 12
+BATCH, N_BATCHES, LR, GAMMA = 4, 12, 0.05, 0.8
 
 
 def data() -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,10 +40,11 @@ def net() -> nn.Module:
 
 
 class Module(L.LightningModule):
-    def __init__(self, nan_at: int | None = None) -> None:
+    def __init__(self, nan_at: int | None = None, scheduler: bool = False) -> None:
         super().__init__()
         self.net = net()
         self.nan_at = nan_at
+        self.scheduler = scheduler
 
     def forward(self, x):
         return self.net(x)
@@ -55,7 +57,14 @@ class Module(L.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=0.05)
+        optimizer = torch.optim.Adam(self.parameters(), lr=LR)
+        if not self.scheduler:
+            return optimizer
+        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=GAMMA)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
 
     def train_dataloader(self):
         x, y = data()
@@ -100,25 +109,32 @@ def trainer(callback, logger=None, **kwargs) -> L.Trainer:
     return L.Trainer(**options)
 
 
-def by_hand(steps: int, accumulate: int, max_norm: float | None, autocast: bool):
-    """The same training written out: returns pre-clip norms and the final model."""
+def by_hand(steps: int, accumulate: int, max_norm: float | None, autocast: bool = False):
+    """The same training written out: pre-clip norms, mean losses and the final model."""
     model = net()
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
     data_iter = iter(batches())
-    norms = []
+    norms, losses = [], []
     for _ in range(steps):
         optimizer.zero_grad()
+        total = 0.0
         for _ in range(accumulate):
             x, y = next(data_iter)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
                 loss = nn.functional.mse_loss(model(x), y)
             (loss / accumulate).backward()
+            total += loss.detach().item() / accumulate
         grads = [p.grad for p in model.parameters()]
         norms.append(torch.nn.utils.get_total_norm(grads).item())
+        losses.append(total)
         if max_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optimizer.step()
-    return norms, model
+    return norms, losses, model
+
+
+def logged(logger: Capture, key: str) -> list[float]:
+    return [row[key] for _, row in logger.rows if key in row]
 
 
 @pytest.mark.parametrize(
@@ -134,84 +150,174 @@ def test_recorded_norms_equal_hand_computed_and_clipping_is_torchs(tmp_path, acc
         callback, logger, max_steps=steps, accumulate_grad_batches=accumulate, precision=precision
     ).fit(module)
 
-    expected, reference = by_hand(steps, accumulate, max_norm, autocast=precision == "bf16-mixed")
+    bf16 = precision == "bf16-mixed"
+    expected, losses, reference = by_hand(steps, accumulate, max_norm, autocast=bf16)
     recorded = RunStore.open(tmp_path / "run").steps()
-    assert list(recorded["step"]) == list(range(steps))
+    assert list(recorded["step"]) == list(range(steps))  # trainer.global_step at each step
     assert list(recorded["total_norm"]) == pytest.approx(expected, rel=1e-6, abs=0)
     assert recorded["clipped"].any() and not recorded["clipped"].all()  # the clip acted sometimes
+    assert list(recorded["loss"]) == pytest.approx(losses, rel=1e-6)  # the mean micro-batch loss
+    assert list(recorded["lr"]) == [LR] * steps
     for got, want in zip(module.net.parameters(), reference.parameters()):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # same clipping as torch's
-
-    logged = [
-        row["gradguard/total_norm"] for _, row in logger.rows if "gradguard/total_norm" in row
-    ]
-    assert logged == pytest.approx(expected, rel=1e-6)
-    coefs = [row["gradguard/clip_coef"] for _, row in logger.rows if "gradguard/clip_coef" in row]
-    assert min(coefs) < 1.0
+    assert logged(logger, "gradguard/total_norm") == pytest.approx(expected, rel=1e-6)
+    assert [step for step, row in logger.rows if "gradguard/total_norm" in row] == list(
+        range(steps)
+    )  # the steps Lightning's loggers show are the recorded ones
+    assert min(logged(logger, "gradguard/clip_coef")) < 1.0
 
 
-def test_nan_step_is_skipped_bit_for_bit_and_training_goes_on(tmp_path):
+@pytest.mark.parametrize("lr_on_skip", ["hold", "advance"])
+def test_nan_step_is_skipped_bit_for_bit_with_one_rule_for_the_lr(tmp_path, lr_on_skip):
     nan_at, steps = 4, 8
-    snapshots: dict[str, object] = {}
+    snapshots: dict[int, object] = {}
 
     class Watch(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             snapshots[batch_idx] = (
                 copy.deepcopy(pl_module.state_dict()),
-                copy.deepcopy(trainer.optimizers[0].state_dict()),
+                copy.deepcopy(trainer.optimizers[0].state_dict()["state"]),
             )
 
-    callback = GradGuardCallback(chain(SkipNonFinite(), ClipNorm(1.0)), store=tmp_path / "r")
-    module = Module(nan_at=nan_at)
+    callback = GradGuardCallback(
+        chain(SkipNonFinite(), ClipNorm(1.0)),
+        lr_on_skip=lr_on_skip,
+        store=tmp_path / "r",
+        log_every=3,
+    )
+    module = Module(nan_at=nan_at, scheduler=True)
     run = trainer(callback, max_steps=steps)
     run.callbacks.append(Watch())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         run.fit(module)
-    assert any("skipped (nonfinite)" in str(w.message) for w in caught)
+    mine = [w for w in caught if "gradguard" in str(w.message)]
+    assert len(mine) == 1 and mine[0].filename == __file__  # one warning, at the fit line
+    assert "step 4 skipped (nonfinite)" in str(mine[0].message)
 
-    def same(a, b) -> bool:
-        if isinstance(a, torch.Tensor):
-            return torch.equal(a, b)
-        if isinstance(a, dict):
-            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
-        if isinstance(a, (list, tuple)):
-            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
-        return a == b
-
-    params_before, optim_before = snapshots[nan_at]
-    params_after, optim_after = snapshots[nan_at + 1]
-    assert same(params_before, params_after)
-    assert same(optim_before, optim_after)  # Adam's step count and moments untouched
+    assert same(snapshots[nan_at], snapshots[nan_at + 1])  # parameters, Adam's step and moments
     assert not same(snapshots[nan_at + 1][0], module.state_dict())  # later steps train
     assert all(math.isfinite(p.sum().item()) for p in module.parameters())
-    assert run.global_step == steps
+    assert run.global_step == steps  # the skipped step counts, as an fp16 overflow does
 
     recorded = RunStore.open(tmp_path / "r").steps()
     assert list(recorded["skipped"]) == [i == nan_at for i in range(steps)]
     assert recorded["reason"][nan_at] == 1  # SkipReason.NONFINITE
+    assert math.isnan(recorded["loss"][nan_at]) and math.isfinite(recorded["loss"][nan_at + 1])
+    # The LR in force at each step: "hold" does not count the skipped step.
+    updates = [i - (lr_on_skip == "hold" and i > nan_at) for i in range(steps)]
+    assert list(recorded["lr"]) == pytest.approx([LR * GAMMA**u for u in updates], rel=1e-6)
 
 
-def test_trainer_clipping_makes_the_callback_monitor_and_warn(tmp_path):
-    steps, clip_val = 6, 1.5
-    callback = GradGuardCallback(ClipNorm(10.0), store=tmp_path / "m", log_every=1)
+def test_trainer_clipping_is_monitored_before_the_clip(tmp_path):
+    steps, clip_val = 6, 2.0
+    callback = GradGuardCallback(store=tmp_path / "m", log_every=1)
     module = Module()
-    with pytest.warns(UserWarning, match="only measures"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # nothing to warn about
         trainer(callback, max_steps=steps, gradient_clip_val=clip_val).fit(module)
     assert callback.monitoring
-    expected, reference = by_hand(steps, 1, clip_val, autocast=False)
+    expected, losses, reference = by_hand(steps, 1, clip_val)
     recorded = RunStore.open(tmp_path / "m").steps()
     assert list(recorded["total_norm"]) == pytest.approx(expected, rel=1e-6)  # pre-clip
-    assert not recorded["clipped"].any()  # gradguard left the clipping to Lightning
+    assert list(recorded["threshold"]) == [clip_val] * steps  # Lightning's clip, recorded
+    coef = [min(1.0, clip_val / (n + 1e-6)) for n in expected]
+    assert list(recorded["clip_coef"]) == pytest.approx(coef, rel=1e-6)
+    assert 0 < recorded["clipped"].sum() < steps
+    assert list(recorded["loss"]) == pytest.approx(losses, rel=1e-6)
+    for got, want in zip(module.net.parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # Lightning clipped once
+
+
+def test_taking_over_keeps_lightnings_clip_and_turns_its_own_off(tmp_path):
+    steps, clip_val = 6, 1.5
+    callback = GradGuardCallback(monitor_only=False, store=tmp_path / "g", log_every=1)
+    module = Module()
+    fit = trainer(callback, max_steps=steps, gradient_clip_val=clip_val)
+    fit.fit(module)
+    assert not callback.monitoring and fit.gradient_clip_val == clip_val  # restored after
+    _, _, reference = by_hand(steps, 1, clip_val)
     for got, want in zip(module.net.parameters(), reference.parameters()):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    policy = RunStore.open(tmp_path / "g").meta()["config"]["policy"]
+    assert "SkipNonFinite" in policy and "ClipNorm" in policy
+
+    module = Module()
+    with pytest.warns(RuntimeWarning, match="is turned off") as caught:
+        trainer(GradGuardCallback(ClipNorm(1e9)), max_steps=steps, gradient_clip_val=clip_val).fit(
+            module
+        )
+    assert caught[0].filename == __file__
+    _, _, unclipped = by_hand(steps, 1, None)
+    for got, want in zip(module.net.parameters(), unclipped.parameters()):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # Lightning clipped nothing
 
 
-def test_both_clipping_warns_when_forced():
-    callback = GradGuardCallback(ClipNorm(1.0), monitor_only=False, log=False)
-    with pytest.warns(UserWarning, match="both gradguard and the Trainer"):
-        trainer(callback, max_steps=1, gradient_clip_val=0.5).fit(Module())
-    assert not callback.monitoring
+class TwoOptimizers(L.LightningModule):
+    """Manual optimization with a generator-like and a critic-like optimizer."""
+
+    def __init__(self, nan_at: int | None = None) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.net = net()
+        self.nan_at = nan_at
+
+    def training_step(self, batch, batch_idx):
+        first, second = self.optimizers()
+        x, y = batch
+        for index, optimizer in enumerate((first, second)):
+            loss = nn.functional.mse_loss(self.net(x), y) * (index + 1)
+            if batch_idx == self.nan_at and index == 1:
+                loss = loss * float("nan")
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            optimizer.step()
+
+    def configure_optimizers(self):
+        first = torch.optim.Adam(self.net[0].parameters(), lr=LR)
+        second = torch.optim.SGD(self.net[2].parameters(), lr=LR, momentum=0.9)
+        return first, second
+
+    def train_dataloader(self):
+        return Module().train_dataloader()
+
+
+def test_several_optimizers_in_manual_optimization_each_get_a_guard(tmp_path):
+    steps, nan_at = 5, 2
+    module = TwoOptimizers(nan_at=nan_at)
+    callback = GradGuardCallback(SkipNonFinite(), store=tmp_path / "two", log_every=1)
+    logger = Capture()
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        trainer(callback, logger, max_steps=2 * steps).fit(module)
+
+    # By hand: the same two optimizers over the same batches.
+    model = net()
+    first = torch.optim.Adam(model[0].parameters(), lr=LR)
+    second = torch.optim.SGD(model[2].parameters(), lr=LR, momentum=0.9)
+    norms: list[list[float]] = [[], []]
+    for batch_idx, (x, y) in enumerate(batches()[:steps]):
+        for index, optimizer in enumerate((first, second)):
+            optimizer.zero_grad()
+            (nn.functional.mse_loss(model(x), y) * (index + 1)).backward()
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params]).item()
+            norms[index].append(math.nan if (batch_idx, index) == (nan_at, 1) else norm)
+            if (batch_idx, index) != (nan_at, 1):
+                optimizer.step()
+    for got, want in zip(module.net.parameters(), model.parameters()):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # the skip changed nothing
+
+    for index in range(2):
+        recorded = RunStore.open(tmp_path / "two" / f"optimizer{index}").steps()
+        # Lightning counts every optimizer's step in global_step.
+        assert list(recorded["step"]) == list(range(index, 2 * steps, 2))
+        assert list(recorded["total_norm"]) == pytest.approx(norms[index], rel=1e-6, nan_ok=True)
+        assert list(recorded["skipped"]) == [(i, index) == (nan_at, 1) for i in range(steps)]
+        assert logged(logger, f"gradguard/optimizer{index}/total_norm") == pytest.approx(
+            norms[index], rel=1e-6, nan_ok=True
+        )
+    assert callback.result_for(module.optimizers()[1]).step == 2 * steps - 1
+    assert len(callback.guards) == 2
 
 
 def test_lbfgs_is_refused_and_bad_arguments_are_named():
@@ -225,11 +331,48 @@ def test_lbfgs_is_refused_and_bad_arguments_are_named():
         GradGuardCallback(monitor_only="yes")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="policy"):
         GradGuardCallback(policy=1.0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="lr_on_skip"):
+        GradGuardCallback(lr_on_skip="later")
 
 
-def test_sharded_strategies_are_refused():
+def test_deepspeed_and_fsdp1_strategies_are_refused():
     from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy
 
-    with pytest.raises(NotImplementedError, match="FSDPStrategy"):
+    with pytest.raises(NotImplementedError, match="ModelParallelStrategy"):
         refuse_sharded(FSDPStrategy())
     refuse_sharded(SingleDeviceStrategy(device=torch.device("cpu")))  # no error
+
+
+def test_ddp_and_fsdp2_on_two_ranks_match_one_process_and_skip_together():
+    """DDPStrategy and ModelParallelStrategy (FSDP2) on 2 gloo ranks, one rank's NaN batch:
+    norms equal the unsharded run, every rank skips the same step, rank 0 records."""
+    from tests.integrations._workers import NAN_STEP, results
+
+    for rank, found in enumerate(results(2)):
+        runs = found["lightning"]
+        reference = runs["reference"]
+        for name in ("ddp", "fsdp2"):
+            run = runs[name]
+            assert run["skipped"] == [step + 1 == NAN_STEP for step in range(len(reference))]
+            for got, want, skipped in zip(run["norms"], reference, run["skipped"]):
+                assert math.isnan(got) if skipped else got == pytest.approx(want, rel=1e-5)
+            for got, want in zip(run["params"], runs["reference_params"]):
+                torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=0)
+            assert run["recording"] == (rank == 0)
+            if rank == 0:
+                stored = run["stored"]
+                assert stored["step"] == [0.0, 1.0, 2.0, 3.0]  # trainer.global_step
+                assert stored["total_norm"] == pytest.approx(run["norms"], nan_ok=True)
+                assert stored["skipped"] == [float(s) for s in run["skipped"]]
+
+
+def test_one_callback_guards_a_second_fit_too():
+    callback = GradGuardCallback(monitor_only=False, log=False, health=False)
+    first = trainer(callback, max_steps=2, gradient_clip_val=1.5)
+    first.fit(Module())
+    guard = callback.guard
+    second = trainer(callback, max_steps=3, gradient_clip_val=0.5)
+    second.fit(Module())
+    assert callback.guard is not guard and callback.last_result.step == 2
+    assert "ClipNorm(max_norm=0.5" in repr(callback.guard.policy)  # the second Trainer's clip
+    assert first.gradient_clip_val == 1.5 and second.gradient_clip_val == 0.5

@@ -24,9 +24,19 @@ def attach_health(
     def listen(batch: HostBatch) -> list[Event]:
         findings = monitor.update(batch)
         for finding in findings:
-            if str(finding.severity) != "info":
-                recorder.deferred.add(finding.message)
+            if str(finding.severity) == "info" or _told_by_skip(finding, batch):
+                continue
+            recorder.deferred.add(finding.message)
         return [finding.to_event() for finding in findings]
 
     recorder.add_listener(listen)
     return monitor
+
+
+def _told_by_skip(finding: Any, batch: HostBatch) -> bool:
+    """A non-finite finding whose steps in ``batch`` were all skipped: the skip warned."""
+    if getattr(finding.kind, "value", finding.kind) != "nonfinite":
+        return False
+    first, last = finding.steps
+    flags = [f for s, f in zip(batch.steps, batch.columns["skipped"]) if first <= s <= last]
+    return bool(flags) and all(f == 1.0 for f in flags)
