@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gradguard.health import RULES, HealthConfig, HealthMonitor, Kind, Severity, diagnose
+from gradguard.health.signals import ClipActivity, NormBaseline
 from gradguard.schema import HostBatch, SkipReason
 
 INF = math.inf
@@ -51,7 +52,7 @@ def run(*batches, config=None, order=None):
 
 
 def test_every_kind_has_one_rule_spec():
-    assert sorted(r.kind.value for r in RULES) == sorted(k.value for k in Kind)
+    assert sorted(r.kind for r in RULES) == sorted(k.value for k in Kind)
     assert all(r.advice and r.condition for r in RULES)
 
 
@@ -263,9 +264,11 @@ def test_monitor_state_is_bounded():
             batch(noisy(0.5, 100, seed=i), start=100 * i, threshold=1.0, loss=[1.0] * 100)
         )
     config = monitor.config
-    assert len(monitor._baseline) <= config.baseline_window
-    assert len(monitor._clip) <= config.clip_window
-    assert len(monitor._large) <= config.stall_window
+    baseline = monitor.context.signal(NormBaseline)
+    assert len(baseline) <= config.baseline_window
+    assert len(monitor.context.signal(ClipActivity).window) <= config.clip_window
+    stall = next(r for r in monitor.rules if r.kind == Kind.LOSS_STALL)
+    assert len(stall._large) <= config.stall_window
 
 
 def test_finding_event_round_trip():

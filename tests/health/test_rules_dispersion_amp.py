@@ -165,7 +165,8 @@ def test_frequent_amp_overflow_flagged_once_with_scale_trend():
     )
     assert kinds(found) == [Kind.AMP_OVERFLOW]
     assert monitor.counts == {Kind.AMP_OVERFLOW: 1}
-    assert len(monitor._amp) == monitor.config.amp_window  # bounded state
+    amp = next(r for r in monitor.rules if r.kind == Kind.AMP_OVERFLOW)
+    assert len(amp._window) == monitor.config.amp_window  # bounded state
     (finding,) = found
     assert finding.severity is Severity.WARNING
     ev = finding.evidence

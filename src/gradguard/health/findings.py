@@ -1,36 +1,22 @@
-"""What a health rule reports: :class:`Finding`, its :class:`Kind` and :class:`Severity`."""
+"""What a health rule reports: a :class:`Finding` and its :class:`Severity`.
+
+The finding kinds (:class:`~gradguard.health.rules.Kind`) are those of the rule list.
+"""
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..schema import Event, EventKind
 
+if TYPE_CHECKING:
+    from .rules import Kind
+
 #: Prefix of :attr:`Event.kind` for events made from findings (``"health.exploding"``).
 EVENT_PREFIX = EventKind.FINDING_PREFIX
-
-
-class Kind(str, enum.Enum):
-    """What went wrong. The value is the stable string stored in run stores."""
-
-    NONFINITE = "nonfinite"
-    EXPLODING = "exploding"
-    SPIKE = "spike"
-    VANISHING = "vanishing"
-    VANISHING_LAYER = "vanishing_layer"
-    DEAD_LAYER = "dead_layer"
-    LAYER_RATIO = "layer_ratio"
-    LAYER_DISPERSION = "layer_dispersion"
-    CLIP_INACTIVE = "clip_inactive"
-    CLIP_SATURATED = "clip_saturated"
-    CLIP_HOVERING = "clip_hovering"
-    LOSS_STALL = "loss_stall"
-    AMP_OVERFLOW = "amp_overflow"
-
-    def __str__(self) -> str:
-        return self.value
 
 
 class Severity(str, enum.Enum):
@@ -92,6 +78,8 @@ class Finding:
         """Rebuild a finding from :meth:`to_event`'s output (e.g. read back from a store)."""
         if not event.kind.startswith(EVENT_PREFIX):
             raise ValueError(f"event.kind must start with {EVENT_PREFIX!r}, got {event.kind!r}")
+        from .rules import Kind
+
         data: Mapping = event.data
         steps = data.get("steps", (event.step, event.step))
         return cls(

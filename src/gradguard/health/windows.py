@@ -1,4 +1,4 @@
-"""Bounded state for online rules: latches, rolling windows and counters.
+"""Bounded windows and counters for online rules: latches, runs, rolling medians.
 
 Every structure here holds at most a fixed number of values, so the monitor's cost
 per step does not grow with the length of the run.
