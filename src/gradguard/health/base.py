@@ -1,22 +1,25 @@
-"""Base classes of the health rules: thresholds, step rows, shared signals, the :class:`Rule`.
+"""Base classes of the health rules: thresholds, batches of steps, shared signals, :class:`Rule`.
 
-A rule is one class in one file: its finding kind, severity and scope, the condition
-in words, the advice, the thresholds it declares (name, default, check, meaning), and
-the detector (``on_step`` for per-step rows, ``on_snapshot`` for per-layer snapshots).
-Measurements several rules read (the rolling norm baseline, clip activity, the layer
-view) are :class:`Signal` objects shared through the :class:`Context`, computed once.
+A rule is one class in one file (``rules/*.py``): its finding kind, severity and scope,
+the condition in words, the advice, the thresholds it declares (name, default, check,
+meaning), and its detector: ``on_steps`` over a batch of step rows (numpy arrays) or
+``on_snapshot`` over one per-layer snapshot. Measurements several rules read (the
+rolling norm baseline, the loss trend, clip activity) are :class:`Signal` objects shared
+through the :class:`Context` and computed once per batch. Rules report episodes
+(:mod:`.episodes`): each report carries the episode's true range and key.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
+import numpy as np
+
 from ..schema import SkipReason
+from .episodes import Change, Episode
 from .findings import Finding, Severity
-from .windows import Latch, Run
 
 if TYPE_CHECKING:
     from .config import HealthConfig
@@ -47,38 +50,63 @@ class Threshold:
     family: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class StepRow:
-    """One recorded step as host numbers (NaN where a column was not recorded)."""
+@dataclass(frozen=True)
+class Steps:
+    """A batch of recorded steps as numpy arrays (NaN where a column was not recorded).
 
-    step: int
-    norm: float
-    threshold: float = math.inf
-    clipped: float = NAN
-    skipped: bool = False
-    reason: int = 0
-    loss: float = NAN
-    lr: float = NAN
-    loss_scale: float = NAN
-    clip_coef: float = NAN
+    ``snapshots`` maps steps of this batch to their per-tensor norms (aligned with
+    ``names``); ``loss_given`` says whether the loss column was recorded at all.
+    """
+
+    step: np.ndarray
+    norm: np.ndarray
+    threshold: np.ndarray
+    clipped: np.ndarray
+    skipped: np.ndarray
+    reason: np.ndarray
+    loss: np.ndarray
+    lr: np.ndarray
+    loss_scale: np.ndarray
     names: tuple[str, ...] = ()
-    tensor_norms: Sequence[float] | None = None  #: the per-tensor snapshot at this step, if any
+    snapshots: Mapping[int, np.ndarray] = field(default_factory=dict)
+    loss_given: bool = True
+
+    def __len__(self) -> int:
+        return len(self.step)
 
     @property
-    def amp_overflow(self) -> bool:
-        """The GradScaler skipped this step for inf/NaN (its norm is of scaled gradients)."""
-        return self.skipped and self.reason == SkipReason.AMP_OVERFLOW
+    def finite(self) -> np.ndarray:
+        return np.isfinite(self.norm)
 
     @property
-    def finite(self) -> bool:
-        return math.isfinite(self.norm)
+    def amp_overflow(self) -> np.ndarray:
+        """The GradScaler skipped these steps for inf/NaN (their norm is of scaled grads)."""
+        return self.skipped & (self.reason == int(SkipReason.AMP_OVERFLOW))
+
+    def take(self, mask: np.ndarray) -> Steps:
+        """The rows where ``mask`` holds."""
+        pick = {
+            name: getattr(self, name)[mask]
+            for name in (
+                "step",
+                "norm",
+                "threshold",
+                "clipped",
+                "skipped",
+                "reason",
+                "loss",
+                "lr",
+                "loss_scale",
+            )
+        }
+        return Steps(**pick, names=self.names, snapshots=self.snapshots, loss_given=self.loss_given)
 
 
 class Signal:
-    """A measurement shared by several rules, updated once per finite, non-AMP step.
+    """A measurement shared by several rules, computed once per batch.
 
-    ``before_step`` runs before the rules see the row (so they read values that include
-    it), ``after_step`` after them (so they can compare the row with the past).
+    ``update`` sees every step row except AMP overflows (the rows step rules see) and
+    fills per-row arrays aligned with them; non-finite values never enter its windows.
     """
 
     thresholds: ClassVar[tuple[Threshold, ...]] = ()
@@ -90,22 +118,20 @@ class Signal:
     def check_config(cls, values: Mapping[str, Any]) -> None:
         """Checks across thresholds (each value alone is checked by its Threshold)."""
 
-    def before_step(self, row: StepRow) -> None:
-        """Update with ``row`` before the rules read it."""
-
-    def after_step(self, row: StepRow) -> None:
-        """Update with ``row`` after the rules read it."""
+    def update(self, steps: Steps) -> None:
+        """Compute this batch's per-row values."""
 
 
 S = TypeVar("S", bound=Signal)
 
 
 class Context:
-    """What rules share: the configuration, the backward order, the signals."""
+    """What rules share: the configuration, the backward order, the signals, late evidence."""
 
     def __init__(self, config: HealthConfig, order: Any = None) -> None:
         self.config = config
         self.order = order
+        self.first_step = 0  #: the first step the monitor saw
         self._signals: dict[type[Signal], Signal] = {}
 
     def signal(self, kind: type[S]) -> S:
@@ -125,11 +151,10 @@ class Rule:
 
     Class attributes:
         kind: the finding kind it reports (a stable string, stored in run stores).
-        severity: severity of its findings.
-        scope: ``"step"`` (per-step columns), ``"window"`` (a rolling window of steps)
-            or ``"layer"`` (per-tensor snapshots).
-        reads: the step rows it sees: ``"finite"`` (finite norm, not an AMP overflow),
-            ``"nonamp"`` (every row but AMP overflows) or ``"all"``.
+        severity: severity of its findings (a report may raise or lower it).
+        scope: ``"step"`` (per-step columns), ``"window"`` (a rolling window of steps),
+            ``"run"`` (the run as a whole) or ``"layer"`` (per-tensor snapshots).
+        amp_rows: ``True`` to also see the steps the GradScaler skipped for overflow.
         condition: the trigger in words, naming the thresholds it reads.
         advice: concrete actions, most useful first; may use ``{family}``,
             ``{clip_low}`` and ``{clip_high}``.
@@ -139,7 +164,7 @@ class Rule:
     kind: ClassVar[str]
     severity: ClassVar[Severity]
     scope: ClassVar[str]
-    reads: ClassVar[str] = "finite"
+    amp_rows: ClassVar[bool] = False
     condition: ClassVar[str]
     advice: ClassVar[tuple[str, ...]]
     thresholds: ClassVar[tuple[Threshold, ...]] = ()
@@ -147,53 +172,77 @@ class Rule:
     def __init__(self, context: Context) -> None:
         self.context = context
         self.config = context.config
-        self._found: list[Finding] = []
-        self._latches: dict[object, Latch] = {}
-        self._runs: dict[object, Run] = {}
+        self._found: dict[str, Finding] = {}
+        self._opened: list[str] = []
+        self._warn: list[Finding] = []
 
     @classmethod
     def check_config(cls, values: Mapping[str, Any]) -> None:
         """Checks across thresholds (each value alone is checked by its Threshold)."""
 
-    def on_step(self, row: StepRow) -> None:
-        """Observe one step row (only the rows :attr:`reads` selects)."""
+    def on_steps(self, steps: Steps) -> None:
+        """Observe a batch of step rows (every row but AMP overflows, unless ``amp_rows``)."""
 
     def on_snapshot(self, snapshot: LayerSnapshot) -> None:
         """Observe one per-layer snapshot of finite norms."""
 
+    def on_events(self, events: list[Any]) -> None:
+        """Observe recorded events (e.g. skips naming non-finite parameters)."""
+
     # ------------------------------------------------------------ helpers for subclasses
 
-    def fire(self, key: object, active: bool, rearm: int) -> bool:
-        """``True`` when ``active`` starts (latched until clear for ``rearm`` observations)."""
-        latch = self._latches.get(key)
-        if latch is None:
-            latch = self._latches[key] = Latch()
-        return latch.update(active, rearm)
-
-    def run(self, key: object = None) -> Run:
-        """The run of consecutive hits kept under ``key``."""
-        found = self._runs.get(key)
-        if found is None:
-            found = self._runs[key] = Run()
-        return found
+    def updated(self, changes: list[Change]) -> Iterator[Change]:
+        """The changes that brought new rows; an episode closed by clear rows alone is
+        reported again, closed, with its last message and numbers."""
+        for change in changes:
+            if change.hi >= change.lo:
+                yield change
+            elif "last_report" in change.episode.stats:
+                message, evidence, params, kwargs = change.episode.stats["last_report"]
+                self.report(change.episode, message, evidence, params, **kwargs)
 
     def report(
         self,
-        steps: tuple[int, int],
+        episode: Episode,
         message: str,
         evidence: Mapping[str, float],
         params: tuple[str, ...] = (),
+        *,
+        origin: str | None = None,
+        severity: Severity | None = None,
         extra_advice: tuple[str, ...] = (),
     ) -> Finding:
-        """Record a finding of this rule's kind, severity and advice; returns it."""
-        finding = make_finding(self, self.config, steps, message, evidence, params, extra_advice)
-        self._found.append(finding)
+        """Report ``episode``'s current state (a later report of it replaces this one)."""
+        kwargs = {"origin": origin, "severity": severity, "extra_advice": extra_advice}
+        episode.stats["last_report"] = (message, dict(evidence), params, kwargs)
+        finding = make_finding(
+            self,
+            self.config,
+            (episode.first, episode.last),
+            message,
+            evidence,
+            params,
+            extra_advice,
+            key=episode.key,
+            open=episode.open,
+            origin=origin,
+            severity=severity,
+        )
+        self._found[episode.key] = finding
+        if not episode.reported:
+            episode.reported = True
+            self._opened.append(episode.key)
+        if finding.severity.rank >= Severity.WARNING.rank and not episode.stats.get("warned"):
+            episode.stats["warned"] = True
+            self._warn.append(finding)
         return finding
 
-    def take(self) -> list[Finding]:
-        """The findings reported since the last call."""
-        found, self._found = self._found, []
-        return found
+    def take(self) -> tuple[list[Finding], list[str], list[Finding]]:
+        """Since the last call: the findings reported, the keys reported for the first time,
+        and the findings that reached warning severity for the first time."""
+        found, opened, warn = list(self._found.values()), self._opened, self._warn
+        self._found, self._opened, self._warn = {}, [], []
+        return found, opened, warn
 
 
 def make_finding(
@@ -204,6 +253,11 @@ def make_finding(
     evidence: Mapping[str, float],
     params: tuple[str, ...] = (),
     extra_advice: tuple[str, ...] = (),
+    *,
+    key: str | None = None,
+    open: bool = False,
+    origin: str | None = None,
+    severity: Severity | None = None,
 ) -> Finding:
     """A finding of ``rule``'s kind with its severity and advice filled for the family."""
     from .rules import Kind
@@ -217,10 +271,13 @@ def make_finding(
     advice = tuple(text.format(**fill) for text in rule.advice) + extra_advice
     return Finding(
         kind=Kind(rule.kind),
-        severity=rule.severity,
+        severity=severity or rule.severity,
         steps=(int(steps[0]), int(steps[1])),
         params=params,
         evidence={k: float(v) for k, v in evidence.items()},
         advice=advice,
         message=message,
+        key=key,
+        open=open,
+        origin=origin,
     )

@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
-from ..schema import Event, HostBatch
+from ..schema import Event, EventKind, HostBatch
 from .config import HealthConfig
 from .monitor import HealthMonitor, OrderLike
+
+
+class _SkipTap:
+    """A sink that shows the recorded skip events (which name the non-finite parameters
+    and their backward-order origin) to the monitor; it writes nothing."""
+
+    def __init__(self, monitor: HealthMonitor) -> None:
+        self.monitor = monitor
+
+    def start(self, names: Sequence[str], config: dict) -> None:
+        pass
+
+    def write(self, batch: HostBatch) -> None:
+        pass
+
+    def write_events(self, events: Sequence[Event]) -> None:
+        skips = [e for e in events if e.kind == EventKind.SKIP]
+        if skips:
+            self.monitor.note_events(skips)
+
+    def close(self) -> None:
+        pass
 
 
 def attach_health(
@@ -14,19 +37,24 @@ def attach_health(
 ) -> HealthMonitor:
     """Evaluate the rules on each flushed batch of ``recorder``.
 
-    Each finding is recorded as an event when it starts, and warns once unless it is
-    only informational; the warning surfaces at the user's next ``guard.step`` line
-    (the rules run on the recorder's writer thread). Returns the monitor, whose state
-    is bounded (see HealthMonitor).
+    Each finding is recorded as an event keyed by its episode (an update replaces the
+    previous state in the run store), and warns once per episode when it first reaches
+    warning severity; the warning surfaces at the user's next ``guard.step`` line (the
+    rules run on the recorder's writer thread) and on the ``gradguard`` logger. The
+    model family goes into the run's config, so replays use the same thresholds.
+    Returns the monitor, whose state is bounded (see HealthMonitor).
     """
-    monitor = HealthMonitor(config or HealthConfig(), order=order)
+    config = config or HealthConfig()
+    monitor = HealthMonitor(config, order=order)
+    if isinstance(getattr(recorder, "config", None), dict):
+        recorder.config.setdefault("family", config.family)
 
     def listen(batch: HostBatch) -> list[Event]:
         findings = monitor.update(batch)
-        for finding in findings:
-            if str(finding.severity) != "info":
-                recorder.deferred.add(finding.message)
+        for finding in monitor.to_warn:
+            recorder.deferred.add(finding.message)
         return [finding.to_event() for finding in findings]
 
     recorder.add_listener(listen)
+    recorder.add_sink(_SkipTap(monitor))
     return monitor

@@ -1,33 +1,40 @@
 """The health rules run over recorded host numbers, online or as a replay.
 
 :class:`HealthMonitor` dispatches each flushed :class:`~gradguard.schema.HostBatch` to
-the rule objects of :data:`~gradguard.health.rules.RULES` (each step row to the step
-rules, each snapshot to the layer rules) and returns their new findings. Every rule and
-signal keeps bounded state (fixed-size windows, counters and latches), so an update
-costs time proportional to the batch, not to the run. :func:`diagnose` replays a whole
-recorded run through a monitor.
+the rule objects of :data:`~gradguard.health.rules.RULES`: the step rows, as numpy
+arrays, to the step rules; each finite per-tensor snapshot to the layer rules. It
+returns the findings whose episodes opened, grew or closed in that batch. Every rule
+and signal keeps bounded state (fixed-size windows, counters, the open episodes), so an
+update costs time proportional to the batch, not to the run. :func:`diagnose` replays a
+whole recorded run through a monitor.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
-from ..schema import HostBatch
-from .base import Context, Rule, StepRow
+from ..layers import group_index
+from ..schema import Event, HostBatch
+from .base import Context, Rule, Steps
 from .config import HealthConfig
 from .findings import Finding
 from .rules import RULES, Kind
 from .signals import LayerSnapshot
 
-_NAN = float("nan")
+_COLUMNS = ("norm", "threshold", "clipped", "skipped", "reason", "loss", "lr", "loss_scale")
+_SOURCES = {"norm": "total_norm"}
 
 
 class OrderLike(Protocol):
-    """Anything that names the first non-finite parameter in backward order."""
+    """Anything that names the first non-finite parameter in backward order.
+
+    It may also offer ``unreached()``: the parameters that require grad but got no
+    gradient in the backward pass it observed.
+    """
 
     def first_nonfinite(self, names_or_flags: Sequence[str]) -> str | None: ...
 
@@ -38,9 +45,13 @@ class HealthMonitor:
     Args:
         config: rule thresholds; ``HealthConfig()`` by default.
         order: a :class:`~gradguard.health.origin.BackwardOrder` (or anything with
-            ``first_nonfinite(names)``) to locate the origin of non-finite gradients.
-            Without one the origin is approximated by reverse registration order.
+            ``first_nonfinite(names)``) to locate the origin of non-finite gradients
+            and the layers that get no gradient.
         rules: the rule classes to run; :data:`~gradguard.health.rules.RULES` by default.
+
+    After each :meth:`update`, :attr:`opened` holds the keys of the episodes reported
+    for the first time and :attr:`to_warn` the findings that reached warning severity
+    for the first time (what a listener warns about).
     """
 
     def __init__(
@@ -63,105 +74,107 @@ class HealthMonitor:
         """Forget everything seen so far."""
         self.context = Context(self.config, self.order)
         self.rules = [cls(self.context) for cls in self.rule_classes]
-        by_reads = {"all": [], "nonamp": [], "finite": []}
-        for rule in self.rules:
-            if rule.scope != "layer":
-                by_reads[rule.reads].append(rule)
-        self._every, self._nonamp, self._finite = (by_reads[k] for k in ("all", "nonamp", "finite"))
-        self._layer = [rule for rule in self.rules if rule.scope == "layer"]
-        #: Findings emitted so far, per kind.
+        self._step_rules = [r for r in self.rules if r.scope != "layer"]
+        self._layer_rules = [r for r in self.rules if r.scope == "layer"]
+        self._started = False
+        self.opened: list[str] = []
+        self.to_warn: list[Finding] = []
+        #: Episodes opened so far, per kind.
         self.counts: dict[Kind, int] = {}
 
     def update(self, batch: HostBatch) -> list[Finding]:
-        """Evaluate the rules on one flushed batch; return the findings it produced."""
-        n = len(batch.steps)
-        for name, values in batch.columns.items():
-            if len(values) != n:
-                raise ValueError(f"batch.columns[{name!r}] has {len(values)} values for {n} steps")
-        if len(batch.tensor_steps) != len(batch.tensor_norms):
-            raise ValueError(
-                f"batch.tensor_steps has {len(batch.tensor_steps)} entries but "
-                f"batch.tensor_norms has {len(batch.tensor_norms)}"
-            )
-        names = tuple(batch.names)
-        for row in _rows(batch, names):
-            self._step(row)
-        for step, norms in zip(batch.tensor_steps, batch.tensor_norms):
-            self._snapshot(int(step), names, [float(v) for v in norms])
-        out = [finding for rule in self.rules for finding in rule.take()]
-        out.sort(key=lambda f: f.steps[1])  # the step each finding was decided at
-        for finding in out:
-            self.counts[finding.kind] = self.counts.get(finding.kind, 0) + 1
-        return out
+        """Evaluate the rules on one flushed batch; return the findings it changed, by step."""
+        steps = _steps(batch)
+        if len(steps) and not self._started:
+            self._started = True
+            self.context.first_step = int(steps.step[0])
+        rows = steps.take(~steps.amp_overflow)
+        for signal in self.context.signals:
+            signal.update(rows)
+        for rule in self._step_rules:
+            rule.on_steps(steps if rule.amp_rows else rows)
+        unreached = self._unreached(steps.names)
+        for step, norms in sorted(steps.snapshots.items()):
+            if not len(norms) or not np.isfinite(norms).all():
+                continue  # the non-finite rule speaks for this snapshot
+            snapshot = LayerSnapshot.build(step, steps.names, list(norms), self.config, unreached)
+            for rule in self._layer_rules:
+                rule.on_snapshot(snapshot)
+        return self._collect()
 
-    def _step(self, row: StepRow) -> None:
-        for rule in self._every:
-            rule.on_step(row)
-        if row.amp_overflow:
-            return  # the GradScaler handles its own overflows; the norm is of scaled grads
-        for rule in self._nonamp:
-            rule.on_step(row)
-        if not row.finite:
-            return  # nothing non-finite enters a window or a baseline
-        signals = self.context.signals
-        for signal in signals:
-            signal.before_step(row)
-        for rule in self._finite:
-            rule.on_step(row)
-        for signal in signals:
-            signal.after_step(row)
+    def note_events(self, events: Sequence[Event]) -> None:
+        """Show recorded events (skips naming non-finite parameters) to the rules; what
+        they change is reported by the next :meth:`update`."""
+        events = list(events)
+        for rule in self.rules:
+            rule.on_events(events)
 
-    def _snapshot(self, step: int, names: tuple[str, ...], norms: list[float]) -> None:
-        if not names:
-            names = tuple(f"tensor[{i}]" for i in range(len(norms)))
-        if len(names) != len(norms):
-            raise ValueError(
-                f"batch.tensor_norms rows have {len(norms)} values for {len(names)} names"
-            )
-        if not norms or not all(math.isfinite(v) for v in norms):
-            return  # the non-finite rule speaks for this snapshot
-        snapshot = LayerSnapshot.build(step, names, norms, self.config)
-        for rule in self._layer:
-            rule.on_snapshot(snapshot)
+    def _collect(self) -> list[Finding]:
+        found: list[Finding] = []
+        self.opened, self.to_warn = [], []
+        for rule in self.rules:
+            reported, opened, warn = rule.take()
+            found += reported
+            self.opened += opened
+            self.to_warn += warn
+        for finding in found:
+            if finding.key in self.opened:
+                self.counts[finding.kind] = self.counts.get(finding.kind, 0) + 1
+        found.sort(key=lambda f: (f.steps[0], -f.severity.rank))
+        return found
+
+    def _unreached(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        """Layers whose parameters require grad but got no gradient (from the order)."""
+        unreached = getattr(self.order, "unreached", None)
+        if unreached is None:
+            return ()
+        missing = tuple(unreached())
+        if not missing or not self.config.group_by_module:
+            return missing
+        groups, _ = group_index(missing)
+        return groups
 
 
-def _rows(batch: HostBatch, names: tuple[str, ...]):
-    """The batch's steps as :class:`StepRow` objects, each with its snapshot if any."""
+def _steps(batch: HostBatch) -> Steps:
     n = len(batch.steps)
-    snapshots = dict(zip(batch.tensor_steps, batch.tensor_norms))
-
-    def column(name: str) -> Sequence[float]:
-        values = batch.columns.get(name)
-        return values if values is not None else [_NAN] * n
-
-    columns = zip(
-        batch.steps,
-        column("total_norm"),
-        column("threshold"),
-        column("clipped"),
-        column("skipped"),
-        column("reason"),
-        column("loss"),
-        column("lr"),
-        column("loss_scale"),
-        column("clip_coef"),
-    )
-    for step, norm, threshold, clipped, skipped, reason, loss, lr, scale, coef in columns:
-        reason = float(reason)
-        yield StepRow(
-            step=int(step),
-            norm=float(norm),
-            threshold=float(threshold),
-            clipped=float(clipped),
-            skipped=skipped == 1.0,
-            reason=int(reason) if math.isfinite(reason) else 0,
-            loss=float(loss),
-            lr=float(lr),
-            loss_scale=float(scale),
-            clip_coef=float(coef),
-            names=names,
-            tensor_norms=snapshots.get(step),
+    for name, values in batch.columns.items():
+        if len(values) != n:
+            raise ValueError(f"batch.columns[{name!r}] has {len(values)} values for {n} steps")
+    if len(batch.tensor_steps) != len(batch.tensor_norms):
+        raise ValueError(
+            f"batch.tensor_steps has {len(batch.tensor_steps)} entries but "
+            f"batch.tensor_norms has {len(batch.tensor_norms)}"
         )
+    names = tuple(batch.names)
+    snapshots: dict[int, np.ndarray] = {}
+    for step, norms in zip(batch.tensor_steps, batch.tensor_norms):
+        values = np.asarray(norms, dtype=np.float64).reshape(-1)
+        if not names:
+            names = tuple(f"tensor[{i}]" for i in range(len(values)))
+        if len(values) != len(names):
+            raise ValueError(
+                f"batch.tensor_norms rows have {len(values)} values for {len(names)} names"
+            )
+        snapshots[int(step)] = values
+
+    def column(name: str) -> np.ndarray:
+        values = batch.columns.get(_SOURCES.get(name, name))
+        if values is None:
+            return np.full(n, math.nan)
+        return np.asarray(values, dtype=np.float64).reshape(n)
+
+    data: dict[str, Any] = {name: column(name) for name in _COLUMNS}
+    data["skipped"] = data["skipped"] == 1.0
+    reason = data["reason"]
+    data["reason"] = np.where(np.isfinite(reason), reason, 0).astype(np.int64)
+    loss_given = "loss" in batch.columns and "loss" not in batch.absent
+    return Steps(
+        step=np.asarray(batch.steps, dtype=np.int64).reshape(n),
+        **data,
+        names=names,
+        snapshots=snapshots,
+        loss_given=loss_given,
+    )
 
 
 def diagnose(
@@ -173,27 +186,28 @@ def diagnose(
     config: HealthConfig | None = None,
     *,
     order: OrderLike | None = None,
+    events: Sequence[Event] = (),
     chunk: int = 1000,
 ) -> list[Finding]:
     """Run the health rules over a whole recorded run (steps in increasing order).
 
     ``columns`` maps step-column names (see ``STEP_COLUMNS``) to per-step values
     aligned with ``steps``; missing columns count as not recorded. Per-tensor snapshots
-    ``tensor_norms[j]`` at ``tensor_steps[j]`` are aligned with ``names``. The run is fed
-    to a :class:`HealthMonitor` in chunks of ``chunk`` steps, so the findings are those
-    an online monitor would have emitted.
+    ``tensor_norms[j]`` at ``tensor_steps[j]`` are aligned with ``names``. ``events``
+    (e.g. a store's skip events) are shown to the rules after the chunk holding their
+    step. The run is fed to a :class:`HealthMonitor` in chunks of ``chunk`` steps, as an
+    online monitor would see it; the result is each episode's final state, by first step.
     """
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
         raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
-    step_list = [int(s) for s in steps]
+    step_array = np.asarray(steps, dtype=np.int64).reshape(-1)
     data = {
-        key: np.asarray(values, dtype=np.float64).reshape(-1).tolist()
-        for key, values in columns.items()
+        key: np.asarray(values, dtype=np.float64).reshape(-1) for key, values in columns.items()
     }
     for key, values in data.items():
-        if len(values) != len(step_list):
+        if len(values) != len(step_array):
             raise ValueError(
-                f"columns[{key!r}] has {len(values)} values for {len(step_list)} steps"
+                f"columns[{key!r}] has {len(values)} values for {len(step_array)} steps"
             )
     if len(tensor_steps) != len(tensor_norms):
         raise ValueError(
@@ -201,28 +215,44 @@ def diagnose(
         )
     snapshots = sorted(
         zip(
-            (int(s) for s in tensor_steps),
-            (np.asarray(row, dtype=np.float64).tolist() for row in tensor_norms),
+            (int(s) for s in tensor_steps), (np.asarray(r, dtype=np.float64) for r in tensor_norms)
         ),
         key=lambda item: item[0],
     )
+    pending = sorted(events, key=lambda e: e.step)
     monitor = HealthMonitor(config, order=order)
-    found: list[Finding] = []
-    fed = 0
-    for start in range(0, max(len(step_list), 1), chunk):
-        part = step_list[start : start + chunk]
-        last = part[-1] if part else math.inf
-        is_last = start + chunk >= len(step_list)
+    found: dict[str, Finding] = {}
+    loose: list[Finding] = []
+    fed = shown = 0
+    for start in range(0, max(len(step_array), 1), chunk):
+        part = step_array[start : start + chunk]
+        last = int(part[-1]) if len(part) else math.inf
+        is_last = start + chunk >= len(step_array)
         take = fed
         while take < len(snapshots) and (is_last or snapshots[take][0] <= last):
             take += 1
         batch = HostBatch(
-            steps=part,
+            steps=part.tolist(),
             columns={key: values[start : start + chunk] for key, values in data.items()},
             names=tuple(names),
             tensor_steps=[s for s, _ in snapshots[fed:take]],
             tensor_norms=[row for _, row in snapshots[fed:take]],
         )
         fed = take
-        found.extend(monitor.update(batch))
-    return found
+        for finding in monitor.update(batch):
+            if finding.key is None:
+                loose.append(finding)
+            else:
+                found[finding.key] = finding
+        upto = shown
+        while upto < len(pending) and (is_last or pending[upto].step <= last):
+            upto += 1
+        if upto > shown:
+            monitor.note_events(pending[shown:upto])
+            shown = upto
+    if shown:  # evidence from the last chunk's events
+        for finding in monitor.update(HostBatch(steps=[], columns={})):
+            found[finding.key or id(finding)] = finding  # type: ignore[index]
+    out = [*found.values(), *loose]
+    out.sort(key=lambda f: (f.steps[0], -f.severity.rank))
+    return out

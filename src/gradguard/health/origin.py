@@ -98,6 +98,17 @@ class BackwardOrder:
         """Parameter names in backward accumulation order (empty before any backward)."""
         return self._order if self._order is not None else tuple(self._seen)
 
+    def unreached(self) -> tuple[str, ...]:
+        """Parameters that require grad but got no gradient in the observed backward pass.
+
+        Known once the order is complete (the next forward pass after the first backward);
+        empty before. They are detached, run under ``no_grad`` or unused in forward.
+        """
+        if self._order is None:
+            return ()
+        seen = set(self._order)
+        return tuple(name for name in self.names if name not in seen)
+
     def first_nonfinite(
         self, names_or_flags: Iterable[str] | Sequence[bool] | Tensor
     ) -> str | None:

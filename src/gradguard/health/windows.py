@@ -1,147 +1,117 @@
-"""Bounded windows and counters for online rules: latches, runs, rolling medians.
+"""Bounded rolling windows over batches of values, computed with numpy.
 
-Every structure here holds at most a fixed number of values, so the monitor's cost
-per step does not grow with the length of the run.
+Each window keeps only its last ``size`` values between batches, so a rule's state and
+its cost per flushed batch do not grow with the length of the run; every statistic of a
+batch is computed in a few vectorised passes over ``tail + batch``.
 """
 
 from __future__ import annotations
 
-import math
-import statistics
-from collections import deque
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+_EMPTY = np.empty(0)
 
 
-class Latch:
-    """Emit once when a condition becomes active; re-arm after it stays clear.
+class Rolling:
+    """The last ``size`` values pushed, with per-value statistics of the trailing window.
 
-    ``update(active)`` returns ``True`` only on the first active observation while
-    armed. After firing, ``rearm`` consecutive inactive observations arm it again.
+    For a batch ``values``, :meth:`push` returns, for each value, a statistic over the
+    window that ends just before it (``include=False``) or at it (``include=True``),
+    and how many values that window held; then it keeps the last ``size`` values.
     """
 
-    __slots__ = ("armed", "clear")
-
-    def __init__(self) -> None:
-        self.armed = True
-        self.clear = 0
-
-    def update(self, active: bool, rearm: int) -> bool:
-        if active:
-            self.clear = 0
-            if self.armed:
-                self.armed = False
-                return True
-            return False
-        if not self.armed:
-            self.clear += 1
-            if self.clear >= rearm:
-                self.armed = True
-        return False
-
-
-class Run:
-    """Length and first step of the current run of consecutive hits."""
-
-    __slots__ = ("first", "length", "peak")
-
-    def __init__(self) -> None:
-        self.length = 0
-        self.first = 0
-        self.peak = 0.0
-
-    def update(self, hit: bool, step: int, value: float = 0.0) -> int:
-        if hit:
-            if self.length == 0:
-                self.first = step
-                self.peak = value
-            else:
-                self.peak = max(self.peak, value)
-            self.length += 1
-        else:
-            self.length = 0
-        return self.length
-
-
-class RollingMedian:
-    """Median of the last ``size`` values."""
-
-    __slots__ = ("values",)
+    __slots__ = ("size", "tail")
 
     def __init__(self, size: int) -> None:
-        self.values: deque[float] = deque(maxlen=size)
+        self.size = int(size)
+        self.tail = _EMPTY
 
     def __len__(self) -> int:
-        return len(self.values)
+        return len(self.tail)
 
-    def push(self, value: float) -> None:
-        self.values.append(value)
+    def push(
+        self, values: np.ndarray, stat: str = "median", include: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        values = np.asarray(values, dtype=np.float64)
+        both = np.concatenate([self.tail, values])
+        ends = len(self.tail) + np.arange(len(values)) + int(include)  # window = both[e-size:e]
+        counts = np.minimum(ends, self.size)
+        out = np.full(len(values), np.nan)
+        reduce = _REDUCERS[stat]
+        full = ends >= self.size
+        if full.any() and len(both) >= self.size:
+            windows = sliding_window_view(both, self.size)
+            out[full] = reduce(windows[ends[full] - self.size], axis=1)
+        for i in np.flatnonzero(~full & (ends > 0)):  # the first values of a run only
+            out[i] = reduce(both[: ends[i]])
+        self.tail = both[-self.size :] if len(both) > self.size else both
+        return out, counts
 
-    def median(self) -> float:
-        return statistics.median(self.values)
+    def statistic(self, stat: str = "median") -> float:
+        """The statistic of the values held now (NaN when empty)."""
+        return float(_REDUCERS[stat](self.tail)) if len(self.tail) else float("nan")
 
 
-class FlagWindow:
-    """The last ``size`` observations of a few boolean flags, with running counts."""
+def _mad(values: np.ndarray, axis: int | None = None) -> np.ndarray:
+    median = np.median(values, axis=axis, keepdims=True)
+    return np.median(np.abs(values - median), axis=axis)
 
-    __slots__ = ("counts", "rows", "size", "values")
+
+_REDUCERS = {"median": np.median, "min": np.min, "max": np.max, "mad": _mad, "mean": np.mean}
+
+
+class Counts:
+    """Running counts of a few boolean flags over the last ``size`` observations."""
+
+    __slots__ = ("size", "tail")
 
     def __init__(self, size: int, flags: int) -> None:
-        self.size = size
-        self.rows: deque[tuple[bool, ...]] = deque()
-        self.values: deque[float] = deque()
-        self.counts = [0] * flags
+        self.size = int(size)
+        self.tail = np.zeros((0, flags), dtype=np.int64)
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.tail)
 
-    @property
-    def full(self) -> bool:
-        return len(self.rows) == self.size
-
-    def push(self, flags: tuple[bool, ...], value: float) -> None:
-        if len(self.rows) == self.size:
-            old = self.rows.popleft()
-            self.values.popleft()
-            for i, flag in enumerate(old):
-                self.counts[i] -= flag
-        self.rows.append(flags)
-        self.values.append(value)
-        for i, flag in enumerate(flags):
-            self.counts[i] += flag
-
-    def share(self, index: int) -> float:
-        return self.counts[index] / len(self.rows) if self.rows else 0.0
+    def push(self, flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per observation: the counts of each flag in the window ending at it, and its size."""
+        flags = np.asarray(flags, dtype=np.int64).reshape(len(flags), self.tail.shape[1])
+        both = np.concatenate([self.tail, flags])
+        sums = np.concatenate([np.zeros((1, both.shape[1]), np.int64), np.cumsum(both, axis=0)])
+        ends = len(self.tail) + np.arange(1, len(flags) + 1)
+        starts = np.maximum(ends - self.size, 0)
+        self.tail = both[-self.size :]
+        return sums[ends] - sums[starts], ends - starts
 
 
-class HalvesTrend:
-    """Means of the older and newer halves of the last ``2 × half`` values."""
+def run_lengths(active: np.ndarray, carry: int = 0) -> np.ndarray:
+    """Length of the run of ``True`` ending at each position (0 where ``False``); a run at
+    the start continues one of length ``carry`` from the previous batch."""
+    active = np.asarray(active, dtype=bool)
+    index = np.arange(len(active))
+    last_false = np.maximum.accumulate(np.where(active, -1, index)) if len(active) else index
+    lengths = np.where(active, index - last_false, 0)
+    return np.where(active & (last_false < 0), lengths + carry, lengths)
 
-    __slots__ = ("half", "new", "new_sum", "old", "old_sum", "pushes")
 
-    def __init__(self, half: int) -> None:
-        self.half = half
-        self.pushes = 0
-        self.old: deque[float] = deque()
-        self.new: deque[float] = deque()
-        self.old_sum = 0.0
-        self.new_sum = 0.0
+class Streaks:
+    """Per name (a layer, a pair of layers), the current run of consecutive hits and its
+    first step; at most one entry per name ever seen."""
 
-    @property
-    def full(self) -> bool:
-        return len(self.old) == self.half
+    __slots__ = ("runs",)
 
-    def push(self, value: float) -> None:
-        if len(self.new) == self.half:
-            moved = self.new.popleft()
-            self.new_sum -= moved
-            if len(self.old) == self.half:
-                self.old_sum -= self.old.popleft()
-            self.old.append(moved)
-            self.old_sum += moved
-        self.new.append(value)
-        self.new_sum += value
-        self.pushes += 1
-        if self.pushes % (4 * self.half) == 0:  # drop rounding drift of the running sums
-            self.old_sum, self.new_sum = math.fsum(self.old), math.fsum(self.new)
+    def __init__(self) -> None:
+        self.runs: dict[object, tuple[int, int]] = {}
 
-    def means(self) -> tuple[float, float]:
-        return self.old_sum / len(self.old), self.new_sum / len(self.new)
+    def update(self, step: int, hits: dict[object, bool]) -> dict[object, tuple[int, int]]:
+        """Record ``hits`` at ``step``; return ``{name: (length, first)}`` of the names hit."""
+        out = {}
+        for name, hit in hits.items():
+            length, first = self.runs.get(name, (0, step))
+            if hit:
+                length, first = (length + 1, first) if length else (1, step)
+                out[name] = (length, first)
+            else:
+                length = 0
+            self.runs[name] = (length, first)
+        return out

@@ -19,23 +19,31 @@ from .dead_layer import DeadLayer
 from .exploding import Exploding
 from .layer_dispersion import LayerDispersion
 from .layer_ratio import LayerRatio
+from .loss_divergence import LossDivergence
+from .loss_scale_collapse import LossScaleCollapse
 from .loss_stall import LossStall
+from .lr_change import LRChange
 from .nonfinite import NonFinite
+from .run_lost import RunLost
 from .spike import Spike
 from .vanishing import Vanishing
 from .vanishing_layer import VanishingLayer
 
-#: Every rule, in the order the monitor runs them on each step and snapshot.
+#: Every rule, in the order the monitor runs them on each batch and snapshot.
 RULES: tuple[type[Rule], ...] = (
-    AmpOverflow,
     NonFinite,
+    RunLost,
     Spike,
     Exploding,
     Vanishing,
+    LRChange,
+    LossDivergence,
+    LossStall,
     ClipInactive,
     ClipSaturated,
     ClipHovering,
-    LossStall,
+    AmpOverflow,
+    LossScaleCollapse,
     DeadLayer,
     VanishingLayer,
     LayerRatio,

@@ -4,22 +4,25 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .. import _check as check
 from ..advice import LOWER_LR
-from ..base import Context, Rule, StepRow, Threshold
+from ..base import Context, Rule, Steps, Threshold
+from ..episodes import Tracker
 from ..findings import Severity
-from ..windows import FlagWindow
+from ..windows import Counts, Rolling
 
 
 class AmpOverflow(Rule):
     kind = "amp_overflow"
     severity = Severity.WARNING
     scope = "window"
-    reads = "all"
+    amp_rows = True
     condition = (
-        "after the first amp_warmup steps, more than amp_overflow_rate of the last "
-        "amp_window steps were skipped by the GradScaler for inf/NaN (reason amp_overflow); "
-        "its early calibration overflows are normal and not counted"
+        "more than amp_overflow_rate of the last amp_window steps were skipped by the "
+        "GradScaler for inf/NaN (reason amp_overflow); the overflows of its calibration (the "
+        "run of them that opens the run, while the initial scale backs off) are not counted"
     )
     advice = (
         "The loss scale keeps backing off: if the hardware supports it (Ampere or newer, "
@@ -42,48 +45,59 @@ class AmpOverflow(Rule):
         Threshold(
             "amp_window", 200, check.counter(2), "steps over which AMP-overflow skips are counted"
         ),
-        Threshold(
-            "amp_warmup",
-            100,
-            check.counter(0),
-            "first steps ignored (a GradScaler starts with a large scale and overflows "
-            "while it calibrates)",
-        ),
     )
 
     def __init__(self, context: Context) -> None:
         super().__init__(context)
-        self._window = FlagWindow(self.config.amp_window, 1)  # overflow flags, scale as value
-        self._seen = 0
-
-    def on_step(self, row: StepRow) -> None:
         c = self.config
-        self._seen += 1
-        if self._seen <= c.amp_warmup:
-            return  # the GradScaler is still calibrating its scale
-        window = self._window
-        window.push((row.amp_overflow,), row.loss_scale)
-        count = window.counts[0]
-        # counted against the full window: a partial window fires only once its count
-        # alone already exceeds the allowed share of amp_window
-        active = count > c.amp_overflow_rate * c.amp_window
-        if not self.fire(self.kind, active, c.rearm_steps):
-            return
-        seen = len(window)
-        evidence = {
-            "rate": count / seen,
-            "overflows": count,
-            "window": seen,
-            "amp_overflow_rate": c.amp_overflow_rate,
-        }
-        message = (
-            f"AMP overflow skipped {count} of the last {seen} steps ({count / seen:.1%}; "
-            f"limit {c.amp_overflow_rate:.1%})"
-        )
-        scales = [v for v in window.values if math.isfinite(v) and v > 0.0]
-        if scales:
-            first, last, low = scales[0], scales[-1], min(scales)
-            evidence.update(loss_scale_first=first, loss_scale_last=last, loss_scale_min=low)
-            evidence["loss_scale_trend"] = last / first
-            message += f"; loss scale {first:g} → {last:g} (min {low:g})"
-        self.report((row.step - seen + 1, row.step), message, evidence)
+        self.tracker = Tracker(self.kind, 1, c.rearm_steps)
+        self._counts = Counts(c.amp_window, 1)
+        self._first = Rolling(c.amp_window)  # step of each overflow, +inf elsewhere
+        self._calibrating = True
+
+    def on_steps(self, steps: Steps) -> None:
+        c = self.config
+        overflow = steps.amp_overflow.copy()
+        if self._calibrating and len(steps):
+            clear = np.flatnonzero(~overflow)
+            end = int(clear[0]) if len(clear) else len(steps)
+            overflow[:end] = False  # the GradScaler calibrating its initial scale
+            self._calibrating = not len(clear)
+        counts, _ = self._counts.push(overflow[:, None])
+        count = counts[:, 0]
+        # the episode runs from the first to the last overflow while the rate is too high
+        active = (count > c.amp_overflow_rate * c.amp_window) & overflow
+        at = np.where(overflow, steps.step.astype(np.float64), np.inf)
+        first, _ = self._first.push(at, "min", include=True)
+        for change in self.updated(self.tracker.feed(steps.step, active, first)[0]):
+            episode = change.episode
+            rows = slice(change.lo, change.hi + 1)
+            s = episode.stats
+            s["overflows"] = s.get("overflows", 0) + int(overflow[rows].sum())
+            scales = steps.loss_scale[rows]
+            scales = scales[np.isfinite(scales) & (scales > 0)]
+            if len(scales):
+                s.setdefault("scale_first", float(scales[0]))
+                s["scale_last"] = float(scales[-1])
+                s["scale_min"] = min(s.get("scale_min", math.inf), float(scales.min()))
+            window = int(count[change.hi])
+            evidence = {
+                "overflows": s["overflows"],
+                "window_overflows": window,
+                "window": c.amp_window,
+                "rate": window / c.amp_window,
+                "amp_overflow_rate": c.amp_overflow_rate,
+            }
+            message = (
+                f"AMP overflow skipped {s['overflows']} steps ({episode.first}–{episode.last}); "
+                f"up to {window} of {c.amp_window} ({window / c.amp_window:.1%}; limit "
+                f"{c.amp_overflow_rate:.1%})"
+            )
+            if "scale_first" in s:
+                evidence.update(
+                    loss_scale_first=s["scale_first"],
+                    loss_scale_last=s["scale_last"],
+                    loss_scale_min=s["scale_min"],
+                )
+                message += f"; loss scale {s['scale_first']:g} → {s['scale_last']:g}"
+            self.report(episode, message, evidence)

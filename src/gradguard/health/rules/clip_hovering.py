@@ -1,23 +1,27 @@
-"""``clip_hovering``: the norm keeps sitting at the clip threshold."""
+"""``clip_hovering``: the norm keeps sitting at a fixed clip threshold."""
 
 from __future__ import annotations
 
 from .. import _check as check
-from ..base import Context, Rule, StepRow, Threshold
+from ..base import Context, Rule, Steps, Threshold
+from ..episodes import Tracker
 from ..findings import Severity
 from ..signals import CLIPPED, HOVER, ClipActivity
 
 
 class ClipHovering(Rule):
     kind = "clip_hovering"
-    severity = Severity.WARNING
+    severity = Severity.INFO
     scope = "window"
     condition = (
-        "over `clip_window` steps, >= hover_share of the norms lie within hover_band × threshold"
+        "over `clip_window` steps under a fixed threshold, >= hover_share of the norms lie "
+        "within hover_band × threshold and clipping acts on >= hover_clipped of them (under "
+        "an adaptive clipper the threshold follows the norm by design: never reported)"
     )
     advice = (
-        "The learning rate is likely too high: lower it or add decay.",
-        "Add or lengthen warmup.",
+        "The threshold sits at the typical norm, so clipping rescales most steps a little; "
+        "if the learning rate is high, lower it or add decay (seed 004).",
+        "Otherwise raise the threshold a little above the typical norm (recommend_threshold()).",
     )
     thresholds = (
         Threshold(
@@ -26,28 +30,42 @@ class ClipHovering(Rule):
             check.fraction,
             "share of steps in hover_band that means the norm hovers there",
         ),
+        Threshold(
+            "hover_clipped",
+            0.25,
+            check.fraction,
+            "share of clipped steps needed too: hovering means clipping acts",
+        ),
     )
 
     def __init__(self, context: Context) -> None:
         super().__init__(context)
         self.clip = context.signal(ClipActivity)
+        self.tracker = Tracker(self.kind, 1, self.config.rearm_steps)
 
-    def on_step(self, row: StepRow) -> None:
-        clip, c = self.clip, self.config
-        if not clip.active:
-            return
-        hover = clip.full and clip.share(HOVER) >= c.hover_share
-        if not self.fire(self.kind, hover, c.rearm_steps):
-            return
-        low, high = c.hover_band
-        self.report(
-            (clip.first_step(row.step), row.step),
-            f"gradient norm hovers at the clip threshold {row.threshold:g}: "
-            f"{clip.share(HOVER):.0%} of the last {len(clip.window)} steps within "
-            f"{low:g}–{high:g}× of it",
-            {
-                "hover_share": clip.share(HOVER),
-                "threshold": row.threshold,
-                "clipped_share": clip.share(CLIPPED),
-            },
+    def on_steps(self, steps: Steps) -> None:
+        c, clip = self.config, self.clip
+        hover = (
+            clip.active
+            & clip.full
+            & clip.fixed
+            & (clip.shares[:, HOVER] >= c.hover_share)
+            & (clip.shares[:, CLIPPED] >= c.hover_clipped)
         )
+        low, high = c.hover_band
+        # the episode spans the window it was seen in, then extends over hover steps
+        hover = hover & clip.flags[:, HOVER]
+        for change in self.updated(self.tracker.feed(steps.step, hover, clip.first_step)[0]):
+            row = change.hi
+            threshold = float(steps.threshold[row])
+            self.report(
+                change.episode,
+                f"gradient norm hovers at the clip threshold {threshold:g}: "
+                f"{clip.shares[row, HOVER]:.0%} of the last {int(clip.size[row])} steps within "
+                f"{low:g}–{high:g}× of it, {clip.shares[row, CLIPPED]:.0%} clipped",
+                {
+                    "hover_share": float(clip.shares[row, HOVER]),
+                    "clipped_share": float(clip.shares[row, CLIPPED]),
+                    "threshold": threshold,
+                },
+            )

@@ -1,9 +1,10 @@
-"""``clip_inactive``: a clip threshold so high that clipping never acts."""
+"""``clip_inactive``: a fixed clip threshold so high that clipping never acts."""
 
 from __future__ import annotations
 
 from .. import _check as check
-from ..base import Context, Rule, StepRow, Threshold
+from ..base import Context, Rule, Steps, Threshold
+from ..episodes import Tracker
 from ..findings import Severity
 from ..signals import IDLE, ClipActivity
 from ..threshold import recommend_threshold
@@ -14,7 +15,8 @@ class ClipInactive(Rule):
     severity = Severity.INFO
     scope = "window"
     condition = (
-        "over `clip_window` steps, >= clip_idle_share of them are below clip_idle_below × threshold"
+        "over `clip_window` steps under a fixed threshold (an adaptive clipper's follows the "
+        "norm), >= clip_idle_share of them are below clip_idle_below × threshold"
     )
     advice = (
         "Lower the threshold toward evidence['recommended_threshold'] "
@@ -33,28 +35,36 @@ class ClipInactive(Rule):
     def __init__(self, context: Context) -> None:
         super().__init__(context)
         self.clip = context.signal(ClipActivity)
+        self.tracker = Tracker(self.kind, 1, self.config.rearm_steps)
 
-    def on_step(self, row: StepRow) -> None:
+    def on_steps(self, steps: Steps) -> None:
         clip = self.clip
-        if not clip.active:
-            return
-        idle = clip.full and clip.share(IDLE) >= self.config.clip_idle_share
-        if not self.fire(self.kind, idle, self.config.rearm_steps):
-            return
-        window = clip.window
-        try:
-            advice = recommend_threshold(list(window.values), min_samples=1)
-            median, suggested = advice.median, advice.threshold
-        except ValueError:  # all-zero norms: nothing to recommend
-            median = suggested = 0.0
-        self.report(
-            (clip.first_step(row.step), row.step),
-            f"clipping never acts: {clip.share(IDLE):.0%} of the last {len(window)} "
-            f"steps are below {self.config.clip_idle_below:g}× the threshold {row.threshold:g}",
-            {
-                "idle_share": clip.share(IDLE),
-                "threshold": row.threshold,
-                "median_norm": median,
-                "recommended_threshold": suggested,
-            },
+        idle = (
+            clip.active
+            & clip.full
+            & clip.fixed
+            & (clip.shares[:, IDLE] >= self.config.clip_idle_share)
         )
+        # the episode spans the window it was seen in, then extends over idle steps
+        idle = idle & clip.flags[:, IDLE]
+        for change in self.updated(self.tracker.feed(steps.step, idle, clip.first_step)[0]):
+            row = change.hi
+            threshold = float(steps.threshold[row])
+            norms = clip.window_ratios(row) * threshold
+            try:
+                advice = recommend_threshold(norms, min_samples=1)
+                median, suggested = advice.median, advice.threshold
+            except ValueError:  # all-zero norms: nothing to recommend
+                median = suggested = 0.0
+            share = float(clip.shares[row, IDLE])
+            self.report(
+                change.episode,
+                f"clipping never acts: {share:.0%} of the last {int(clip.size[row])} steps are "
+                f"below {self.config.clip_idle_below:g}× the threshold {threshold:g}",
+                {
+                    "idle_share": share,
+                    "threshold": threshold,
+                    "median_norm": median,
+                    "recommended_threshold": suggested,
+                },
+            )

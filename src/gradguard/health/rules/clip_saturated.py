@@ -1,14 +1,13 @@
-"""``clip_saturated``: clipping acts on almost every step, well above the threshold."""
+"""``clip_saturated``: clipping acts on almost every step."""
 
 from __future__ import annotations
 
-import numpy as np
-
 from .. import _check as check
 from ..advice import LOWER_LR
-from ..base import Context, Rule, StepRow, Threshold
+from ..base import Context, Rule, Steps, Threshold
+from ..episodes import Tracker
 from ..findings import Severity
-from ..signals import CLIPPED, HOVER, ClipActivity
+from ..signals import CLIPPED, ClipActivity
 
 
 class ClipSaturated(Rule):
@@ -16,8 +15,9 @@ class ClipSaturated(Rule):
     severity = Severity.WARNING
     scope = "window"
     condition = (
-        "over `clip_window` steps, >= clip_saturated_share of them are clipped, with norms "
-        "well above the threshold (not hovering)"
+        "over `clip_window` steps, >= clip_saturated_share of them are clipped; a warning "
+        "when the median norm is >= saturated_factor × the threshold (clipping hides much "
+        "larger gradients), else information (the threshold sits just under the typical norm)"
     )
     advice = (
         LOWER_LR + " Clipping every step turns the optimiser into normalised SGD.",
@@ -32,29 +32,36 @@ class ClipSaturated(Rule):
             check.fraction,
             "share of clipped steps that means clipping almost always acts",
         ),
+        Threshold(
+            "saturated_factor",
+            3.0,
+            check.greater_than_one,
+            "median norm, in thresholds, above which saturated clipping is a warning",
+        ),
     )
 
     def __init__(self, context: Context) -> None:
         super().__init__(context)
         self.clip = context.signal(ClipActivity)
+        self.tracker = Tracker(self.kind, 1, self.config.rearm_steps)
 
-    def on_step(self, row: StepRow) -> None:
-        clip, c = self.clip, self.config
-        if not clip.active:
-            return
-        hover = clip.full and clip.share(HOVER) >= c.hover_share
-        saturated = clip.full and clip.share(CLIPPED) >= c.clip_saturated_share and not hover
-        if not self.fire(self.kind, saturated, c.rearm_steps):
-            return
-        window = clip.window
-        median = float(np.median(np.asarray(window.values)))
-        self.report(
-            (clip.first_step(row.step), row.step),
-            f"clipping acts on {clip.share(CLIPPED):.0%} of the last {len(window)} "
-            f"steps; median norm {median / row.threshold:.3g}× the threshold {row.threshold:g}",
-            {
-                "clipped_share": clip.share(CLIPPED),
-                "threshold": row.threshold,
-                "median_norm": median,
-            },
-        )
+    def on_steps(self, steps: Steps) -> None:
+        c, clip = self.config, self.clip
+        saturated = clip.active & clip.full & (clip.shares[:, CLIPPED] >= c.clip_saturated_share)
+        # the episode spans the window it was seen in, then extends over clipped steps
+        saturated = saturated & clip.flags[:, CLIPPED]
+        for change in self.updated(self.tracker.feed(steps.step, saturated, clip.first_step)[0]):
+            episode, row = change.episode, change.hi
+            ratio = float(clip.median_ratio[row])
+            s = episode.stats
+            s["ratio"] = max(s.get("ratio", 0.0), ratio)
+            severity = Severity.WARNING if s["ratio"] >= c.saturated_factor else Severity.INFO
+            threshold = float(steps.threshold[row])
+            share = float(clip.shares[row, CLIPPED])
+            self.report(
+                episode,
+                f"clipping acts on {share:.0%} of the last {int(clip.size[row])} steps; "
+                f"median norm {ratio:.3g}× the threshold {threshold:g}",
+                {"clipped_share": share, "threshold": threshold, "median_ratio": ratio},
+                severity=severity,
+            )

@@ -1,36 +1,76 @@
-"""``dead_layer``: a layer whose gradient is exactly zero."""
+"""``dead_layer``: layers whose gradient is exactly zero, or that get none at all."""
 
 from __future__ import annotations
 
-from ..base import Rule
+from ..base import Context, Rule
+from ..episodes import Tracker
 from ..findings import Severity
 from ..signals import LayerSnapshot
+from ..windows import Streaks
+
+_MAX_PARAMS = 64
 
 
 class DeadLayer(Rule):
     kind = "dead_layer"
     severity = Severity.WARNING
     scope = "layer"
-    condition = "a layer's gradient norm is exactly 0 for `tensor_sustain` snapshots"
+    condition = (
+        "a layer's gradient norm is exactly 0 for `tensor_sustain` snapshots in a row, or "
+        "its parameters require grad but got no gradient in the backward pass the backward "
+        "order observed (detached, run under no_grad, or unused)"
+    )
     advice = (
-        "Check the layer is used in forward and its output is not detached or zeroed.",
+        "Check the layer is used in forward and its output is not detached or zeroed "
+        "(.detach(), .data, torch.no_grad(), a round trip through numpy).",
         "Dead ReLUs: use LeakyReLU/GELU, a lower learning rate and He initialisation.",
         "A bias followed by BatchNorm always gets a zero gradient: use bias=False.",
         "If the layer is frozen on purpose, set requires_grad=False.",
     )
 
+    def __init__(self, context: Context) -> None:
+        super().__init__(context)
+        self.streaks = Streaks()
+        self.tracker = Tracker(self.kind, 1, self.config.rearm_snapshots)
+
     def on_snapshot(self, snapshot: LayerSnapshot) -> None:
         c = self.config
-        dead: list[tuple[str, int]] = []
-        for name, hit, value in zip(snapshot.layers, snapshot.dead, snapshot.values):
-            run = self.run(name)
-            held = run.update(hit, snapshot.step, value)
-            if self.fire(name, held >= c.tensor_sustain, c.rearm_snapshots):
-                dead.append((name, run.first))
-        if dead:
+        hits = self.streaks.update(snapshot.step, dict(zip(snapshot.layers, snapshot.dead)))
+        held = {name: first for name, (length, first) in hits.items() if length >= c.tensor_sustain}
+        unreached = snapshot.unreached
+        active = bool(held or unreached)
+        start = min(held.values(), default=snapshot.step)
+        if unreached:
+            start = self.context.first_step
+        for change in self.updated(self.tracker.feed([snapshot.step], [active], [start])[0]):
+            episode = change.episode
+            s = episode.stats
+            zero = s.setdefault("zero", {})
+            for name in held:
+                if len(zero) < _MAX_PARAMS:
+                    zero[name] = True
+            if unreached:
+                s["unreached"] = tuple(unreached[:_MAX_PARAMS])
+            parts = []
+            if s.get("unreached"):
+                names = s["unreached"]
+                parts.append(
+                    f"{len(names)} layer(s) require grad but get no gradient at all, e.g. "
+                    f"{names[0]} (detached or unused in forward)"
+                )
+            if zero:
+                parts.append(
+                    f"{len(zero)} layer(s) get exactly zero gradient, e.g. {next(iter(zero))}"
+                )
+            params = tuple(dict.fromkeys((*s.get("unreached", ()), *zero)))
             self.report(
-                (min(first for _, first in dead), snapshot.step),
-                f"{len(dead)} layer(s) get exactly zero gradient, e.g. {dead[0][0]}",
-                {"layers": len(dead), "largest_layer_norm": snapshot.largest},
-                tuple(name for name, _ in dead),
+                episode,
+                "; ".join(parts),
+                {
+                    "layers": len(params),
+                    "unreached_layers": len(s.get("unreached", ())),
+                    "largest_layer_norm": snapshot.largest,
+                },
+                params,
+                origin=params[0] if params else None,
             )

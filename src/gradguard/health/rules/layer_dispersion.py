@@ -6,9 +6,11 @@ import numpy as np
 
 from .. import _check as check
 from ..advice import RESIDUAL_NORM
-from ..base import Rule, Threshold
+from ..base import Context, Rule, Threshold
+from ..episodes import Tracker
 from ..findings import Severity
 from ..signals import LayerSnapshot
+from ..windows import Streaks
 
 
 class LayerDispersion(Rule):
@@ -44,6 +46,11 @@ class LayerDispersion(Rule):
         ),
     )
 
+    def __init__(self, context: Context) -> None:
+        super().__init__(context)
+        self.streaks = Streaks()
+        self.tracker = Tracker(self.kind, 1, self.config.rearm_snapshots)
+
     def on_snapshot(self, snapshot: LayerSnapshot) -> None:
         c = self.config
         weak = snapshot.weak
@@ -53,21 +60,20 @@ class LayerDispersion(Rule):
             norms = np.asarray([v for _, v in live])
             mean, std = float(norms.mean()), float(norms.std())
             ratio = std / mean
-        # an adjacent jump is layer_ratio's finding; dispersion reports spread it misses
         hit = ratio > c.dispersion_ratio and not snapshot.adjacent_jump(c.layer_ratio)
-        run = self.run()
-        held = run.update(hit, snapshot.step, ratio)
-        if not self.fire(self.kind, held >= c.tensor_sustain, c.rearm_snapshots):
-            return
-        ranked = sorted(live, key=lambda item: item[1])
-        (low_name, low), (high_name, high) = ranked[0], ranked[-1]
-        squares = float(np.sum(np.square([v for _, v in live])))
-        self.report(
-            (run.first, snapshot.step),
-            f"layer gradient norms dispersed: std {std:.3g} = {ratio:.1f}× the mean "
-            f"{mean:.3g} over {len(live)} layers (limit {c.dispersion_ratio:g}×); "
-            f"largest {high_name} {high:.3g}, smallest {low_name} {low:.3g}",
-            {
+        length, first = self.streaks.update(snapshot.step, {"all": hit}).get("all", (0, 0))
+        active = length >= c.tensor_sustain
+        for change in self.updated(self.tracker.feed([snapshot.step], [active], [first])[0]):
+            ranked = sorted(live, key=lambda item: item[1])
+            (low_name, low), (high_name, high) = ranked[0], ranked[-1]
+            squares = float(np.sum(np.square([v for _, v in live])))
+            s = change.episode.stats
+            s["message"] = (
+                f"layer gradient norms dispersed: std {std:.3g} = {ratio:.1f}× the mean "
+                f"{mean:.3g} over {len(live)} layers (limit {c.dispersion_ratio:g}×); "
+                f"largest {high_name} {high:.3g}, smallest {low_name} {low:.3g}"
+            )
+            s["evidence"] = {
                 "mean": mean,
                 "std": std,
                 "ratio": ratio,
@@ -76,6 +82,6 @@ class LayerDispersion(Rule):
                 "smallest_norm": low,
                 "largest_share": high * high / squares,
                 "dispersion_ratio": c.dispersion_ratio,
-            },
-            (high_name, low_name),
-        )
+            }
+            s["params"] = (high_name, low_name)
+            self.report(change.episode, s["message"], s["evidence"], s["params"])

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from .. import _check as check
 from ..advice import INIT, RESIDUAL_NORM
-from ..base import Rule, Threshold
+from ..base import Context, Rule, Threshold
+from ..episodes import Tracker
 from ..findings import Severity
 from ..signals import LayerSnapshot
+from ..windows import Streaks
 
 
 class LayerRatio(Rule):
@@ -14,7 +16,8 @@ class LayerRatio(Rule):
     severity = Severity.WARNING
     scope = "layer"
     condition = (
-        "adjacent layers' norms differ by more than layer_ratio for `tensor_sustain` snapshots"
+        "adjacent layers' norms differ by more than layer_ratio for `tensor_sustain` "
+        "snapshots in a row (dead or vanishing layers are left to their own rules)"
     )
     advice = (
         RESIDUAL_NORM,
@@ -30,20 +33,30 @@ class LayerRatio(Rule):
         ),
     )
 
+    def __init__(self, context: Context) -> None:
+        super().__init__(context)
+        self.streaks = Streaks()
+        self.tracker = Tracker(self.kind, 1, self.config.rearm_snapshots)
+
     def on_snapshot(self, snapshot: LayerSnapshot) -> None:
         c = self.config
-        found: list[tuple[str, str, float, int]] = []
-        for a, b, ratio in snapshot.ratios:
-            run = self.run((a, b))
-            held = run.update(ratio > c.layer_ratio, snapshot.step, ratio)
-            if self.fire((a, b), held >= c.tensor_sustain, c.rearm_snapshots):
-                found.append((a, b, ratio, run.first))
-        if not found:
-            return
-        a, b, ratio, _ = max(found, key=lambda item: item[2])
-        self.report(
-            (min(first for *_, first in found), snapshot.step),
-            f"adjacent layers differ by up to {ratio:.0f}× ({a} vs {b}); limit {c.layer_ratio:g}×",
-            {"max_ratio": ratio, "pairs": len(found), "layer_ratio": c.layer_ratio},
-            tuple(dict.fromkeys(name for a, b, *_ in found for name in (a, b))),
+        ratios = {(a, b): r for a, b, r in snapshot.ratios}
+        hits = self.streaks.update(
+            snapshot.step, {pair: r > c.layer_ratio for pair, r in ratios.items()}
         )
+        held = {p: first for p, (length, first) in hits.items() if length >= c.tensor_sustain}
+        start = min(held.values(), default=snapshot.step)
+        for change in self.updated(self.tracker.feed([snapshot.step], [bool(held)], [start])[0]):
+            episode = change.episode
+            s = episode.stats
+            pairs = s.setdefault("pairs", {})
+            for pair in held:
+                pairs[pair] = max(pairs.get(pair, 0.0), ratios[pair])
+            (a, b), worst = max(pairs.items(), key=lambda item: item[1])
+            self.report(
+                episode,
+                f"adjacent layers differ by up to {worst:.0f}× ({a} vs {b}); "
+                f"limit {c.layer_ratio:g}×",
+                {"max_ratio": worst, "pairs": len(pairs), "layer_ratio": c.layer_ratio},
+                tuple(dict.fromkeys(name for pair in pairs for name in pair)),
+            )

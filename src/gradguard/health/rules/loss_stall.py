@@ -1,13 +1,14 @@
-"""``loss_stall``: the loss is flat while gradient norms stay large."""
+"""``loss_stall``: the run is not learning: the loss is no lower than when it started."""
 
 from __future__ import annotations
 
-import math
+import numpy as np
 
 from .. import _check as check
-from ..base import NAN, Context, Rule, StepRow, Threshold
+from ..base import Context, Rule, Steps, Threshold
+from ..episodes import Tracker
 from ..findings import Severity
-from ..windows import FlagWindow, HalvesTrend
+from ..signals import LossTrend
 
 
 class LossStall(Rule):
@@ -15,59 +16,64 @@ class LossStall(Rule):
     severity = Severity.WARNING
     scope = "window"
     condition = (
-        "over `stall_window` steps the loss improves by < stall_tolerance (second half vs "
-        "first) while most norms exceed the healthy range"
+        "after `stall_window` steps with a finite loss, the smoothed loss has never been more "
+        "than stall_tolerance below its initial level (and is below divergence_factor × that "
+        "level): the run has not learned; a loss that fell and came back up, or rises, is "
+        "loss_divergence's"
     )
     advice = (
-        "Lower the learning rate: large gradients with a flat loss mean the optimiser "
-        "bounces across a valley.",
-        "Add learning-rate decay.",
-        "Check the labels and data for noise or a target the model cannot fit.",
+        "Check the labels and the data pipeline: shuffled or misaligned labels, inputs that "
+        "do not carry the target, or a target the model cannot fit.",
+        "Check that gradients reach the layers: dead, frozen or vanishing layers (see the "
+        "layer findings).",
+        "Try another learning rate: too high bounces (and can kill ReLUs), too low barely moves.",
     )
     thresholds = (
         Threshold(
             "stall_window",
             200,
             check.counter(4),
-            "steps over which the loss trend is read (two halves compared)",
+            "steps with a finite loss before the loss is judged",
         ),
         Threshold(
             "stall_tolerance",
-            0.01,
+            0.05,
             check.positive,
-            "relative loss improvement between halves below which the loss stalls",
+            "relative improvement on the initial loss below which the run is not learning",
         ),
     )
 
     def __init__(self, context: Context) -> None:
         super().__init__(context)
-        half = self.config.stall_window // 2
-        self._loss = HalvesTrend(half)
-        self._large = FlagWindow(2 * half, 1)
+        self.loss = context.signal(LossTrend)
+        self.tracker = Tracker(self.kind, 1, self.config.rearm_steps)
 
-    def on_step(self, row: StepRow) -> None:
+    def on_steps(self, steps: Steps) -> None:
         c = self.config
-        if not math.isfinite(row.loss):
-            return
-        self._loss.push(row.loss)
-        self._large.push((row.norm > c.healthy_range[1],), row.norm)
-        stalled = False
-        old = new = improvement = NAN
-        if self._loss.full:
-            old, new = self._loss.means()
-            improvement = (old - new) / max(abs(old), 1e-12)
-            stalled = improvement < c.stall_tolerance and self._large.share(0) >= 0.5
-        if self.fire(self.kind, stalled, c.rearm_steps):
-            window = len(self._large)
+        t = self.loss
+        m, best, initial, seen = t.median, t.best, t.initial, t.seen
+        floor = initial - c.stall_tolerance * np.abs(initial)
+        with np.errstate(invalid="ignore"):
+            flat = (
+                (seen >= c.stall_window)
+                & (best >= floor)  # it never learned (a loss that fell and came back diverged)
+                & (m >= floor)
+                & (m < c.divergence_factor * np.abs(initial))
+            )
+        first = t.first_step if t.first_step is not None else 0
+        starts = np.full(len(steps), first)
+        for change in self.updated(self.tracker.feed(steps.step, flat, starts)[0]):
+            episode = change.episode
+            rows = slice(change.lo, change.hi + 1)
+            s = episode.stats
+            s.setdefault("initial", float(initial[change.lo]))
+            now = m[rows][np.isfinite(m[rows])]
+            if len(now):
+                s["now"] = float(now[-1])
+            change_share = (s["initial"] - s["now"]) / max(abs(s["initial"]), 1e-12)
             self.report(
-                (row.step - window + 1, row.step),
-                f"loss flat over {window} steps ({old:.4g} → {new:.4g}) while gradient "
-                f"norms stay above {c.healthy_range[1]:g}",
-                {
-                    "loss_old": old,
-                    "loss_new": new,
-                    "improvement": improvement,
-                    "large_share": self._large.share(0),
-                    "healthy_high": c.healthy_range[1],
-                },
+                episode,
+                f"loss not improving: {s['now']:.4g} after {episode.last - episode.first + 1} "
+                f"steps against {s['initial']:.4g} at the start ({change_share:+.1%})",
+                {"loss_initial": s["initial"], "loss_now": s["now"], "improvement": change_share},
             )

@@ -1,9 +1,12 @@
-"""``spike``: a short order-of-magnitude outlier of the total norm."""
+"""``spike``: a short order-of-magnitude outlier of the total norm (one bad batch)."""
 
 from __future__ import annotations
 
+import numpy as np
+
 from ..advice import CLIP
-from ..base import Context, Rule, StepRow
+from ..base import Context, Rule, Steps
+from ..episodes import Tracker
 from ..findings import Severity
 from ..signals import NormBaseline
 
@@ -12,7 +15,10 @@ class Spike(Rule):
     kind = "spike"
     severity = Severity.INFO
     scope = "step"
-    condition = "total_norm >= jump_factor × the rolling median for fewer than `jump_sustain` steps"
+    condition = (
+        "the total norm is an outlier (>= jump_factor × its rolling median, and outlier_mads "
+        "median absolute deviations above it) for fewer than `jump_sustain` steps in a row"
+    )
     advice = (
         "Inspect the batches at these steps for corrupt or outlier samples.",
         CLIP + " Or skip outlier steps with a spike policy.",
@@ -21,16 +27,29 @@ class Spike(Rule):
     def __init__(self, context: Context) -> None:
         super().__init__(context)
         self.baseline = context.signal(NormBaseline)
+        self.tracker = Tracker(self.kind, 1, 1)
 
-    def on_step(self, row: StepRow) -> None:
-        c = self.config
+    def on_steps(self, steps: Steps) -> None:
         b = self.baseline
-        before, first, peak = b.previous
-        ended = not b.outlier and 0 < before < c.jump_sustain
-        if self.fire(self.kind, ended, c.rearm_steps):
+        outlier = b.outlier & steps.finite
+        for change in self.tracker.feed(steps.step, outlier)[0]:
+            episode = change.episode
+            rows = np.arange(change.lo, change.hi + 1)
+            rows = rows[outlier[rows]]
+            stats = episode.stats
+            if len(rows):
+                stats.setdefault("base", float(steps.norm[rows[0]] / b.ratio[rows[0]]))
+                stats["peak"] = max(stats.get("peak", 0.0), float(np.max(b.ratio[rows])))
+                stats["count"] = stats.get("count", 0) + len(rows)
+            if episode.open or stats["count"] >= self.config.jump_sustain:
+                continue  # reported once it ends; a longer run is the exploding rule's
             self.report(
-                (first, b.last_step),
-                f"gradient norm spiked {peak:.0f}× above its recent median ({b.base:.3g}) "
-                f"for {before} step(s)",
-                {"peak_ratio": peak, "baseline_median": b.base, "length": before},
+                episode,
+                f"gradient norm spiked {stats['peak']:.3g}× above its recent median "
+                f"({stats['base']:.3g}) for {stats['count']} step(s)",
+                {
+                    "peak_ratio": stats["peak"],
+                    "baseline_median": stats["base"],
+                    "length": stats["count"],
+                },
             )

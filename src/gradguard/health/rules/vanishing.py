@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from .. import _check as check
 from ..advice import ACTIVATIONS, INIT, RESIDUAL_NORM
-from ..base import Rule, StepRow, Threshold
+from ..base import Context, Rule, Steps, Threshold
+from ..episodes import Tracker
 from ..findings import Severity
 
 
@@ -12,7 +15,7 @@ class Vanishing(Rule):
     kind = "vanishing"
     severity = Severity.WARNING
     scope = "step"
-    condition = "total_norm < vanish_total for `sustain` steps"
+    condition = "total_norm < vanish_total for `sustain` steps in a row"
     advice = (
         ACTIVATIONS,
         RESIDUAL_NORM,
@@ -28,12 +31,29 @@ class Vanishing(Rule):
         ),
     )
 
-    def on_step(self, row: StepRow) -> None:
+    def __init__(self, context: Context) -> None:
+        super().__init__(context)
+        self.tracker = Tracker(self.kind, self.config.sustain, self.config.rearm_steps)
+
+    def on_steps(self, steps: Steps) -> None:
         c = self.config
-        low = self.run().update(row.norm < c.vanish_total, row.step, row.norm)
-        if self.fire(self.kind, low >= c.sustain, c.rearm_steps):
+        low = steps.finite & (steps.norm < c.vanish_total)
+        for change in self.updated(self.tracker.feed(steps.step, low)[0]):
+            episode = change.episode
+            rows = slice(change.lo, change.hi + 1)
+            stats = episode.stats
+            before = self.tracker.sustain - 1 if "count" not in stats else stats["count"]
+            stats["count"] = before + int(low[rows].sum())
+            stats["min"] = min(
+                stats.get("min", np.inf), float(np.min(steps.norm[rows], initial=np.inf))
+            )
             self.report(
-                (self.run().first, row.step),
-                f"gradient norm below {c.vanish_total:g} for {low} steps (now {row.norm:.2e})",
-                {"total_norm": row.norm, "vanish_total": c.vanish_total, "steps_below": low},
+                episode,
+                f"gradient norm below {c.vanish_total:g} for {stats['count']} steps "
+                f"(lowest {stats['min']:.2e})",
+                {
+                    "min_norm": stats["min"],
+                    "vanish_total": c.vanish_total,
+                    "steps_below": stats["count"],
+                },
             )

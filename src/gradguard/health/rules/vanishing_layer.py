@@ -1,12 +1,16 @@
-"""``vanishing_layer``: a layer whose gradient is vanishingly small."""
+"""``vanishing_layer``: layers whose gradient is vanishingly small."""
 
 from __future__ import annotations
 
+import math
+
 from .. import _check as check
 from ..advice import ACTIVATIONS, INIT, RESIDUAL_NORM
-from ..base import Rule, Threshold
+from ..base import Context, Rule, Threshold
+from ..episodes import Tracker
 from ..findings import Severity
 from ..signals import LayerSnapshot
+from ..windows import Streaks
 
 
 class VanishingLayer(Rule):
@@ -15,7 +19,7 @@ class VanishingLayer(Rule):
     scope = "layer"
     condition = (
         "a layer's norm is < vanish_layer, or < vanish_layer_relative × the largest layer "
-        "norm, for `tensor_sustain` snapshots"
+        "norm, for `tensor_sustain` snapshots in a row"
     )
     advice = (ACTIVATIONS, RESIDUAL_NORM, INIT)
     thresholds = (
@@ -34,27 +38,39 @@ class VanishingLayer(Rule):
         ),
     )
 
+    def __init__(self, context: Context) -> None:
+        super().__init__(context)
+        self.streaks = Streaks()
+        self.tracker = Tracker(self.kind, 1, self.config.rearm_snapshots)
+
     def on_snapshot(self, snapshot: LayerSnapshot) -> None:
         c = self.config
-        low: list[tuple[str, float, int]] = []
-        for name, hit, value in zip(snapshot.layers, snapshot.low, snapshot.values):
-            run = self.run(name)
-            held = run.update(hit, snapshot.step, value)
-            if self.fire(name, held >= c.tensor_sustain, c.rearm_snapshots):
-                low.append((name, value, run.first))
-        if not low:
-            return
-        largest = snapshot.largest
-        name, value, _ = min(low, key=lambda item: item[1])
-        self.report(
-            (min(first for *_, first in low), snapshot.step),
-            f"{len(low)} layer(s) with vanishing gradients; smallest {name}: "
-            f"{value:.2e} ({value / largest:.1e} of the largest layer norm {largest:.3g})",
-            {
-                "layers": len(low),
-                "min_norm": value,
-                "largest_layer_norm": largest,
-                "min_share": value / largest,
-            },
-            tuple(name for name, *_ in low),
-        )
+        hits = self.streaks.update(snapshot.step, dict(zip(snapshot.layers, snapshot.low)))
+        held = {n: first for n, (length, first) in hits.items() if length >= c.tensor_sustain}
+        start = min(held.values(), default=snapshot.step)
+        for change in self.updated(self.tracker.feed([snapshot.step], [bool(held)], [start])[0]):
+            episode = change.episode
+            s = episode.stats
+            layers = s.setdefault("layers", {})
+            values = dict(zip(snapshot.layers, snapshot.values))
+            for name in held:
+                layers[name] = True
+            if held:
+                name = min(held, key=values.__getitem__)
+                value = values[name]
+                if value < s.get("min", math.inf):
+                    s.update(min=value, min_name=name, largest=snapshot.largest)
+            self.report(
+                episode,
+                f"{len(layers)} layer(s) with vanishing gradients; smallest {s['min_name']}: "
+                f"{s['min']:.2e} ({s['min'] / s['largest']:.1e} of the largest layer norm "
+                f"{s['largest']:.3g})",
+                {
+                    "layers": len(layers),
+                    "min_norm": s["min"],
+                    "largest_layer_norm": s["largest"],
+                    "min_share": s["min"] / s["largest"],
+                },
+                tuple(layers),
+                origin=s["min_name"],
+            )
