@@ -78,6 +78,8 @@ class FindingData(TypedDict, total=False):
     params: list[str]  #: parameters or layers involved, the origin first
     evidence: dict[str, float]  #: the numbers the rule decided on
     advice: list[str]  #: concrete actions, most useful first
+    open: bool  #: the episode had not ended when this state was recorded
+    origin: str | None  #: a parameter, "forward" (data/loss/forward pass) or "backward"
 
 
 def skip_event(

@@ -57,9 +57,10 @@ class Exploding(Rule):
         c = self.config
         b = self.baseline
         norm = steps.norm
-        huge = norm > 10.0 * c.explode_above
+        finite = np.isfinite(norm)  # a non-finite norm is the nonfinite rule's
+        huge = finite & (norm > 10.0 * c.explode_above)
         with np.errstate(invalid="ignore"):
-            grown = (norm > c.explode_above) & (norm >= c.jump_factor * 10.0**b.early)
+            grown = finite & (norm > c.explode_above) & (norm >= c.jump_factor * 10.0**b.early)
         i = 0
         while i < len(steps):
             rows = slice(i, None)
