@@ -86,3 +86,25 @@ def test_a_nan_born_in_backward_is_located_and_ranged(tmp_path):
 def test_each_fault_is_detected_with_its_range(name, tmp_path):
     _, score = corpus_run(name, tmp_path)
     _detected(score)
+
+
+def test_bad_input_to_the_scorer_is_a_clear_error(tmp_path, capsys):
+    from benchmarks.diagnosis.__main__ import main
+    from benchmarks.diagnosis.scorer import ScoreError
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--runs", "no_such_run"])
+    assert exc.value.code == 2 and "unknown run(s) ['no_such_run']" in capsys.readouterr().err
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "full")])
+    assert "must be a new or empty directory" in capsys.readouterr().err
+    assert main(["--replay", str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    (tmp_path / "nan_input_mlp").mkdir()
+    (tmp_path / "nan_input_mlp" / "gradguard.db").write_text("not sqlite")
+    with pytest.raises(ScoreError, match="cannot score"):
+        read_findings(tmp_path / "nan_input_mlp")
+    assert main(["--replay", str(tmp_path), "--runs", "nan_input_mlp"]) == 2
+    assert "not a gradguard run store" in capsys.readouterr().err

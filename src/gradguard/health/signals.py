@@ -33,8 +33,8 @@ class NormBaseline(Signal):
     Per row: ``median`` (log10 of that median; ``level`` has it for every row, finite or
     not), ``ratio`` (norm / median; NaN until
     ``min_history`` norms are in the window), ``outlier`` (the ratio is at least
-    ``jump_factor`` and ``outlier_mads`` median absolute deviations of the window's
-    log-norms) and ``early`` (the median of the run's first ``min_history`` norms).
+    ``jump_factor`` and ``outlier_spreads`` spreads, half the interquartile range of the
+    window's log-norms) and ``early`` (the median of the run's first ``min_history`` norms).
     """
 
     thresholds = (
@@ -45,10 +45,10 @@ class NormBaseline(Signal):
             "a norm this many times its recent median is an outlier",
         ),
         Threshold(
-            "outlier_mads",
+            "outlier_spreads",
             6.0,
             check.positive,
-            "an outlier must also sit this many median absolute deviations (of the "
+            "an outlier must also sit this many spreads (half the interquartile range of the "
             "window's log-norms) above the median, so naturally heavy-tailed norms are not",
         ),
         Threshold(
@@ -76,7 +76,6 @@ class NormBaseline(Signal):
     def __init__(self, config) -> None:
         super().__init__(config)
         self._median = Rolling(config.baseline_window)
-        self._spread = Rolling(config.baseline_window)
         self._first: list[float] = []  # log10 of the run's first finite norm
         n = 0
         self.median = self.ratio = self.early = self.level = _nan(n)
@@ -87,9 +86,8 @@ class NormBaseline(Signal):
         n = len(steps)
         valid = np.isfinite(steps.norm) & (steps.norm > 0.0)
         logs = np.log10(steps.norm[valid])
-        median, count = self._median.push(logs)
-        spread, _ = self._spread.push(logs, "mad")
-        median = np.asarray(median)
+        found, count = self._median.push_sorted(logs, ("median", "spread"))
+        median, spread = found["median"], found["spread"]
         self.median, self.ratio, self.early = _nan(n), _nan(n), _nan(n)
         self.median[valid] = median
         # every row, valid or not: the median of the finite norms before it
@@ -103,7 +101,7 @@ class NormBaseline(Signal):
         self.ratio[valid] = ratio
         self.ratio[np.isfinite(steps.norm) & (steps.norm == 0.0)] = 0.0
         with np.errstate(invalid="ignore"):
-            jump = np.maximum(math.log10(c.jump_factor), c.outlier_mads * spread)
+            jump = np.maximum(math.log10(c.jump_factor), c.outlier_spreads * spread)
             outlier = np.log10(ratio) >= jump
         self.outlier = np.zeros(n, dtype=bool)
         self.outlier[valid] = outlier
@@ -220,7 +218,7 @@ class ClipActivity(Signal):
         self.flags = np.zeros((n, 3), dtype=bool)  #: this row is idle, clipped, hovering
         self.shares = np.zeros((n, 3))
         self.size = np.zeros(n, dtype=np.int64)
-        self.first_step = self.median_ratio = _nan(n)
+        self.first_step = _nan(n)
         self.fixed = np.zeros(n, dtype=bool)
         self._recent = np.empty(0)
         self._end = np.zeros(n, dtype=np.int64)
@@ -238,11 +236,15 @@ class ClipActivity(Signal):
         flags = np.stack([r < c.clip_idle_below, clipped, (low <= r) & (r <= high)], axis=1)
         counts, size = self._counts.push(flags)
         at = steps.step[rows].astype(np.float64)
-        first, _ = self._steps.push(at, "min", include=True)
+        # steps only grow: a window's first step is that of its oldest row
+        steps_both = np.concatenate([self._steps.tail, at])
+        ends = len(self._steps.tail) + np.arange(1, len(rows) + 1)
+        first = steps_both[np.maximum(ends - c.clip_window, 0)] if len(rows) else at
+        self._steps.tail = steps_both[-c.clip_window :]
         self._recent = np.concatenate([self._ratios.tail, r])
         self._end = np.zeros(n, dtype=np.int64)
         self._end[rows] = len(self._ratios.tail) + np.arange(1, len(rows) + 1)
-        median_ratio, _ = self._ratios.push(r, include=True)
+        self._ratios.tail = self._recent[-c.clip_window :]
         previous = np.concatenate([[self._last_threshold], threshold[:-1]])
         changed = ~np.isclose(threshold, previous, rtol=1e-6, atol=0.0)
         changed_at = np.where(changed, at, -np.inf)
@@ -255,14 +257,19 @@ class ClipActivity(Signal):
         self.shares[rows] = counts / np.maximum(size, 1)[:, None]
         self.size = np.zeros(n, dtype=np.int64)
         self.size[rows] = size
-        self.first_step, self.median_ratio = _nan(n), _nan(n)
-        self.first_step[rows], self.median_ratio[rows] = first, median_ratio
+        self.first_step = _nan(n)
+        self.first_step[rows] = first
         self.fixed = np.zeros(n, dtype=bool)
         self.fixed[rows] = changed_at <= first  # unchanged over the whole window
 
     @property
     def full(self) -> np.ndarray:
         return self.size >= self.config.clip_window
+
+    def median_ratio(self, row: int) -> float:
+        """The median of norm / threshold over the window ending at ``row``."""
+        window = self.window_ratios(row)
+        return float(np.median(window)) if len(window) else float("nan")
 
     def window_ratios(self, row: int) -> np.ndarray:
         """norm / threshold over the window ending at ``row`` of the last batch."""

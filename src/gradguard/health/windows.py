@@ -33,18 +33,27 @@ class Rolling:
     def push(
         self, values: np.ndarray, stat: str = "median", include: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
+        out, counts = self.push_sorted(values, (stat,), include)
+        return out[stat], counts
+
+    def push_sorted(
+        self, values: np.ndarray, stats: tuple[str, ...], include: bool = False
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Several statistics of each trailing window from one sort of the windows."""
         values = np.asarray(values, dtype=np.float64)
         both = np.concatenate([self.tail, values])
         ends = len(self.tail) + np.arange(len(values)) + int(include)  # window = both[e-size:e]
         counts = np.minimum(ends, self.size)
-        out = np.full(len(values), np.nan)
-        reduce = _REDUCERS[stat]
+        out = {stat: np.full(len(values), np.nan) for stat in stats}
         full = ends >= self.size
         if full.any() and len(both) >= self.size:
-            windows = sliding_window_view(both, self.size)
-            out[full] = reduce(windows[ends[full] - self.size], axis=1)
+            windows = np.sort(sliding_window_view(both, self.size)[ends[full] - self.size], axis=1)
+            for stat in stats:
+                out[stat][full] = _SORTED[stat](windows)
         for i in np.flatnonzero(~full & (ends > 0)):  # the first values of a run only
-            out[i] = reduce(both[: ends[i]])
+            window = np.sort(both[: ends[i]])[None, :]
+            for stat in stats:
+                out[stat][i] = _SORTED[stat](window)[0]
         self.tail = both[-self.size :] if len(both) > self.size else both
         return out, counts
 
@@ -53,12 +62,23 @@ class Rolling:
         return float(_REDUCERS[stat](self.tail)) if len(self.tail) else float("nan")
 
 
-def _mad(values: np.ndarray, axis: int | None = None) -> np.ndarray:
-    median = np.median(values, axis=axis, keepdims=True)
-    return np.median(np.abs(values - median), axis=axis)
+def _quantile(rows: np.ndarray, q: float) -> np.ndarray:
+    """The ``q`` quantile of each sorted row (linear interpolation, as numpy's default)."""
+    position = q * (rows.shape[1] - 1)
+    low = int(np.floor(position))
+    high = min(low + 1, rows.shape[1] - 1)
+    return rows[:, low] + (position - low) * (rows[:, high] - rows[:, low])
 
 
-_REDUCERS = {"median": np.median, "min": np.min, "max": np.max, "mad": _mad, "mean": np.mean}
+#: Statistics of windows whose rows are sorted. ``spread`` is half the interquartile
+#: range: the median absolute deviation of a symmetric distribution, from the same sort.
+_SORTED = {
+    "median": lambda rows: _quantile(rows, 0.5),
+    "min": lambda rows: rows[:, 0],
+    "max": lambda rows: rows[:, -1],
+    "spread": lambda rows: (_quantile(rows, 0.75) - _quantile(rows, 0.25)) / 2.0,
+}
+_REDUCERS = {"median": np.median, "min": np.min, "max": np.max, "mean": np.mean}
 
 
 class Counts:

@@ -24,8 +24,11 @@ def test_one_nan_step_with_a_nan_loss_is_blamed_on_the_forward_pass():
     (finding,) = final(batch(norms, loss=loss, names=NAMES, snapshots=[snapshot]), order=Order())
     assert finding.kind == "nonfinite" and finding.severity == "critical"
     assert finding.steps == (20, 20)
-    assert finding.origin == FORWARD
-    assert "l3" not in finding.message and "forward pass" in finding.message
+    assert finding.origin == FORWARD and "forward pass" in finding.message
+    assert "origin l3" not in finding.message and "born in backward" not in finding.message
+    # the evidence still shows the first non-finite parameter in backward order
+    assert finding.params[0] == "l3.weight" and finding.evidence["nonfinite_fraction"] == 1.0
+    assert "first in backward order l3.weight" in finding.message
     assert finding.evidence["loss_nonfinite_steps"] == 1
 
 

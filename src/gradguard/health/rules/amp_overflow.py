@@ -11,7 +11,7 @@ from ..advice import LOWER_LR
 from ..base import Context, Rule, Steps, Threshold
 from ..episodes import Tracker
 from ..findings import Severity
-from ..windows import Counts, Rolling
+from ..windows import Counts
 
 
 class AmpOverflow(Rule):
@@ -52,8 +52,27 @@ class AmpOverflow(Rule):
         c = self.config
         self.tracker = Tracker(self.kind, 1, c.rearm_steps)
         self._counts = Counts(c.amp_window, 1)
-        self._first = Rolling(c.amp_window)  # step of each overflow, +inf elsewhere
+        self._rows = 0  # rows seen so far
+        self._overflow_rows = np.empty(0, dtype=np.int64)  # overflows still in the window
+        self._overflow_steps = np.empty(0, dtype=np.int64)
         self._calibrating = True
+
+    def _first_overflows(self, at: np.ndarray, overflow: np.ndarray) -> np.ndarray:
+        """Per row, the step of the first overflow in the amp_window rows ending at it."""
+        rows = self._rows + np.arange(len(at))  # the run-wide index of each row
+        self._rows += len(at)
+        kept = np.concatenate([self._overflow_rows, rows[overflow]])
+        steps = np.concatenate([self._overflow_steps, at[overflow]])
+        first = np.full(len(at), np.inf)
+        if len(kept):  # (a row with no overflow in its window is never active)
+            pick = np.minimum(
+                np.searchsorted(kept, rows - self.config.amp_window + 1), len(kept) - 1
+            )
+            first = steps[pick].astype(np.float64)
+        if len(rows):
+            recent = kept > rows[-1] - self.config.amp_window
+            self._overflow_rows, self._overflow_steps = kept[recent], steps[recent]
+        return first
 
     def on_steps(self, steps: Steps) -> None:
         c = self.config
@@ -67,8 +86,7 @@ class AmpOverflow(Rule):
         count = counts[:, 0]
         # the episode runs from the first to the last overflow while the rate is too high
         active = (count > c.amp_overflow_rate * c.amp_window) & overflow
-        at = np.where(overflow, steps.step.astype(np.float64), np.inf)
-        first, _ = self._first.push(at, "min", include=True)
+        first = self._first_overflows(steps.step, overflow)
         for change in self.updated(self.tracker.feed(steps.step, active, first)[0]):
             episode = change.episode
             rows = slice(change.lo, change.hi + 1)

@@ -52,7 +52,7 @@ class ClipSaturated(Rule):
         saturated = saturated & clip.flags[:, CLIPPED]
         for change in self.updated(self.tracker.feed(steps.step, saturated, clip.first_step)[0]):
             episode, row = change.episode, change.hi
-            ratio = float(clip.median_ratio[row])
+            ratio = clip.median_ratio(row)
             s = episode.stats
             s["ratio"] = max(s.get("ratio", 0.0), ratio)
             severity = Severity.WARNING if s["ratio"] >= c.saturated_factor else Severity.INFO

@@ -103,9 +103,6 @@ class NonFinite(Rule):
         stats["tensors"] = total
         if not bad:
             return
-        if len(bad) >= total:
-            stats["all_tensors"] = True
-            return
         order = self.context.order
         exact = origin is not None
         if origin is None and order is not None:
@@ -114,6 +111,7 @@ class NonFinite(Rule):
         stats["param"] = origin if origin is not None else bad[-1]
         stats["exact"] = exact
         stats["bad"] = tuple(bad)
+        stats["all_tensors"] = len(bad) >= total
 
     def _report(self, episode: Episode) -> None:
         stats = episode.stats
@@ -135,6 +133,10 @@ class NonFinite(Rule):
             evidence["tensors"] = stats["tensors"]
             evidence["nonfinite_fraction"] = stats["nonfinite_tensors"] / max(stats["tensors"], 1)
         params: tuple[str, ...] = ()
+        if "param" in stats:  # evidence: the first in backward order, then the others
+            first = stats["param"]
+            params = (first, *(n for n in stats["bad"] if n != first))
+            evidence["origin_exact"] = float(stats["exact"])
         extra: tuple[str, ...] = ()
         if stats.get("loss_bad", 0) > 0:
             origin: str | None = FORWARD
@@ -142,16 +144,20 @@ class NonFinite(Rule):
                 "; the loss was non-finite too: the forward pass, the loss or the input batch "
                 "produced them, not a layer's backward"
             )
+            if "param" in stats:
+                why += (
+                    f" ({stats['nonfinite_tensors']} of {stats['tensors']} tensors non-finite; "
+                    f"first in backward order {stats['param']})"
+                )
         elif stats.get("all_tensors"):
             origin = FORWARD
             why = (
-                "; every gradient was non-finite: the loss or the forward pass produced them "
-                "(a NaN born in one layer's backward spares the layers after it)"
+                f"; every gradient was non-finite ({stats['tensors']} tensors, the first in "
+                f"backward order {stats['param']}): the loss or the forward pass produced "
+                "them (a NaN born in one layer's backward spares the layers after it)"
             )
         elif "param" in stats:
             origin = stats["param"]
-            evidence["origin_exact"] = float(stats["exact"])
-            params = (origin, *(n for n in stats["bad"] if n != origin))
             where = "first in backward order" if stats["exact"] else "last in model order"
             why = (
                 f"; born in backward at {origin} ({where} of {stats['nonfinite_tensors']} "

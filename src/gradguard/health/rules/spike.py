@@ -16,8 +16,9 @@ class Spike(Rule):
     severity = Severity.INFO
     scope = "step"
     condition = (
-        "the total norm is an outlier (>= jump_factor × its rolling median, and outlier_mads "
-        "median absolute deviations above it) for fewer than `jump_sustain` steps in a row"
+        "the total norm is an outlier (>= jump_factor × its rolling median, and outlier_spreads "
+        "spreads, half the interquartile range of the log-norms, above it) for fewer than "
+        "`jump_sustain` steps in a row"
     )
     advice = (
         "Inspect the batches at these steps for corrupt or outlier samples.",
