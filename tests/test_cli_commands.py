@@ -233,7 +233,7 @@ def test_diagnose_names_the_nonfinite_origin(factories):
         ("no_colon", "MODULE:FUNCTION"),
         ("gg_nope_module:f", "cannot import"),
         ("gg_factories:missing", "no callable"),
-        ("gg_factories:wrong", "(model, batch, loss_fn)"),
+        ("gg_factories:wrong", "(model, data, loss_fn)"),
     ],
 )
 def test_diagnose_usage_errors_exit_2(factories, spec, words, monkeypatch, capsys):

@@ -25,3 +25,9 @@ def test_a_learning_run_and_a_converged_run_are_not_stalled():
 def test_a_loss_that_fell_and_came_back_diverged_rather_than_stalled():
     loss = np.r_[np.linspace(2.3, 0.2, 100), np.full(250, 2.3)]
     assert "loss_stall" not in kinds(final(batch(noisy(0.4, 350), loss=loss)))
+
+
+def test_a_resumed_run_is_not_judged_against_its_first_loss():
+    rng = np.random.default_rng(0)
+    flat = 0.3 + 0.01 * rng.normal(size=300)  # a converged model, resumed at step 5000
+    assert final(batch(noisy(0.4, 300), loss=flat, start=5000)) == []

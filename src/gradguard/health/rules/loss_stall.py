@@ -16,6 +16,7 @@ class LossStall(Rule):
     severity = Severity.WARNING
     scope = "window"
     condition = (
+        "in a run recorded from step 0 (a resumed run's first loss is no untrained baseline), "
         "after `stall_window` steps with a finite loss, the smoothed loss has never been more "
         "than stall_tolerance below its initial level (and is below divergence_factor × that "
         "level): the run has not learned; a loss that fell and came back up, or rises, is "
@@ -51,6 +52,8 @@ class LossStall(Rule):
     def on_steps(self, steps: Steps) -> None:
         c = self.config
         t = self.loss
+        if self.context.first_step != 0:
+            return  # a resumed run (or a window of one): its start is no untrained baseline
         m, best, initial, seen = t.median, t.best, t.initial, t.seen
         floor = initial - c.stall_tolerance * np.abs(initial)
         with np.errstate(invalid="ignore"):
