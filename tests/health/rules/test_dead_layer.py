@@ -52,3 +52,12 @@ def test_parameters_that_never_get_a_gradient_are_reported_from_the_first_step()
     assert kinds([finding]) == ["dead_layer"] and finding.params == ("l0",)
     assert finding.steps == (0, 30)
     assert "no gradient at all" in finding.message and finding.origin == "l0"
+
+
+def test_the_finding_names_where_the_gradient_stops():
+    rows = [[0.0, 0.0, 0.0, 0.2]] * 3  # l0 and l1 zero: the gradient stops at l1
+    (finding,) = layers(rows)
+    assert finding.origin == "l1" and finding.params == ("l1", "l0")
+    assert "gradient stops at l1: exactly zero there and in the 1 layer(s) before it" in (
+        finding.message
+    )

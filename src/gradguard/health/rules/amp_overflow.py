@@ -91,7 +91,14 @@ class AmpOverflow(Rule):
             episode = change.episode
             rows = slice(change.lo, change.hi + 1)
             s = episode.stats
-            s["overflows"] = s.get("overflows", 0) + int(overflow[rows].sum())
+            if "overflows" not in s:  # every overflow in the window that opened it is its own
+                s["overflows"] = int(count[change.lo]) - int(overflow[change.lo])
+                early = (steps.step >= episode.first) & (np.arange(len(steps)) < change.lo)
+                scales = steps.loss_scale[early]
+                scales = scales[np.isfinite(scales) & (scales > 0)]
+                if len(scales):
+                    s["scale_first"] = float(scales[0])
+            s["overflows"] += int(overflow[rows].sum())
             scales = steps.loss_scale[rows]
             scales = scales[np.isfinite(scales) & (scales > 0)]
             if len(scales):
@@ -111,7 +118,7 @@ class AmpOverflow(Rule):
                 f"up to {window} of {c.amp_window} ({window / c.amp_window:.1%}; limit "
                 f"{c.amp_overflow_rate:.1%})"
             )
-            if "scale_first" in s:
+            if "scale_last" in s:
                 evidence.update(
                     loss_scale_first=s["scale_first"],
                     loss_scale_last=s["scale_last"],

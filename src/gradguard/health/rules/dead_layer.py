@@ -46,9 +46,10 @@ class DeadLayer(Rule):
             episode = change.episode
             s = episode.stats
             zero = s.setdefault("zero", {})
+            position = {name: i for i, name in enumerate(snapshot.layers)}
             for name in held:
                 if len(zero) < _MAX_PARAMS:
-                    zero[name] = True
+                    zero[name] = position.get(name, -1)
             if unreached:
                 s["unreached"] = tuple(unreached[:_MAX_PARAMS])
             parts = []
@@ -58,11 +59,15 @@ class DeadLayer(Rule):
                     f"{len(names)} layer(s) require grad but get no gradient at all, e.g. "
                     f"{names[0]} (detached or unused in forward)"
                 )
+            # the gradient stops at the deepest zero layer; the layers before it get none
+            deepest = sorted(zero, key=zero.__getitem__, reverse=True)
             if zero:
+                before = len(zero) - 1
                 parts.append(
-                    f"{len(zero)} layer(s) get exactly zero gradient, e.g. {next(iter(zero))}"
+                    f"gradient stops at {deepest[0]}: exactly zero there"
+                    + (f" and in the {before} layer(s) before it" if before else "")
                 )
-            params = tuple(dict.fromkeys((*s.get("unreached", ()), *zero)))
+            params = tuple(dict.fromkeys((*s.get("unreached", ()), *deepest)))
             self.report(
                 episode,
                 "; ".join(parts),
