@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="list the runs and their labels")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument(
+        "--rescore",
+        metavar="DIR",
+        help="score the findings recorded in the runs kept in DIR (by --out), without training",
+    )
+    parser.add_argument(
         "--replay",
         metavar="DIR",
         help="score the runs kept in DIR (by --out) with today's rules replayed offline, "
@@ -52,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             where = "held-out" if spec.name in held_names else "tuning"
             print(f"{spec.name:32s} {where:8s} {spec.task:15s} {spec.labels() or 'healthy'}")
         return 0
-    if args.replay:
-        return _replay(Path(args.replay), chosen, held_names)
+    if args.replay or args.rescore:
+        return _replay(Path(args.replay or args.rescore), chosen, held_names, bool(args.replay))
     if args.out:
         out = Path(args.out)
         if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -109,18 +114,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _replay(root: Path, chosen: list, held_names: set[str]) -> int:
+def _replay(root: Path, chosen: list, held_names: set[str], replay: bool) -> int:
     from .scorer import replay_findings
 
+    findings = replay_findings if replay else read_findings
+
     if not root.is_dir():
-        print(f"error: --replay {str(root)!r} is not a directory", file=sys.stderr)
+        print(f"error: {str(root)!r} is not a directory", file=sys.stderr)
         return 2
     scores = []
     try:
         for spec in chosen:
             if (root / spec.name).is_dir():
                 where = "held-out" if spec.name in held_names else "tuning"
-                scores.append(score_run(spec, where, replay_findings(root / spec.name)))
+                scores.append(score_run(spec, where, findings(root / spec.name)))
     except ScoreError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -130,7 +137,7 @@ def _replay(root: Path, chosen: list, held_names: set[str]) -> int:
     for name in ("tuning", "held-out"):
         group = [s for s in scores if s.split == name]
         if group:
-            print(summary(group, f"{name} (replayed)"))
+            print(summary(group, f"{name} ({'replayed' if replay else 'rescored'})"))
             print()
     print(details(scores))
     return 0

@@ -135,6 +135,7 @@ class RunScore:
     findings: list[dict] = field(default_factory=list)
     labels: list[LabelScore] = field(default_factory=list)
     true_claims: int = 0
+    detection_claims: int = 0  # true claims of a detection kind (consequences not counted)
     false_claims: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -170,6 +171,9 @@ def score_run(
     for f in claims:
         if any(f.kind.value in (*lab.kinds, *lab.also) and _meets(f, lab, slack) for lab in labels):
             score.true_claims += 1
+            score.detection_claims += any(
+                f.kind.value in lab.kinds and _meets(f, lab, slack) for lab in labels
+            )
         else:
             score.false_claims.append(f"{f.severity.value} {f.kind.value} {f.steps}: {f.message}")
     for label in labels:
@@ -212,6 +216,7 @@ def _ratio(a: int, b: int) -> str:
 def summary(scores: list[RunScore], title: str) -> str:
     """Markdown tables: overall, per finding kind and per fault class."""
     claims_true = sum(s.true_claims for s in scores)
+    claims_detecting = sum(s.detection_claims for s in scores)
     claims_false = sum(len(s.false_claims) for s in scores)
     labels = [lab for s in scores for lab in s.labels]
     detected = [lab for lab in labels if lab.detected]
@@ -232,6 +237,8 @@ def summary(scores: list[RunScore], title: str) -> str:
         "| measure | value |",
         "|---|---|",
         f"| precision (true claims / claims) | {_ratio(claims_true, claims_true + claims_false)} |",
+        f"| claims that detect a labelled fault (the rest: its labelled consequences) | "
+        f"{_ratio(claims_detecting, claims_true + claims_false)} |",
         f"| recall (labelled faults detected) | {_ratio(len(detected), len(labels))} |",
         f"| range accuracy (detected faults) | {_ratio(ranges, len(detected))} |",
         f"| origin accuracy, NaN faults (data/loss vs layer) | {_ratio(origins, len(origin))} |",

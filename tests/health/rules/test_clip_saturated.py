@@ -15,3 +15,11 @@ def test_norms_far_above_the_threshold_warn():
 def test_a_threshold_just_under_the_typical_norm_is_information():
     found = final(batch(noisy(1.4, 150, spread=0.05), threshold=1.0))
     assert [f.severity.value for f in found if f.kind == "clip_saturated"] == ["info"]
+
+
+def test_an_adaptive_clipper_clipping_every_step_is_information():
+    import numpy as np
+
+    norms = np.geomspace(0.5, 5.0, 200)  # a rising norm an EMA threshold lags behind
+    found = final(batch(norms.tolist(), threshold=(norms / 3).tolist()))
+    assert [f.severity.value for f in found if f.kind == "clip_saturated"] == ["info"]

@@ -30,3 +30,9 @@ def test_heavy_tailed_norms_need_a_larger_outlier():
 def test_three_outliers_in_a_row_are_exploding_not_a_spike():
     norms = noisy(0.5, 60) + [50.0] * 3 + noisy(0.5, 60, seed=1)
     assert kinds(final(batch(norms))) == ["exploding"]
+
+
+def test_a_20x_swing_of_a_converged_run_is_no_spike():
+    norms = noisy(0.05, 200, spread=0.3)
+    norms[120] = 20 * 0.05  # one hard example: ten to twenty times is natural here
+    assert final(batch(norms)) == []

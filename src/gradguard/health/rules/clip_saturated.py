@@ -16,8 +16,9 @@ class ClipSaturated(Rule):
     scope = "window"
     condition = (
         "over `clip_window` steps, >= clip_saturated_share of them are clipped; a warning "
-        "when the median norm is >= saturated_factor × the threshold (clipping hides much "
-        "larger gradients), else information (the threshold sits just under the typical norm)"
+        "when the threshold is fixed and the median norm is >= saturated_factor × it (clipping "
+        "hides much larger gradients), else information (a threshold just under the typical "
+        "norm, or an adaptive clipper lagging a rising norm)"
     )
     advice = (
         LOWER_LR + " Clipping every step turns the optimiser into normalised SGD.",
@@ -55,7 +56,9 @@ class ClipSaturated(Rule):
             ratio = clip.median_ratio(row)
             s = episode.stats
             s["ratio"] = max(s.get("ratio", 0.0), ratio)
-            severity = Severity.WARNING if s["ratio"] >= c.saturated_factor else Severity.INFO
+            s["adaptive"] = s.get("adaptive", False) or not bool(clip.fixed[row])
+            loud = s["ratio"] >= c.saturated_factor and not s["adaptive"]
+            severity = Severity.WARNING if loud else Severity.INFO
             threshold = float(steps.threshold[row])
             share = float(clip.shares[row, CLIPPED])
             self.report(

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import _check as check
 from ..advice import CLIP
-from ..base import Context, Rule, Steps
+from ..base import Context, Rule, Steps, Threshold
 from ..episodes import Tracker
 from ..findings import Severity
 from ..signals import NormBaseline
@@ -18,11 +19,21 @@ class Spike(Rule):
     condition = (
         "the total norm is an outlier (>= jump_factor × its rolling median, and outlier_spreads "
         "spreads, half the interquartile range of the log-norms, above it) for fewer than "
-        "`jump_sustain` steps in a row"
+        "`jump_sustain` steps in a row, and peaks at >= spike_factor × that median"
     )
     advice = (
         "Inspect the batches at these steps for corrupt or outlier samples.",
         CLIP + " Or skip outlier steps with a spike policy.",
+    )
+    thresholds = (
+        Threshold(
+            "spike_factor",
+            100.0,
+            check.greater_than_one,
+            "a single-step outlier must reach this many times the recent median: steps 10–25× "
+            "the median occur naturally once a classifier has converged and a few hard "
+            "examples carry the gradient (measured on healthy runs of the diagnosis corpus)",
+        ),
     )
 
     def __init__(self, context: Context) -> None:
@@ -44,6 +55,8 @@ class Spike(Rule):
                 stats["count"] = stats.get("count", 0) + len(rows)
             if episode.open or stats["count"] >= self.config.jump_sustain:
                 continue  # reported once it ends; a longer run is the exploding rule's
+            if stats["peak"] < self.config.spike_factor:
+                continue  # a natural swing of heavy-tailed norms
             self.report(
                 episode,
                 f"gradient norm spiked {stats['peak']:.3g}× above its recent median "
