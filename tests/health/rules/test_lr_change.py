@@ -41,3 +41,9 @@ def test_harm_long_after_the_rise_is_not_blamed_on_it():
     norms = noisy(0.5, 300) + noisy(50.0, 100, seed=1)  # explodes 250 steps later
     assert _run(lr, norms, np.linspace(2.0, 1.0, 400)) == []
     assert "exploding" in kinds(final(batch(norms, lr=lr)))
+
+
+def test_norms_that_grow_during_a_warmup_while_the_loss_falls_are_no_harm():
+    lr = np.r_[np.linspace(1e-3, 5e-2, 60), np.full(240, 5e-2)]
+    norms = np.r_[np.geomspace(0.3, 10.0, 60), np.full(240, 3.0)].tolist()
+    assert _run(lr, norms, np.linspace(2.3, 0.1, 300)) == []

@@ -21,9 +21,10 @@ class LRChange(Rule):
     scope = "step"
     condition = (
         "the recorded lr rises to >= lr_rise × its minimum over the previous lr_lookback "
-        "steps, and within lr_window steps the total norm reaches >= jump_factor × its median "
-        "before the rise, or the smoothed loss >= divergence_factor × its level before the "
-        "rise, for `jump_sustain` steps; the episode starts at the rise and lasts while the lr "
+        "steps, and within lr_window steps the smoothed loss reaches >= divergence_factor × its "
+        "level before the rise, or the total norm >= jump_factor × its median before the rise "
+        "while the loss is no better than before it, for `jump_sustain` steps; the episode "
+        "starts at the rise and lasts while the lr "
         "stays raised and the run is worse than before it (smoothed loss above its level "
         "before, or norm above sqrt(jump_factor) × its median before)"
     )
@@ -86,7 +87,10 @@ class LRChange(Rule):
                     "lr_before": float(trailing[i]),
                     "lr_after": float(lr[i]),
                     "norm_before": _norm_before(self.norms, steps.norm, i),
-                    "loss_before": float(before[i]),
+                    # before the loss window fills, the run's first loss stands in
+                    "loss_before": float(before[i])
+                    if np.isfinite(before[i])
+                    else self.loss.first_loss,
                 }
             rise = self._rise
             end = n
@@ -101,8 +105,9 @@ class LRChange(Rule):
                         (loss > rise["loss_before"])
                         | (norm >= math.sqrt(c.jump_factor) * rise["norm_before"])
                     )
-                else:
-                    harm = (norm >= c.jump_factor * rise["norm_before"]) | (
+                else:  # a norm that grows while the loss falls is a warmup doing its job
+                    not_better = ~(loss < rise["loss_before"])
+                    harm = ((norm >= c.jump_factor * rise["norm_before"]) & not_better) | (
                         loss >= c.divergence_factor * rise["loss_before"]
                     )
             starts = np.full(end - i, rise["step"])
