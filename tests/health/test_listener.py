@@ -19,13 +19,7 @@ import gradguard as gg
 from gradguard.health import Finding
 from gradguard.health.findings import FORWARD
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Trapped(nn.Module):

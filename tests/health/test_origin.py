@@ -12,13 +12,7 @@ import gradguard
 from gradguard.health import BackwardOrder, HealthMonitor, Severity, find_nonfinite_forward
 from gradguard.schema import HostBatch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Trapped(nn.Module):

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 import numpy as np
 
 from ..schema import SkipReason
-from .episodes import Change, Episode
+from .episodes import Change, Episode, Tracker
 from .findings import Finding, Severity
+from .windows import Streaks
 
 if TYPE_CHECKING:
     from .config import HealthConfig
@@ -281,3 +282,25 @@ def make_finding(
         open=open,
         origin=origin,
     )
+
+
+class LayerRule(Rule):
+    """A rule over per-layer snapshots: one episode at a time, while any layer (or pair)
+    has held its condition for `tensor_sustain` snapshots in a row."""
+
+    scope = "layer"
+
+    def __init__(self, context: Context) -> None:
+        super().__init__(context)
+        self.streaks = Streaks()
+        self.tracker = Tracker(self.kind, 1, self.config.rearm_snapshots)
+
+    def held(self, step: int, hits: dict[Any, bool]) -> dict[Any, int]:
+        """The names whose condition has held `tensor_sustain` snapshots, with its first step."""
+        runs = self.streaks.update(step, hits)
+        sustain = self.config.tensor_sustain
+        return {name: first for name, (length, first) in runs.items() if length >= sustain}
+
+    def observe(self, step: int, active: bool, start: int) -> Iterator[Change]:
+        """Feed one snapshot's verdict to the episode tracker; the changes it made."""
+        return self.updated(self.tracker.feed([step], [active], [start])[0])

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-from ..base import Context, Rule
-from ..episodes import Tracker
+from ..base import LayerRule
 from ..findings import Severity
 from ..signals import LayerSnapshot
-from ..windows import Streaks
 
 _MAX_PARAMS = 64
 
 
-class DeadLayer(Rule):
+class DeadLayer(LayerRule):
     kind = "dead_layer"
     severity = Severity.WARNING
-    scope = "layer"
     condition = (
         "a layer's gradient norm is exactly 0 for `tensor_sustain` snapshots in a row, or "
         "its parameters require grad but got no gradient in the backward pass the backward "
@@ -28,21 +25,14 @@ class DeadLayer(Rule):
         "If the layer is frozen on purpose, set requires_grad=False.",
     )
 
-    def __init__(self, context: Context) -> None:
-        super().__init__(context)
-        self.streaks = Streaks()
-        self.tracker = Tracker(self.kind, 1, self.config.rearm_snapshots)
-
     def on_snapshot(self, snapshot: LayerSnapshot) -> None:
-        c = self.config
-        hits = self.streaks.update(snapshot.step, dict(zip(snapshot.layers, snapshot.dead)))
-        held = {name: first for name, (length, first) in hits.items() if length >= c.tensor_sustain}
+        held = self.held(snapshot.step, dict(zip(snapshot.layers, snapshot.dead)))
         unreached = snapshot.unreached
         active = bool(held or unreached)
         start = min(held.values(), default=snapshot.step)
         if unreached:
             start = self.context.first_step
-        for change in self.updated(self.tracker.feed([snapshot.step], [active], [start])[0]):
+        for change in self.observe(snapshot.step, active, start):
             episode = change.episode
             s = episode.stats
             zero = s.setdefault("zero", {})

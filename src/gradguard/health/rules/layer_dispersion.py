@@ -6,17 +6,14 @@ import numpy as np
 
 from .. import _check as check
 from ..advice import RESIDUAL_NORM
-from ..base import Context, Rule, Threshold
-from ..episodes import Tracker
+from ..base import LayerRule, Threshold
 from ..findings import Severity
 from ..signals import LayerSnapshot
-from ..windows import Streaks
 
 
-class LayerDispersion(Rule):
+class LayerDispersion(LayerRule):
     kind = "layer_dispersion"
     severity = Severity.WARNING
-    scope = "layer"
     condition = (
         "std of the layer norms > dispersion_ratio × their mean for `tensor_sustain` "
         "snapshots, over the layers that are neither dead nor vanishing (at least 3), while "
@@ -46,11 +43,6 @@ class LayerDispersion(Rule):
         ),
     )
 
-    def __init__(self, context: Context) -> None:
-        super().__init__(context)
-        self.streaks = Streaks()
-        self.tracker = Tracker(self.kind, 1, self.config.rearm_snapshots)
-
     def on_snapshot(self, snapshot: LayerSnapshot) -> None:
         c = self.config
         weak = snapshot.weak
@@ -61,9 +53,9 @@ class LayerDispersion(Rule):
             mean, std = float(norms.mean()), float(norms.std())
             ratio = std / mean
         hit = ratio > c.dispersion_ratio and not snapshot.adjacent_jump(c.layer_ratio)
-        length, first = self.streaks.update(snapshot.step, {"all": hit}).get("all", (0, 0))
-        active = length >= c.tensor_sustain
-        for change in self.updated(self.tracker.feed([snapshot.step], [active], [first])[0]):
+        held = self.held(snapshot.step, {"all": hit})
+        active, first = bool(held), held.get("all", snapshot.step)
+        for change in self.observe(snapshot.step, active, first):
             ranked = sorted(live, key=lambda item: item[1])
             (low_name, low), (high_name, high) = ranked[0], ranked[-1]
             squares = float(np.sum(np.square([v for _, v in live])))

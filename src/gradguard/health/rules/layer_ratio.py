@@ -4,17 +4,14 @@ from __future__ import annotations
 
 from .. import _check as check
 from ..advice import INIT, RESIDUAL_NORM
-from ..base import Context, Rule, Threshold
-from ..episodes import Tracker
+from ..base import LayerRule, Threshold
 from ..findings import Severity
 from ..signals import LayerSnapshot
-from ..windows import Streaks
 
 
-class LayerRatio(Rule):
+class LayerRatio(LayerRule):
     kind = "layer_ratio"
     severity = Severity.WARNING
-    scope = "layer"
     condition = (
         "adjacent layers' norms differ by more than layer_ratio for `tensor_sustain` "
         "snapshots in a row (dead or vanishing layers are left to their own rules)"
@@ -33,20 +30,12 @@ class LayerRatio(Rule):
         ),
     )
 
-    def __init__(self, context: Context) -> None:
-        super().__init__(context)
-        self.streaks = Streaks()
-        self.tracker = Tracker(self.kind, 1, self.config.rearm_snapshots)
-
     def on_snapshot(self, snapshot: LayerSnapshot) -> None:
         c = self.config
         ratios = {(a, b): r for a, b, r in snapshot.ratios}
-        hits = self.streaks.update(
-            snapshot.step, {pair: r > c.layer_ratio for pair, r in ratios.items()}
-        )
-        held = {p: first for p, (length, first) in hits.items() if length >= c.tensor_sustain}
+        held = self.held(snapshot.step, {pair: r > c.layer_ratio for pair, r in ratios.items()})
         start = min(held.values(), default=snapshot.step)
-        for change in self.updated(self.tracker.feed([snapshot.step], [bool(held)], [start])[0]):
+        for change in self.observe(snapshot.step, bool(held), start):
             episode = change.episode
             s = episode.stats
             pairs = s.setdefault("pairs", {})

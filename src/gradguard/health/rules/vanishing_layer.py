@@ -6,17 +6,14 @@ import math
 
 from .. import _check as check
 from ..advice import ACTIVATIONS, INIT, RESIDUAL_NORM
-from ..base import Context, Rule, Threshold
-from ..episodes import Tracker
+from ..base import LayerRule, Threshold
 from ..findings import Severity
 from ..signals import LayerSnapshot
-from ..windows import Streaks
 
 
-class VanishingLayer(Rule):
+class VanishingLayer(LayerRule):
     kind = "vanishing_layer"
     severity = Severity.WARNING
-    scope = "layer"
     condition = (
         "a layer's norm is < vanish_layer, or < vanish_layer_relative × the largest layer "
         "norm, for `tensor_sustain` snapshots in a row"
@@ -38,17 +35,10 @@ class VanishingLayer(Rule):
         ),
     )
 
-    def __init__(self, context: Context) -> None:
-        super().__init__(context)
-        self.streaks = Streaks()
-        self.tracker = Tracker(self.kind, 1, self.config.rearm_snapshots)
-
     def on_snapshot(self, snapshot: LayerSnapshot) -> None:
-        c = self.config
-        hits = self.streaks.update(snapshot.step, dict(zip(snapshot.layers, snapshot.low)))
-        held = {n: first for n, (length, first) in hits.items() if length >= c.tensor_sustain}
+        held = self.held(snapshot.step, dict(zip(snapshot.layers, snapshot.low)))
         start = min(held.values(), default=snapshot.step)
-        for change in self.updated(self.tracker.feed([snapshot.step], [bool(held)], [start])[0]):
+        for change in self.observe(snapshot.step, bool(held), start):
             episode = change.episode
             s = episode.stats
             layers = s.setdefault("layers", {})
