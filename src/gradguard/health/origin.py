@@ -173,8 +173,9 @@ def _has_nonfinite(value: object) -> bool:
 def find_nonfinite_forward(model: nn.Module, *inputs: object, **kwargs: object) -> str | None:
     """Run ``model(*inputs, **kwargs)`` once and name the first module with a non-finite output.
 
-    An opt-in, slow check (one host sync per module): forward hooks fire as each module
-    finishes, so the first report is the innermost module where the NaN/inf appeared.
+    An opt-in, slow check (one host sync per module), never run by the guard on its own:
+    the non-finite finding advises it, and ``gradguard diagnose`` runs it after the fact on
+    the batch that failed. Forward hooks fire as each module finishes, so the first report is the innermost module where the NaN/inf appeared.
     Returns ``"<input>"`` when an input is already non-finite, the module's qualified
     name (``""`` for ``model`` itself), or ``None`` when every output is finite. Runs
     under ``torch.no_grad()``; every hook is removed afterwards.

@@ -38,6 +38,8 @@ class DeadLayer(LayerRule):
             zero = s.setdefault("zero", {})
             position = {name: i for i, name in enumerate(snapshot.layers)}
             for name in held:
+                if name in unreached:
+                    continue  # no gradient at all: reported as such below
                 if len(zero) < _MAX_PARAMS:
                     zero[name] = position.get(name, -1)
             if unreached:
