@@ -175,10 +175,11 @@ def find_nonfinite_forward(model: nn.Module, *inputs: object, **kwargs: object) 
 
     An opt-in, slow check (one host sync per module), never run by the guard on its own:
     the non-finite finding advises it, and ``gradguard diagnose`` runs it after the fact on
-    the batch that failed. Forward hooks fire as each module finishes, so the first report is the innermost module where the NaN/inf appeared.
-    Returns ``"<input>"`` when an input is already non-finite, the module's qualified
-    name (``""`` for ``model`` itself), or ``None`` when every output is finite. Runs
-    under ``torch.no_grad()``; every hook is removed afterwards.
+    the batch that failed. Forward hooks fire as each module finishes, so the first report
+    is the innermost module where the NaN/inf appeared. Returns ``"<input>"`` when an input
+    is already non-finite, the module's qualified name (``""`` for ``model`` itself), or
+    ``None`` when every output is finite. Runs under ``torch.no_grad()``; every hook is
+    removed afterwards.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
