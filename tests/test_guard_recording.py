@@ -63,6 +63,13 @@ def test_store_holds_every_step_as_returned_and_skip_event_names_the_origin(tmp_
     assert skips[0].data["origin"] in ("2.weight", "2.bias")
     assert any("step 17 skipped" in str(w.message) for w in caught)
     assert store.names() == tuple(n for n, _ in model.named_parameters())
+    # the NaN step is snapshotted whole, off the every-10-steps schedule
+    assert store.tensor_norms(extra=False)[0].tolist() == [0, 10, 20, 30]
+    extra_steps, names, extra = store.tensor_norms(extra=True)
+    assert extra_steps.tolist() == [17]
+    norms = dict(zip(names, extra[0].tolist()))
+    assert not math.isfinite(norms["0.weight"]) and not math.isfinite(norms["2.weight"])
+    assert math.isfinite(norms["4.weight"]) and math.isfinite(norms["5.bias"])
 
 
 def test_health_findings_reach_the_store_once(tmp_path):

@@ -22,6 +22,14 @@ def _as_float(name: str, value: object) -> float:
     return float(value)
 
 
+def finite(name: str, value: object) -> float:
+    """Return ``value`` as a float, requiring a finite number."""
+    number = _as_float(name, value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name} must be a finite number, got {number}")
+    return number
+
+
 def non_negative(name: str, value: object) -> float:
     """Return ``value`` as a float, requiring a finite number >= 0."""
     number = _as_float(name, value)

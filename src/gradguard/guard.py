@@ -76,6 +76,8 @@ class Guard:
         log_every: steps per flush to the store and sinks (one device→host copy each).
         sinks: further sinks (TensorBoard, W&B, MLflow, console).
         recorder: a ready :class:`~gradguard.record.Recorder` instead of ``store``/``sinks``.
+        resume: continue this run of the store (a run id, or ``"latest"``) instead of
+            recording a new one, e.g. after ``load_state_dict`` from a checkpoint.
         health: evaluate the health rules at each flush, record findings as events and
             warn once per finding (``True``), with a given
             :class:`~gradguard.health.HealthConfig`, or not at all (``False``).
@@ -99,6 +101,7 @@ class Guard:
         health: Any = True,
         accumulate_dtype: torch.dtype | None = torch.float32,
         fold_fused: bool = True,
+        resume: int | str | None = None,
     ) -> None:
         params, names = named_params(model)
         if not params:
@@ -112,7 +115,9 @@ class Guard:
         if recorder is None and (store is not None or sinks):
             from .record import Recorder
 
-            recorder = Recorder(store if store is not None else False, sinks, log_every)
+            recorder = Recorder(
+                store if store is not None else False, sinks, log_every, resume=resume
+            )
         self.recorder = recorder
         self._order = _backward_order(model)
         if recorder is not None and health is not False:
@@ -366,7 +371,7 @@ class Guard:
             loss=loss.detach() if isinstance(loss, Tensor) else loss,
             lr=float(lr) if isinstance(lr, (int, float)) else None,
             loss_scale=_amp.current_scale(scaler) if scaler is not None else None,
-            stats=result.stats if recorder.wants_tensor_norms(result.step) else None,
+            stats=result.stats,  # kept for snapshot steps and non-finite steps
         )
 
     # -- checkpointing ----------------------------------------------------------------

@@ -24,7 +24,7 @@ def test_an_episode_round_trips_through_its_event():
     event = finding.to_event()
     assert (event.step, event.end_step, event.key) == (450, 599, "nonfinite@450")
     assert event.kind == "health.nonfinite"
-    assert event.data["open"] is True and event.data["origin"] == "forward"
+    assert event.ongoing is True and event.data["origin"] == "forward"
     assert Finding.from_event(event) == finding
     assert str(finding).startswith("CRITICAL nonfinite @ steps 450–599: ")
 

@@ -89,7 +89,6 @@ class Finding:
             "params": list(self.params),
             "evidence": dict(self.evidence),
             "advice": list(self.advice),
-            "open": self.open,
             "origin": self.origin,
         }
         return Event(
@@ -99,6 +98,7 @@ class Finding:
             data,
             end_step=self.steps[1],
             key=self.key,
+            ongoing=self.open,
         )
 
     @classmethod
@@ -124,6 +124,6 @@ class Finding:
             advice=tuple(data.get("advice", ())),
             message=event.message,
             key=getattr(event, "key", None),
-            open=bool(data.get("open", False)),
+            open=bool(getattr(event, "ongoing", False)),
             origin=origin if isinstance(origin, str) else None,
         )
