@@ -15,6 +15,16 @@ def test_every_public_name_is_exported_and_loads():
     assert set(gradguard.__all__) <= set(dir(gradguard))
 
 
+def test_subpackages_are_attributes_as_after_an_eager_import():
+    code = (
+        "import gradguard as gg\n"
+        "assert gg.record.TensorBoardSink and gg.health.find_nonfinite_forward\n"
+        "assert gg.policies.ZClip is gg.ZClip\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 def test_unknown_names_raise_attribute_error():
     try:
         gradguard.NoSuchThing  # noqa: B018
