@@ -130,7 +130,7 @@ def test_an_exploding_model_gets_no_threshold_but_the_advice_to_fix_it(factories
     ("name", "words"),
     [
         ("raises", "the factory raised ValueError: the dataset path does not exist"),
-        ("bad_loss", "the forward pass or loss_fn raised"),
+        ("bad_loss", "running the model failed with RuntimeError"),
         ("empty", "the data iterable is empty"),
         ("not_a_batch", "data must be a batch"),
     ],

@@ -118,6 +118,11 @@ def _call(what: str, fn: Callable[..., Any], *args: Any) -> Any:
     except ProbeError:
         raise
     except Exception as e:
+        if what == "running the model":
+            raise ProbeError(
+                f"running the model failed with {type(e).__name__}: {e} (check that the "
+                "factory's model(*inputs) and loss_fn(output, target) run on their own)"
+            ) from e
         raise ProbeError(f"{what} raised {type(e).__name__}: {e}") from e
 
 
@@ -211,7 +216,7 @@ def probe(factory: Callable[[], Any], steps: int = 5) -> Probe:
         seen.add(hash(tuple(_fingerprint(t) for t in batch)))
         inputs, target = batch[:-1], batch[-1]
         model.zero_grad(set_to_none=True)
-        loss = _call("the forward pass or loss_fn", _forward, model, loss_fn, inputs, target)
+        loss = _call("running the model", _forward, model, loss_fn, inputs, target)
         _call("loss.backward()", loss.backward)
         present = [(n, p) for n, p in trainable if p.grad is not None]
         missing.update(n for n, p in trainable if p.grad is None)
