@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+import warnings
 
 import pytest
 import torch
@@ -146,9 +147,7 @@ def test_fused_folding_equals_unfused(make_opt):
 def test_fused_path_makes_no_host_sync_even_with_skip_policies():
     model = make_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
-    guard = gg.Guard(
-        model, gg.chain(gg.SkipNonFinite(), gg.ZClip(warmup_steps=2)), host_math=False
-    )
+    guard = gg.Guard(model, gg.chain(gg.SkipNonFinite(), gg.ZClip(warmup_steps=2)), host_math=False)
     for step in range(5):
         optimizer.zero_grad()
         loss_of(model, step).backward()
@@ -451,8 +450,19 @@ def test_mixed_fp64_and_bf16_gradients_are_measured_in_a_common_dtype():
     model[1](model[0](x).bfloat16()).float().sum().backward()
     guard = gg.Guard(model)
     result = guard.step(torch.optim.SGD(model.parameters(), lr=0.1))
-    expected = torch.stack(
-        [p.grad.double().norm() for p in model.parameters()]
-    ).norm()
+    expected = torch.stack([p.grad.double().norm() for p in model.parameters()]).norm()
     assert result.total_norm.item() == pytest.approx(expected.item(), rel=1e-2)
     assert result.stats.norms.dtype == torch.float64
+
+
+@pytest.mark.parametrize("host_math", [True, False])
+def test_a_loss_that_still_requires_grad_is_taken_without_a_warning(host_math):
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, host_math=host_math)
+    loss = loss_of(model, 0)
+    loss.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when a tensor with grad becomes a float
+        result = guard.step(optimizer, loss=loss)
+    assert float(result.inputs.loss) == pytest.approx(loss.item())

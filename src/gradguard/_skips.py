@@ -10,6 +10,7 @@ step, so naming the ranks whose gradients were non-finite (a collective) is safe
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -61,7 +62,9 @@ class SkipReports:
         names = result.nonfinite_names() if reason in ("nonfinite", "amp_overflow") else []
         origin = guard.nonfinite_origin(result) if names else None
         ranks = _nonfinite_ranks(result) if names and collective else None
-        event = skip_event(result.step, reason, names, origin, ranks)
+        loss = result.inputs.loss
+        bad_loss = bool(names) and loss is not None and not math.isfinite(float(loss))
+        event = skip_event(result.step, reason, names, origin, ranks, loss_nonfinite=bad_loss)
         if guard.recorder is not None:
             guard.recorder.event(event)
         if not self.warned:

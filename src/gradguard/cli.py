@@ -12,8 +12,7 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from . import __version__
 
@@ -195,34 +194,15 @@ def _list_runs(run_dir: str) -> int:
     return EXIT_OK
 
 
-def _user_code(factory: Callable[[], Any]) -> Callable[[], Any]:
-    """The factory, with its own exceptions turned into a clear ProbeError."""
-    from .diagnose import ProbeError
-
-    def call() -> Any:
-        try:
-            return factory()
-        except Exception as e:
-            raise ProbeError(f"the factory raised {type(e).__name__}: {e}") from e
-
-    return call
-
-
 def _diagnose(args: argparse.Namespace) -> int:
     from .diagnose import ProbeError, load_factory, probe, report
 
-    factory = _user_code(load_factory(args.factory))
     try:
-        result = probe(factory, args.steps)
-    except ProbeError:
+        result = probe(load_factory(args.factory), args.steps)
+    except ProbeError as e:  # the user's factory, model, data or loss failed: one line
+        if os.environ.get("GRADGUARD_DEBUG") and e.__cause__ is not None:
+            raise e.__cause__ from None
         raise
-    except Exception as e:  # the model, batch or loss_fn failed: the user's code
-        if os.environ.get("GRADGUARD_DEBUG"):
-            raise
-        raise ProbeError(
-            f"running the model failed with {type(e).__name__}: {e} (check that the factory's "
-            "model(*inputs) and loss_fn(output, target) run on their own)"
-        ) from e
     print(report(result))
     return result.exit_code
 

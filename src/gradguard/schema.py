@@ -78,6 +78,7 @@ class FindingData(TypedDict, total=False):
     params: list[str]  #: parameters or layers involved, the origin first
     evidence: dict[str, float]  #: the numbers the rule decided on
     advice: list[str]  #: concrete actions, most useful first
+    origin: str | None  #: a parameter, "forward" (data/loss/forward pass) or "backward"
 
 
 class PerSampleData(TypedDict, total=False):
@@ -112,13 +113,26 @@ def skip_event(
     nonfinite: Sequence[str] = (),
     origin: str | None = None,
     ranks: Sequence[int] | None = None,
+    *,
+    loss_nonfinite: bool = False,
 ) -> Event:
     """The one way to describe a skipped step, whoever skipped it (torch, a framework
-    integration, a front-end): same message, same :class:`SkipData` payload."""
+    integration, a front-end): same message, same :class:`SkipData` payload.
+
+    ``loss_nonfinite``: the step's loss was NaN/inf, so the non-finite values came from
+    the input batch, the labels or the forward pass, not from a parameter's backward
+    (every gradient is then non-finite); no parameter is named as the origin.
+    """
     label = reason.label if isinstance(reason, SkipReason) else str(reason)
     names = list(nonfinite)
     where = ""
-    if origin:
+    if loss_nonfinite:
+        origin = None
+        where = (
+            f"; the loss was non-finite: check the input batch, the labels and the forward "
+            f"pass ({len(names)} tensors non-finite)"
+        )
+    elif origin:
         where = f"; non-finite gradients from {origin!r} ({len(names)} tensors)"
     elif names:
         where = f"; non-finite gradients in {len(names)} tensors"

@@ -1,19 +1,25 @@
 """Gradient health: rules with evidence and advice, and clip-threshold advice.
 
-The rules work on host numbers (:class:`~gradguard.schema.HostBatch`) and import
-only numpy; :class:`BackwardOrder` and :func:`find_nonfinite_forward` live in
-:mod:`.origin`, the one torch-dependent module, and are imported lazily.
+The rules work on host numbers (:class:`~gradguard.schema.HostBatch`) and need only
+numpy: importing this package does not import torch. :class:`BackwardOrder` and
+:func:`find_nonfinite_forward` live in :mod:`.origin`, the one torch-dependent module,
+and are imported on first use.
+
+Layout: ``rules/`` holds one file per rule (its spec, thresholds, detector and advice)
+and the rule list; :mod:`.monitor` dispatches recorded steps to them; :mod:`.signals`
+holds measurements several rules share; :mod:`.config` gathers every rule's thresholds.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .config import HealthConfig
+from .base import Rule, Threshold
+from .config import HealthConfig, thresholds
 from .families import FAMILIES, Family, family_names, get_family, infer_family
-from .findings import Finding, Kind, Severity
+from .findings import Finding, Severity
 from .monitor import HealthMonitor, diagnose
-from .rules import RULES, SPECS, RuleSpec
+from .rules import RULES, SPECS, Kind
 from .threshold import ThresholdAdvice, recommend_threshold
 
 if TYPE_CHECKING:
@@ -40,8 +46,9 @@ __all__ = [
     "HealthConfig",
     "HealthMonitor",
     "Kind",
-    "RuleSpec",
+    "Rule",
     "Severity",
+    "Threshold",
     "ThresholdAdvice",
     "diagnose",
     "family_names",
@@ -49,4 +56,5 @@ __all__ = [
     "get_family",
     "infer_family",
     "recommend_threshold",
+    "thresholds",
 ]

@@ -1,36 +1,31 @@
-"""What a health rule reports: :class:`Finding`, its :class:`Kind` and :class:`Severity`."""
+"""What a health rule reports: a :class:`Finding` and its :class:`Severity`.
+
+The finding kinds (:class:`~gradguard.health.rules.Kind`) are those of the rule list.
+A finding describes an episode: ``steps`` is its true range so far, ``open`` says
+whether it may still grow, and ``key`` identifies it within the run, so the run store
+replaces a finding's earlier state with each update.
+"""
 
 from __future__ import annotations
 
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ..schema import Event, EventKind
+
+if TYPE_CHECKING:
+    from .rules import Kind
 
 #: Prefix of :attr:`Event.kind` for events made from findings (``"health.exploding"``).
 EVENT_PREFIX = EventKind.FINDING_PREFIX
 
-
-class Kind(str, enum.Enum):
-    """What went wrong. The value is the stable string stored in run stores."""
-
-    NONFINITE = "nonfinite"
-    EXPLODING = "exploding"
-    SPIKE = "spike"
-    VANISHING = "vanishing"
-    VANISHING_LAYER = "vanishing_layer"
-    DEAD_LAYER = "dead_layer"
-    LAYER_RATIO = "layer_ratio"
-    LAYER_DISPERSION = "layer_dispersion"
-    CLIP_INACTIVE = "clip_inactive"
-    CLIP_SATURATED = "clip_saturated"
-    CLIP_HOVERING = "clip_hovering"
-    LOSS_STALL = "loss_stall"
-    AMP_OVERFLOW = "amp_overflow"
-
-    def __str__(self) -> str:
-        return self.value
+#: :attr:`Finding.origin` when the forward pass, the loss or the input batch produced a
+#: non-finite value (rather than one parameter's backward).
+FORWARD = "forward"
+#: :attr:`Finding.origin` when a NaN was born in backward but no per-tensor norms locate it.
+BACKWARD = "backward"
 
 
 class Severity(str, enum.Enum):
@@ -55,11 +50,16 @@ class Finding:
     Attributes:
         kind: what went wrong.
         severity: ``info``, ``warning`` or ``critical``.
-        steps: ``(first, last)`` step of the evidence window.
+        steps: ``(first, last)`` step of the episode so far.
         params: parameter or layer names involved (the origin first, where one is known).
         evidence: the numbers the rule decided on.
         advice: concrete actions, most useful first.
         message: one-line human summary.
+        key: identifies the episode within its run (``None`` for a one-off finding).
+        open: the episode may still be extended (it had not ended when reported).
+        origin: where it started: a parameter name, :data:`FORWARD` (the forward pass,
+            the loss or the input batch) or :data:`BACKWARD` (born in backward, not
+            located); ``None`` when the rule does not locate.
     """
 
     kind: Kind
@@ -69,10 +69,15 @@ class Finding:
     evidence: dict[str, float] = field(default_factory=dict)
     advice: tuple[str, ...] = ()
     message: str = ""
+    key: str | None = None
+    open: bool = False
+    origin: str | None = None
 
     def __str__(self) -> str:
         where = f" [{', '.join(self.params[:3])}{', …' if len(self.params) > 3 else ''}]"
-        return f"{self.severity.value.upper()} {self.kind.value} @ step {self.steps[0]}: " + (
+        first, last = self.steps
+        span = f"step {first}" if first == last else f"steps {first}–{last}"
+        return f"{self.severity.value.upper()} {self.kind.value} @ {span}: " + (
             self.message + (where if self.params else "")
         )
 
@@ -84,22 +89,41 @@ class Finding:
             "params": list(self.params),
             "evidence": dict(self.evidence),
             "advice": list(self.advice),
+            "origin": self.origin,
         }
-        return Event(self.steps[0], EVENT_PREFIX + self.kind.value, self.message, data)
+        return Event(
+            self.steps[0],
+            EVENT_PREFIX + self.kind.value,
+            self.message,
+            data,
+            end_step=self.steps[1],
+            key=self.key,
+            ongoing=self.open,
+        )
 
     @classmethod
     def from_event(cls, event: Event) -> Finding:
         """Rebuild a finding from :meth:`to_event`'s output (e.g. read back from a store)."""
+        from .rules import Kind
+
         if not event.kind.startswith(EVENT_PREFIX):
             raise ValueError(f"event.kind must start with {EVENT_PREFIX!r}, got {event.kind!r}")
         data: Mapping = event.data
         steps = data.get("steps", (event.step, event.step))
+        first = int(steps[0])
+        last = (
+            int(event.end_step) if getattr(event, "end_step", None) is not None else int(steps[1])
+        )
+        origin = data.get("origin")
         return cls(
             kind=Kind(event.kind[len(EVENT_PREFIX) :]),
             severity=Severity(data.get("severity", "info")),
-            steps=(int(steps[0]), int(steps[1])),
+            steps=(first, max(first, last)),
             params=tuple(data.get("params", ())),
             evidence=dict(data.get("evidence", {})),
             advice=tuple(data.get("advice", ())),
             message=event.message,
+            key=getattr(event, "key", None),
+            open=bool(getattr(event, "ongoing", False)),
+            origin=origin if isinstance(origin, str) else None,
         )

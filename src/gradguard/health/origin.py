@@ -98,6 +98,17 @@ class BackwardOrder:
         """Parameter names in backward accumulation order (empty before any backward)."""
         return self._order if self._order is not None else tuple(self._seen)
 
+    def unreached(self) -> tuple[str, ...]:
+        """Parameters that require grad but got no gradient in the observed backward pass.
+
+        Known once the order is complete (the next forward pass after the first backward);
+        empty before. They are detached, run under ``no_grad`` or unused in forward.
+        """
+        if self._order is None:
+            return ()
+        seen = set(self._order)
+        return tuple(name for name in self.names if name not in seen)
+
     def first_nonfinite(
         self, names_or_flags: Iterable[str] | Sequence[bool] | Tensor
     ) -> str | None:
@@ -162,11 +173,13 @@ def _has_nonfinite(value: object) -> bool:
 def find_nonfinite_forward(model: nn.Module, *inputs: object, **kwargs: object) -> str | None:
     """Run ``model(*inputs, **kwargs)`` once and name the first module with a non-finite output.
 
-    An opt-in, slow check (one host sync per module): forward hooks fire as each module
-    finishes, so the first report is the innermost module where the NaN/inf appeared.
-    Returns ``"<input>"`` when an input is already non-finite, the module's qualified
-    name (``""`` for ``model`` itself), or ``None`` when every output is finite. Runs
-    under ``torch.no_grad()``; every hook is removed afterwards.
+    An opt-in, slow check (one host sync per module), never run by the guard on its own:
+    the non-finite finding advises it, and ``gradguard diagnose`` runs it after the fact on
+    the batch that failed. Forward hooks fire as each module finishes, so the first report
+    is the innermost module where the NaN/inf appeared. Returns ``"<input>"`` when an input
+    is already non-finite, the module's qualified name (``""`` for ``model`` itself), or
+    ``None`` when every output is finite. Runs under ``torch.no_grad()``; every hook is
+    removed afterwards.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -123,6 +123,8 @@ class StepInputs:
         if xp is _ops.NUMPY:
             norms = stats.norms  # a CPU tensor, seen as NumPy when first read
             total_value = _F32_ZERO + total.item()  # one rounding to float32
+            if isinstance(loss, Tensor):
+                loss = loss.detach()
             loss_value = None if loss is None else _ops.NUMPY.f32(float(loss))
         else:
             norms = stats.norms.float()

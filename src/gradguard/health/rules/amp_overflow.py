@@ -1,0 +1,128 @@
+"""``amp_overflow``: the GradScaler keeps finding inf/NaN and backing off its scale."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .. import _check as check
+from ..advice import LOWER_LR
+from ..base import Context, Rule, Steps, Threshold
+from ..episodes import Tracker
+from ..findings import Severity
+from ..windows import Counts
+
+
+class AmpOverflow(Rule):
+    kind = "amp_overflow"
+    severity = Severity.WARNING
+    scope = "window"
+    amp_rows = True
+    condition = (
+        "more than amp_overflow_rate of the last amp_window steps were skipped by the "
+        "GradScaler for inf/NaN (reason amp_overflow); the overflows of its calibration (the "
+        "run of them that opens the run, while the initial scale backs off) are not counted"
+    )
+    advice = (
+        "The loss scale keeps backing off: if the hardware supports it (Ampere or newer, "
+        "TPU), autocast to bfloat16, which has fp32's range and needs no GradScaler.",
+        "Find the layers that produce inf in fp16: overflowing activations or attention "
+        "logits (scale queries by 1/sqrt(d), keep softmax/norm layers in fp32, clamp "
+        "logits); run find_nonfinite_forward(model, batch) under autocast.",
+        LOWER_LR,
+        "Check the GradScaler settings: a short growth_interval (default 2000) or a large "
+        "growth_factor (default 2.0) makes the scale overshoot and overflow again.",
+    )
+    thresholds = (
+        Threshold(
+            "amp_overflow_rate",
+            0.05,
+            check.fraction,
+            "share of AMP-overflow skips among the last amp_window steps above which the "
+            "loss scale keeps backing off",
+        ),
+        Threshold(
+            "amp_window", 200, check.counter(2), "steps over which AMP-overflow skips are counted"
+        ),
+    )
+
+    def __init__(self, context: Context) -> None:
+        super().__init__(context)
+        c = self.config
+        self.tracker = Tracker(self.kind, 1, c.rearm_steps)
+        self._counts = Counts(c.amp_window, 1)
+        self._rows = 0  # rows seen so far
+        self._overflow_rows = np.empty(0, dtype=np.int64)  # overflows still in the window
+        self._overflow_steps = np.empty(0, dtype=np.int64)
+        self._calibrating = True
+
+    def _first_overflows(self, at: np.ndarray, overflow: np.ndarray) -> np.ndarray:
+        """Per row, the step of the first overflow in the amp_window rows ending at it."""
+        rows = self._rows + np.arange(len(at))  # the run-wide index of each row
+        self._rows += len(at)
+        kept = np.concatenate([self._overflow_rows, rows[overflow]])
+        steps = np.concatenate([self._overflow_steps, at[overflow]])
+        first = np.full(len(at), np.inf)
+        if len(kept):  # (a row with no overflow in its window is never active)
+            pick = np.minimum(
+                np.searchsorted(kept, rows - self.config.amp_window + 1), len(kept) - 1
+            )
+            first = steps[pick].astype(np.float64)
+        if len(rows):
+            recent = kept > rows[-1] - self.config.amp_window
+            self._overflow_rows, self._overflow_steps = kept[recent], steps[recent]
+        return first
+
+    def on_steps(self, steps: Steps) -> None:
+        c = self.config
+        overflow = steps.amp_overflow.copy()
+        if self._calibrating and len(steps):
+            clear = np.flatnonzero(~overflow)
+            end = int(clear[0]) if len(clear) else len(steps)
+            overflow[:end] = False  # the GradScaler calibrating its initial scale
+            self._calibrating = not len(clear)
+        counts, _ = self._counts.push(overflow[:, None])
+        count = counts[:, 0]
+        # the episode runs from the first to the last overflow while the rate is too high
+        active = (count > c.amp_overflow_rate * c.amp_window) & overflow
+        first = self._first_overflows(steps.step, overflow)
+        for change in self.updated(self.tracker.feed(steps.step, active, first)[0]):
+            episode = change.episode
+            rows = slice(change.lo, change.hi + 1)
+            s = episode.stats
+            if "overflows" not in s:  # every overflow in the window that opened it is its own
+                s["overflows"] = int(count[change.lo]) - int(overflow[change.lo])
+                early = (steps.step >= episode.first) & (np.arange(len(steps)) < change.lo)
+                scales = steps.loss_scale[early]
+                scales = scales[np.isfinite(scales) & (scales > 0)]
+                if len(scales):
+                    s["scale_first"] = float(scales[0])
+            s["overflows"] += int(overflow[rows].sum())
+            scales = steps.loss_scale[rows]
+            scales = scales[np.isfinite(scales) & (scales > 0)]
+            if len(scales):
+                s.setdefault("scale_first", float(scales[0]))
+                s["scale_last"] = float(scales[-1])
+                s["scale_min"] = min(s.get("scale_min", math.inf), float(scales.min()))
+            window = int(count[change.hi])
+            evidence = {
+                "overflows": s["overflows"],
+                "window_overflows": window,
+                "window": c.amp_window,
+                "rate": window / c.amp_window,
+                "amp_overflow_rate": c.amp_overflow_rate,
+            }
+            message = (
+                f"AMP overflow skipped {s['overflows']} steps ({episode.first}–{episode.last}); "
+                f"up to {window} of {c.amp_window} ({window / c.amp_window:.1%}; limit "
+                f"{c.amp_overflow_rate:.1%})"
+            )
+            if "scale_last" in s:
+                evidence.update(
+                    loss_scale_first=s["scale_first"],
+                    loss_scale_last=s["scale_last"],
+                    loss_scale_min=s["scale_min"],
+                )
+                message += f"; loss scale {s['scale_first']:g} → {s['scale_last']:g}"
+            self.report(episode, message, evidence)

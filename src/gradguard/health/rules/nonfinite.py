@@ -1,0 +1,183 @@
+"""``nonfinite``: NaN or inf gradients, as an episode, with where they started."""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+
+from ...schema import EventKind, SkipReason
+from ..advice import LOWER_LR
+from ..base import Context, Rule, Steps
+from ..episodes import Episode, Tracker
+from ..findings import BACKWARD, FORWARD, Severity
+
+_LATE_LIMIT = 256  # skip events kept for steps not yet seen
+
+
+class NonFinite(Rule):
+    kind = "nonfinite"
+    severity = Severity.CRITICAL
+    scope = "step"
+    condition = (
+        "a step's total_norm is NaN/inf, or it was skipped for a non-finite gradient (AMP "
+        "overflow skips excluded); the episode lasts until `rearm_steps` finite steps in a row. "
+        "Origin: the forward pass, the loss or the input batch when the loss was non-finite or "
+        "every gradient was; otherwise (a NaN born in backward) the first non-finite parameter "
+        "in backward order, from a per-tensor snapshot or the skip event of that step"
+    )
+    advice = (
+        "Check the input batch and labels for NaN/inf (torch.isfinite(x).all()).",
+        "Inspect the origin's forward: log/sqrt/division of values that reach 0 or below, "
+        "or torch.where with an invalid branch (its gradient is 0 × NaN = NaN).",
+        "Skip non-finite steps so weights and optimiser state stay clean.",
+        LOWER_LR,
+        "Run find_nonfinite_forward(model, batch) to name the first module whose "
+        "output is non-finite.",
+    )
+
+    def __init__(self, context: Context) -> None:
+        super().__init__(context)
+        self.tracker = Tracker(self.kind, 1, self.config.rearm_steps)
+        self._late: OrderedDict[int, tuple[list[str], str | None]] = OrderedDict()
+        self._names: tuple[str, ...] = ()
+
+    def on_events(self, events: list[Any]) -> None:
+        for event in events:
+            data = event.data if isinstance(event.data, dict) else {}
+            if event.kind != EventKind.SKIP or data.get("reason") != SkipReason.NONFINITE.label:
+                continue
+            names = [str(n) for n in data.get("nonfinite") or ()]
+            if names:
+                origin = data.get("origin")
+                self._late[int(event.step)] = (names, origin if isinstance(origin, str) else None)
+                while len(self._late) > _LATE_LIMIT:
+                    self._late.popitem(last=False)
+        episode = self.tracker.episode
+        if episode is not None and self._use_late(episode, episode.first, episode.last):
+            self._report(episode)
+
+    def on_steps(self, steps: Steps) -> None:
+        if steps.names:
+            self._names = steps.names
+        bad = ~steps.finite | (steps.skipped & (steps.reason == int(SkipReason.NONFINITE)))
+        changes, _ = self.tracker.feed(steps.step, bad)
+        for change in self.updated(changes):
+            episode = change.episode
+            rows = np.arange(change.lo, change.hi + 1)
+            rows = rows[bad[rows]]
+            stats = episode.stats
+            stats.setdefault("total_norm", float(steps.norm[rows[0]]) if len(rows) else math.nan)
+            stats["count"] = stats.get("count", 0) + len(rows)
+            if steps.loss_given:
+                lost = ~np.isfinite(steps.loss[rows])
+                stats["loss_seen"] = stats.get("loss_seen", 0) + len(rows)
+                stats["loss_bad"] = stats.get("loss_bad", 0) + int(lost.sum())
+            for row in rows:
+                snapshot = steps.snapshots.get(int(steps.step[row]))
+                if snapshot is not None and "located" not in stats:
+                    bad_names = [n for n, v in zip(steps.names, snapshot) if not math.isfinite(v)]
+                    self._locate(episode, bad_names, None)
+            self._use_late(episode, episode.first, episode.last)
+            self._report(episode)
+
+    # ------------------------------------------------------------------ evidence
+
+    def _use_late(self, episode: Episode, first: int, last: int) -> bool:
+        """Use a skip event's list of non-finite parameters for this episode, once."""
+        if "located" in episode.stats:
+            return False
+        for step, (names, origin) in self._late.items():
+            if first <= step <= last:
+                self._locate(episode, names, origin)
+                return True
+        return False
+
+    def _locate(self, episode: Episode, bad: list[str], origin: str | None) -> None:
+        stats = episode.stats
+        total = len(self._names) or len(bad)
+        stats["located"] = True
+        stats["nonfinite_tensors"] = len(bad)
+        stats["tensors"] = total
+        if not bad:
+            return
+        order = self.context.order
+        exact = origin is not None
+        if origin is None and order is not None:
+            origin = order.first_nonfinite(bad)
+            exact = origin is not None
+        stats["param"] = origin if origin is not None else bad[-1]
+        stats["exact"] = exact
+        stats["bad"] = tuple(bad)
+        stats["all_tensors"] = len(bad) >= total
+
+    def _report(self, episode: Episode) -> None:
+        stats = episode.stats
+        count = stats.get("count", 0)
+        first, last = episode.first, episode.last
+        what = (
+            f"non-finite gradient at step {first}"
+            if count <= 1 and first == last
+            else f"non-finite gradients at {count} steps ({first}–{last})"
+        )
+        evidence: dict[str, float] = {
+            "total_norm": stats.get("total_norm", math.nan),
+            "nonfinite_steps": count,
+        }
+        if "loss_seen" in stats:
+            evidence["loss_nonfinite_steps"] = stats["loss_bad"]
+        if "tensors" in stats:
+            evidence["nonfinite_tensors"] = stats["nonfinite_tensors"]
+            evidence["tensors"] = stats["tensors"]
+            evidence["nonfinite_fraction"] = stats["nonfinite_tensors"] / max(stats["tensors"], 1)
+        params: tuple[str, ...] = ()
+        if "param" in stats:  # evidence: the first in backward order, then the others
+            first = stats["param"]
+            params = (first, *(n for n in stats["bad"] if n != first))
+            evidence["origin_exact"] = float(stats["exact"])
+        extra: tuple[str, ...] = ()
+        if stats.get("loss_bad", 0) > 0:
+            origin: str | None = FORWARD
+            why = (
+                "; the loss was non-finite too: the forward pass, the loss or the input batch "
+                "produced them, not a layer's backward"
+            )
+            if "param" in stats:
+                why += (
+                    f" ({stats['nonfinite_tensors']} of {stats['tensors']} tensors non-finite; "
+                    f"first in backward order {stats['param']})"
+                )
+        elif stats.get("all_tensors"):
+            origin = FORWARD
+            why = (
+                f"; every gradient was non-finite ({stats['tensors']} tensors, the first in "
+                f"backward order {stats['param']}): the loss or the forward pass produced "
+                "them (a NaN born in one layer's backward spares the layers after it)"
+            )
+        elif "param" in stats:
+            origin = stats["param"]
+            where = "first in backward order" if stats["exact"] else "last in model order"
+            why = (
+                f"; born in backward at {origin} ({where} of {stats['nonfinite_tensors']} "
+                f"non-finite of {stats['tensors']} tensors; the loss was finite)"
+                if "loss_seen" in stats
+                else f"; origin {origin} ({where} of {stats['nonfinite_tensors']} non-finite "
+                f"of {stats['tensors']} tensors)"
+            )
+        elif "loss_seen" in stats:
+            origin = BACKWARD
+            why = (
+                "; the loss was finite, so the NaN was born in backward (no per-tensor norms "
+                "at these steps to name the layer)"
+            )
+            extra = ("Record per-tensor norms at non-finite steps to locate the origin.",)
+        else:
+            origin = None
+            why = ""
+            extra = (
+                "Pass the loss to guard.step(..., loss=loss) so a non-finite loss can be told "
+                "from a NaN born in backward.",
+            )
+        self.report(episode, what + why, evidence, params, origin=origin, extra_advice=extra)

@@ -1,0 +1,69 @@
+"""``spike``: a short order-of-magnitude outlier of the total norm (one bad batch)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _check as check
+from ..advice import CLIP
+from ..base import Context, Rule, Steps, Threshold
+from ..episodes import Tracker
+from ..findings import Severity
+from ..signals import NormBaseline
+
+
+class Spike(Rule):
+    kind = "spike"
+    severity = Severity.INFO
+    scope = "step"
+    condition = (
+        "the total norm is an outlier (>= jump_factor × its rolling median, and outlier_spreads "
+        "spreads, half the interquartile range of the log-norms, above it) for fewer than "
+        "`jump_sustain` steps in a row, and peaks at >= spike_factor × that median"
+    )
+    advice = (
+        "Inspect the batches at these steps for corrupt or outlier samples.",
+        CLIP + " Or skip outlier steps with a spike policy.",
+    )
+    thresholds = (
+        Threshold(
+            "spike_factor",
+            100.0,
+            check.greater_than_one,
+            "a single-step outlier must reach this many times the recent median: steps 10–25× "
+            "the median occur naturally once a classifier has converged and a few hard "
+            "examples carry the gradient (measured on healthy runs of the diagnosis corpus)",
+        ),
+    )
+
+    def __init__(self, context: Context) -> None:
+        super().__init__(context)
+        self.baseline = context.signal(NormBaseline)
+        self.tracker = Tracker(self.kind, 1, 1)
+
+    def on_steps(self, steps: Steps) -> None:
+        b = self.baseline
+        outlier = b.outlier & steps.finite
+        for change in self.tracker.feed(steps.step, outlier)[0]:
+            episode = change.episode
+            rows = np.arange(change.lo, change.hi + 1)
+            rows = rows[outlier[rows]]
+            stats = episode.stats
+            if len(rows):
+                stats.setdefault("base", float(steps.norm[rows[0]] / b.ratio[rows[0]]))
+                stats["peak"] = max(stats.get("peak", 0.0), float(np.max(b.ratio[rows])))
+                stats["count"] = stats.get("count", 0) + len(rows)
+            if episode.open or stats["count"] >= self.config.jump_sustain:
+                continue  # reported once it ends; a longer run is the exploding rule's
+            if stats["peak"] < self.config.spike_factor:
+                continue  # a natural swing of heavy-tailed norms
+            self.report(
+                episode,
+                f"gradient norm spiked {stats['peak']:.3g}× above its recent median "
+                f"({stats['base']:.3g}) for {stats['count']} step(s)",
+                {
+                    "peak_ratio": stats["peak"],
+                    "baseline_median": stats["base"],
+                    "length": stats["count"],
+                },
+            )

@@ -1,0 +1,66 @@
+"""``vanishing_layer``: layers whose gradient is vanishingly small."""
+
+from __future__ import annotations
+
+import math
+
+from .. import _check as check
+from ..advice import ACTIVATIONS, INIT, RESIDUAL_NORM
+from ..base import LayerRule, Threshold
+from ..findings import Severity
+from ..signals import LayerSnapshot
+
+
+class VanishingLayer(LayerRule):
+    kind = "vanishing_layer"
+    severity = Severity.WARNING
+    condition = (
+        "a layer's norm is < vanish_layer, or < vanish_layer_relative × the largest layer "
+        "norm, for `tensor_sustain` snapshots in a row"
+    )
+    advice = (ACTIVATIONS, RESIDUAL_NORM, INIT)
+    thresholds = (
+        Threshold(
+            "vanish_layer",
+            1e-8,
+            check.positive,
+            "layer norm below which a layer's gradient vanishes (seed 003: 1e-8)",
+        ),
+        Threshold(
+            "vanish_layer_relative",
+            1e-5,
+            check.fraction,
+            "a layer also vanishes below this fraction of the largest layer norm in the same "
+            "snapshot (catches deep sigmoid stacks whose output layer still gets large gradients)",
+        ),
+    )
+
+    def on_snapshot(self, snapshot: LayerSnapshot) -> None:
+        held = self.held(snapshot.step, dict(zip(snapshot.layers, snapshot.low)))
+        start = min(held.values(), default=snapshot.step)
+        for change in self.observe(snapshot.step, bool(held), start):
+            episode = change.episode
+            s = episode.stats
+            layers = s.setdefault("layers", {})
+            values = dict(zip(snapshot.layers, snapshot.values))
+            for name in held:
+                layers[name] = True
+            if held:
+                name = min(held, key=values.__getitem__)
+                value = values[name]
+                if value < s.get("min", math.inf):
+                    s.update(min=value, min_name=name, largest=snapshot.largest)
+            self.report(
+                episode,
+                f"{len(layers)} layer(s) with vanishing gradients; smallest {s['min_name']}: "
+                f"{s['min']:.2e} ({s['min'] / s['largest']:.1e} of the largest layer norm "
+                f"{s['largest']:.3g})",
+                {
+                    "layers": len(layers),
+                    "min_norm": s["min"],
+                    "largest_layer_norm": s["largest"],
+                    "min_share": s["min"] / s["largest"],
+                },
+                tuple(layers),
+                origin=s["min_name"],
+            )

@@ -1,0 +1,137 @@
+"""Bounded rolling windows over batches of values, computed with numpy.
+
+Each window keeps only its last ``size`` values between batches, so a rule's state and
+its cost per flushed batch do not grow with the length of the run; every statistic of a
+batch is computed in a few vectorised passes over ``tail + batch``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+_EMPTY = np.empty(0)
+
+
+class Rolling:
+    """The last ``size`` values pushed, with per-value statistics of the trailing window.
+
+    For a batch ``values``, :meth:`push` returns, for each value, a statistic over the
+    window that ends just before it (``include=False``) or at it (``include=True``),
+    and how many values that window held; then it keeps the last ``size`` values.
+    """
+
+    __slots__ = ("size", "tail")
+
+    def __init__(self, size: int) -> None:
+        self.size = int(size)
+        self.tail = _EMPTY
+
+    def __len__(self) -> int:
+        return len(self.tail)
+
+    def push(
+        self, values: np.ndarray, stat: str = "median", include: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        out, counts = self.push_sorted(values, (stat,), include)
+        return out[stat], counts
+
+    def push_sorted(
+        self, values: np.ndarray, stats: tuple[str, ...], include: bool = False
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Several statistics of each trailing window from one sort of the windows."""
+        values = np.asarray(values, dtype=np.float64)
+        both = np.concatenate([self.tail, values])
+        ends = len(self.tail) + np.arange(len(values)) + int(include)  # window = both[e-size:e]
+        counts = np.minimum(ends, self.size)
+        out = {stat: np.full(len(values), np.nan) for stat in stats}
+        full = ends >= self.size
+        if full.any() and len(both) >= self.size:
+            windows = np.sort(sliding_window_view(both, self.size)[ends[full] - self.size], axis=1)
+            for stat in stats:
+                out[stat][full] = _SORTED[stat](windows)
+        for i in np.flatnonzero(~full & (ends > 0)):  # the first values of a run only
+            window = np.sort(both[: ends[i]])[None, :]
+            for stat in stats:
+                out[stat][i] = _SORTED[stat](window)[0]
+        self.tail = both[-self.size :] if len(both) > self.size else both
+        return out, counts
+
+    def statistic(self, stat: str = "median") -> float:
+        """The statistic of the values held now (NaN when empty)."""
+        return float(_REDUCERS[stat](self.tail)) if len(self.tail) else float("nan")
+
+
+def _quantile(rows: np.ndarray, q: float) -> np.ndarray:
+    """The ``q`` quantile of each sorted row (linear interpolation, as numpy's default)."""
+    position = q * (rows.shape[1] - 1)
+    low = int(np.floor(position))
+    high = min(low + 1, rows.shape[1] - 1)
+    return rows[:, low] + (position - low) * (rows[:, high] - rows[:, low])
+
+
+#: Statistics of windows whose rows are sorted. ``spread`` is half the interquartile
+#: range: the median absolute deviation of a symmetric distribution, from the same sort.
+_SORTED = {
+    "median": lambda rows: _quantile(rows, 0.5),
+    "min": lambda rows: rows[:, 0],
+    "max": lambda rows: rows[:, -1],
+    "spread": lambda rows: (_quantile(rows, 0.75) - _quantile(rows, 0.25)) / 2.0,
+}
+_REDUCERS = {"median": np.median, "min": np.min, "max": np.max, "mean": np.mean}
+
+
+class Counts:
+    """Running counts of a few boolean flags over the last ``size`` observations."""
+
+    __slots__ = ("size", "tail")
+
+    def __init__(self, size: int, flags: int) -> None:
+        self.size = int(size)
+        self.tail = np.zeros((0, flags), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.tail)
+
+    def push(self, flags: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per observation: the counts of each flag in the window ending at it, and its size."""
+        flags = np.asarray(flags, dtype=np.int64).reshape(len(flags), self.tail.shape[1])
+        both = np.concatenate([self.tail, flags])
+        sums = np.concatenate([np.zeros((1, both.shape[1]), np.int64), np.cumsum(both, axis=0)])
+        ends = len(self.tail) + np.arange(1, len(flags) + 1)
+        starts = np.maximum(ends - self.size, 0)
+        self.tail = both[-self.size :]
+        return sums[ends] - sums[starts], ends - starts
+
+
+def run_lengths(active: np.ndarray, carry: int = 0) -> np.ndarray:
+    """Length of the run of ``True`` ending at each position (0 where ``False``); a run at
+    the start continues one of length ``carry`` from the previous batch."""
+    active = np.asarray(active, dtype=bool)
+    index = np.arange(len(active))
+    last_false = np.maximum.accumulate(np.where(active, -1, index)) if len(active) else index
+    lengths = np.where(active, index - last_false, 0)
+    return np.where(active & (last_false < 0), lengths + carry, lengths)
+
+
+class Streaks:
+    """Per name (a layer, a pair of layers), the current run of consecutive hits and its
+    first step; at most one entry per name ever seen."""
+
+    __slots__ = ("runs",)
+
+    def __init__(self) -> None:
+        self.runs: dict[object, tuple[int, int]] = {}
+
+    def update(self, step: int, hits: dict[object, bool]) -> dict[object, tuple[int, int]]:
+        """Record ``hits`` at ``step``; return ``{name: (length, first)}`` of the names hit."""
+        out = {}
+        for name, hit in hits.items():
+            length, first = self.runs.get(name, (0, step))
+            if hit:
+                length, first = (length + 1, first) if length else (1, step)
+                out[name] = (length, first)
+            else:
+                length = 0
+            self.runs[name] = (length, first)
+        return out

@@ -1,0 +1,49 @@
+"""``exploding``: a jump that stays, growth from the start, or norms far above the limit."""
+
+from __future__ import annotations
+
+from gradguard.health import HealthConfig
+
+from ..series import batch, final, kinds, noisy, run
+
+
+def test_an_order_of_magnitude_jump_is_an_episode_until_the_norm_comes_back():
+    norms = noisy(0.5, 100) + noisy(20.0, 80, seed=1) + noisy(0.5, 200, seed=2)
+    (finding,) = final(batch(norms), every=50)
+    assert finding.kind == "exploding" and finding.severity == "warning"
+    assert finding.steps == (100, 179) and not finding.open
+    assert finding.evidence["peak_ratio"] >= 30
+    assert "jumped" in finding.message
+
+
+def test_a_jump_that_lasts_to_the_end_stays_open_with_its_true_range():
+    norms = noisy(0.5, 250) + noisy(40.0, 150, seed=1)
+    reports = run(batch(norms), every=50)
+    assert {f.key for f in reports} == {"exploding@250"}
+    assert reports[-1].steps == (250, 399) and reports[-1].open
+
+
+def test_growth_from_the_first_step_is_caught_without_a_healthy_history():
+    norms = [0.5 * 1.15**i for i in range(60)]  # ×4000: unstable from step one
+    (finding,) = final(batch(norms))
+    # from the first step above the limit (10) that is also 10× the first norm
+    assert finding.kind == "exploding" and finding.steps == (22, 59)
+    assert "from the run's first steps" in finding.message
+
+
+def test_steady_norms_above_the_family_limit_are_not_exploding():
+    # the quickstart's regression: norms ~13 from the first step, loss falling
+    norms = noisy(13.0, 200, spread=0.2)
+    assert final(batch(norms, loss=[16 - 0.05 * i for i in range(200)])) == []
+
+
+def test_norms_far_above_the_limit_are_exploding_even_if_steady():
+    norms = noisy(400.0, 60)
+    (finding,) = final(batch(norms))
+    assert "far above" in finding.message
+
+
+def test_the_family_sets_the_limit():
+    norms = [1.0, *noisy(14.0, 60)]
+    assert kinds(final(batch(norms), config=HealthConfig(family="default"))) == ["exploding"]
+    assert final(batch(norms), config=HealthConfig(family="cnn")) == []
