@@ -96,7 +96,7 @@ def test_a_nan_batch_warns_once_at_the_users_line_naming_the_forward_pass(tmp_pa
 
 
 def test_a_second_nan_incident_warns_through_its_finding(tmp_path):
-    caught, lines = train(tmp_path / "run", steps=200, bad=(25, 150))  # 2 episodes
+    caught, _ = train(tmp_path / "run", steps=200, bad=(25, 150))  # 2 episodes
     messages = [str(w.message) for w in caught]
     assert len(messages) == 2 and "step 25 skipped" in messages[0]  # the guard warns once
     assert "non-finite gradient at step 150" in messages[1]  # the finding tells the next one
