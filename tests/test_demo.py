@@ -25,7 +25,7 @@ def test_demo_prints_each_run_and_writes_one_comparison_report(tmp_path):
     assert "weights finite: False" in unguarded
     assert "lost at step 450: the loss is non-finite from there to the end" in unguarded
     assert "weights finite: True" in guarded
-    assert "skipped step 450: nonfinite" in guarded
+    assert "step 450 skipped (nonfinite); the loss was non-finite" in guarded
     assert "The guard kept the run alive." in text
     report = tmp_path / "compare.html"
     assert f"  {report.resolve().as_uri()}\n" in text

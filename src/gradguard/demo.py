@@ -24,7 +24,7 @@ from torch import nn
 from ._progress import progress
 from .guard import Guard
 from .policies import Monitor
-from .schema import EventKind
+from .schema import EventKind, skip_event
 
 SPIKE_STEPS = (300, 301)
 NAN_STEP = 450
@@ -38,7 +38,7 @@ class RunSummary:
     final_loss: float
     lost_at: int | None
     clipped_steps: list[int] = field(default_factory=list)
-    skipped: list[tuple[int, str, list[str], str | None]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  #: the skip events' messages
     weights_finite: bool = True
     seconds: float = 0.0
     store: Path | None = None
@@ -102,8 +102,14 @@ def _train_loop(model, optimizer, guard, gen, direction, guarded, steps) -> RunS
         if guarded:
             if bool(result.skipped):
                 names = result.nonfinite_names()
-                origin = guard.nonfinite_origin(result)
-                summary.skipped.append((step, result.reason_label, names, origin))
+                event = skip_event(
+                    step,
+                    result.reason_label,
+                    names,
+                    guard.nonfinite_origin(result),
+                    loss_nonfinite=not math.isfinite(loss.item()),
+                )
+                summary.skipped.append(event.message)
             elif result.clip_coef.item() < 0.999:
                 summary.clipped_steps.append(step)
         value = loss.item()
@@ -134,11 +140,7 @@ def describe(run: RunSummary) -> list[str]:
         shown = ", ".join(str(s) for s in run.clipped_steps[:8])
         more = " ..." if len(run.clipped_steps) > 8 else ""
         lines.append(f"  clipped {len(run.clipped_steps)} steps: {shown}{more}")
-        for step, reason, names, origin in run.skipped:
-            where = (
-                f" in {len(names)} gradients, first in backward order: {origin}" if names else ""
-            )
-            lines.append(f"  skipped step {step}: {reason}{where}")
+        lines += [f"  {message}" for message in run.skipped]
     for message in run.findings[:6]:
         lines.append(f"  finding: {message}")
     if run.store is not None:
