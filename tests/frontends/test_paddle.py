@@ -171,3 +171,49 @@ def test_training_run_recorded(tmp_path):
 def test_bad_policy_is_rejected():
     with pytest.raises(TypeError, match="policy"):
         GuardClip("clip")
+
+
+def test_step_records_the_loss_and_lr_and_shows_them_to_the_policy(tmp_path):
+    seen = []
+
+    class Watch(gg.Monitor):  # a policy that reads what the guard gives it
+        def update(self, state, inputs, xp):
+            seen.append((float(inputs.loss), float(inputs.lr)))
+            return super().update(state, inputs, xp)
+
+    model = make_model()
+    clip = GuardClip(Watch(), model=model, store=tmp_path / "run", log_every=5, health=False)
+    schedule = paddle.optimizer.lr.StepDecay(0.01, step_size=2, gamma=0.5)
+    opt = paddle.optimizer.SGD(schedule, parameters=model.parameters(), grad_clip=clip)
+    x, losses, lrs = paddle.randn([16, 8]), [], []
+    for _ in range(6):
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        lrs.append(opt.get_lr())
+        clip.step(opt, loss=loss)
+        opt.clear_grad()
+        schedule.step()
+        losses.append(float(loss))
+    clip.close()
+    assert seen == pytest.approx(list(zip(losses, lrs)))
+    steps = gg.RunStore.open(tmp_path / "run").steps()
+    assert steps["loss"].tolist() == pytest.approx(losses)
+    assert steps["lr"].tolist() == pytest.approx(lrs)
+    other = paddle.optimizer.SGD(0.1, parameters=model.parameters())
+    with pytest.raises(ValueError, match="optimizer: its grad_clip is not this GuardClip"):
+        clip.step(other, loss=loss)
+
+
+def test_a_nan_loss_skip_names_the_data_not_the_output_layer(tmp_path):
+    model = make_model()
+    clip = GuardClip(model=model, store=tmp_path / "run", log_every=5, health=False)
+    opt = paddle.optimizer.Adam(1e-2, parameters=model.parameters(), grad_clip=clip)
+    x = paddle.randn([16, 8])
+    x[0, 0] = float("nan")
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    with pytest.warns(RuntimeWarning, match="the loss was non-finite"):
+        clip.step(opt, loss=loss)
+    clip.close()
+    (skip,) = gg.RunStore.open(tmp_path / "run").events("skip")
+    assert skip.data["origin"] is None and "the loss was non-finite" in skip.message

@@ -16,10 +16,15 @@ gradients to the optimizer, so parameters and moments stay as they were; it is t
 host read per step, as with a PyTorch ``Guard``, and is recorded with the same skip event
 (reason, non-finite names, origin).
 Parameters with ``need_clip=False`` are measured but neither clipped nor skipped over.
+
+``clip.step(optimizer, loss=loss)`` in place of ``optimizer.step()`` also records the
+step's loss and learning rate and shows them to the policy, as ``guard.step(optimizer,
+loss=loss)`` does in PyTorch; a plain ``optimizer.step()`` records neither.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -31,7 +36,7 @@ from .. import _warn
 from ..ops import TORCH
 from ..policies import ClipNorm, ClipTensorNorm, ClipValue, Policy, StepInputs, default_policy
 from ..record import Recorder, RunStore
-from ..schema import Sink, SkipReason, skip_event
+from ..schema import Event, Sink, SkipReason, skip_event
 from ..stats import GradStats
 
 
@@ -95,8 +100,28 @@ class GuardClip(paddle.nn.clip.ClipGradBase):
                 config={"framework": "paddle", "policy": repr(self.policy)},
                 recorder=recorder,
             )
-        self.step = 0
+        self.steps = 0  #: optimizer steps seen (the recorded step numbers start at 1)
         self._started = False
+        self._given: tuple[Any, float | None] = (None, None)  # this step's loss and LR
+        self._warned = False
+
+    def step(self, optimizer: paddle.optimizer.Optimizer, *, loss: Any = None) -> None:
+        """``optimizer.step()``, with ``loss`` and the optimizer's learning rate recorded
+        and given to the policy (a 0-d or one-element Paddle tensor, or a number)."""
+        if getattr(optimizer, "_grad_clip", None) is not self:
+            raise ValueError(
+                "optimizer: its grad_clip is not this GuardClip; build it with "
+                "grad_clip=<this GuardClip>"
+            )
+        if isinstance(loss, paddle.Tensor):
+            loss = _to_torch(loss).reshape(()).float()
+        elif loss is not None and not isinstance(loss, (int, float)):
+            raise TypeError(f"loss must be a Paddle tensor or a number, got {type(loss).__name__}")
+        self._given = (loss, float(optimizer.get_lr()))
+        try:
+            optimizer.step()
+        finally:
+            self._given = (None, None)
 
     def __str__(self) -> str:
         return f"gradguard GuardClip({self.policy!r})"
@@ -106,7 +131,7 @@ class GuardClip(paddle.nn.clip.ClipGradBase):
         pairs = [(p, g) for p, g in params_grads if g is not None]
         if not pairs:
             return params_grads
-        self.step += 1
+        self.steps += 1
         fixed = [(p, g) for p, g in pairs if getattr(p, "need_clip", True) is not False]
         if not fixed:
             return pairs
@@ -163,7 +188,10 @@ class GuardClip(paddle.nn.clip.ClipGradBase):
         stats = GradStats(
             t_norms, t_total, 2.0, self._labels(fixed), tuple(t.shape for t in t_grads)
         )
-        inputs = StepInputs.from_stats(stats, t_params, xp=TORCH, step=self.step - 1)
+        loss, lr = self._given
+        inputs = StepInputs.from_stats(
+            stats, t_params, xp=TORCH, step=self.steps - 1, loss=loss, lr=lr
+        )
         decision = self.policy.decide(inputs, t_params)
         for transform in decision.transforms:  # in place on the shared memory
             transform(t_params, t_grads)
@@ -186,7 +214,27 @@ class GuardClip(paddle.nn.clip.ClipGradBase):
     def _labels(self, fixed) -> tuple[str, ...]:
         return tuple(self._names.get(p.name, p.name) for p, _ in fixed)
 
+    def _skip_event(self, fixed, norms, reason) -> tuple[int, Event]:
+        """The reason code and the skip event of this step; warns on the first skip."""
+        code = int(_to_torch(reason)) if reason is not None else int(SkipReason.POLICY)
+        label = SkipReason(code).label
+        names = []
+        if label == "nonfinite":
+            flags = (~torch.isfinite(_to_torch(norms))).tolist()
+            names = [n for n, bad in zip(self._labels(fixed), flags) if bad]
+        loss = self._given[0]
+        bad_loss = bool(names) and loss is not None and not math.isfinite(float(loss))
+        # Registration order, reversed, is the usual backward order (as the Guard).
+        origin = names[-1] if names else None
+        event = skip_event(self.steps, label, names, origin, loss_nonfinite=bad_loss)
+        if not self._warned:
+            self._warned = True
+            _warn.warn(event.message)
+        return code, event
+
     def _record(self, fixed, norms, total, after, coef, threshold, skipped, reason) -> None:
+        none = (int(SkipReason.NONE), None)
+        code, event = self._skip_event(fixed, norms, reason) if skipped else none
         host = self.host
         if host is None:
             return
@@ -196,30 +244,23 @@ class GuardClip(paddle.nn.clip.ClipGradBase):
                 self._started = True
             recorder = host.recorder
             stats = None
-            if recorder.wants_tensor_norms(self.step):
+            if recorder.wants_tensor_norms(self.steps):
                 t = _to_torch(norms).clone()
                 stats = GradStats(t, _to_torch(total).reshape(()).clone(), 2.0, None, ())
-            code = int(SkipReason.NONE)
-            if skipped:
-                code = int(_to_torch(reason)) if reason is not None else int(SkipReason.POLICY)
             recorder.record(
-                self.step,
+                self.steps,
                 total_norm=_to_torch(total).reshape(()),
                 clipped_norm=_to_torch(after).reshape(()),
                 clip_coef=_to_torch(coef).reshape(()),
                 threshold=_to_torch(threshold).reshape(()).float(),
                 skipped=skipped,
                 reason=code,
+                loss=self._given[0],
+                lr=self._given[1],
                 stats=stats,
             )
-            if skipped:
-                label = SkipReason(code).label
-                names = []
-                if label == "nonfinite":
-                    flags = (~torch.isfinite(_to_torch(norms))).tolist()
-                    names = [n for n, bad in zip(self._labels(fixed), flags) if bad]
-                # Registration order, reversed, is the usual backward order (as the Guard).
-                host.event(skip_event(self.step, label, names, names[-1] if names else None))
+            if event is not None:
+                host.event(event)
         except Exception as e:  # a recording fault never stops training
             _warn.warn(f"gradguard: recording failed: {e!r}")
             self.host = None
