@@ -15,6 +15,10 @@ PolicyFactory = Callable[[], gg.Policy]
 NONE = "none"
 #: Name of the row for ``gradguard.default_policy()``.
 DEFAULT = "default"
+#: A row named ``"<row> + rewind"`` trains ``<row>``'s policy with :class:`gradguard.Rewind`.
+REWIND = " + rewind"
+#: The rewinder's settings in the ``+ rewind`` rows.
+REWIND_SETTINGS: dict = {}
 
 
 class NoClip(gg.Policy):
@@ -69,4 +73,13 @@ def roster(thresholds: Sequence[float], with_candidates: bool = False) -> dict[s
 
 def is_fixed(name: str) -> bool:
     """Whether a row is one threshold of the fixed sweep."""
-    return name.startswith("clip ")
+    return name.startswith("clip ") and not name.endswith(REWIND)
+
+
+def resolve(name: str, thresholds: Sequence[float]) -> tuple[PolicyFactory, dict | None]:
+    """The policy factory of a row and its rewinder settings (``None``: no rewind)."""
+    base = name.removesuffix(REWIND)
+    rows = roster(thresholds, with_candidates=True)
+    if base not in rows:
+        raise ValueError(f"rows: unknown policy {name!r}; known: {list(rows)}")
+    return rows[base], (dict(REWIND_SETTINGS) if name.endswith(REWIND) else None)
