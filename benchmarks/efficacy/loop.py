@@ -182,8 +182,9 @@ def run(
             break
         if check is not None and check(step + 1):
             break
-    if rewinder is not None:
-        trace.diverged = not rewinder.finite_weights()
+    if rewinder is not None:  # a rewound run ends on restored, finite weights unless lost
+        finite = [torch.isfinite(p.detach()).all() for p in model.parameters()]
+        trace.diverged = not bool(torch.stack(finite).all())
     trace.norms = torch.stack(norms).tolist() if norms else []
     trace.thresholds = torch.stack(thresholds).tolist() if thresholds else []
     trace.clipped, trace.skipped = int(clipped), int(skipped)
