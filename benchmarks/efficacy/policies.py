@@ -46,18 +46,10 @@ def adaptive() -> dict[str, PolicyFactory]:
 
 
 def candidates() -> dict[str, PolicyFactory]:
-    """Possible future defaults, measured on request (``--candidates``), not yet the library's."""
-    return {
-        "cand: default + cap 1": lambda: gg.chain(
-            gg.SkipNonFinite(), gg.ZClip(warmup_max_norm=10.0, max_norm=1.0)
-        ),
-        "cand: default + cap 10": lambda: gg.chain(
-            gg.SkipNonFinite(), gg.ZClip(warmup_max_norm=10.0, max_norm=10.0)
-        ),
-        "cand: SkipNonFinite + AutoClip p90": lambda: gg.chain(
-            gg.SkipNonFinite(), gg.AutoClip(percentile=90.0)
-        ),
-    }
+    """Prototype controllers, measured on request (``--candidates``), not the library's."""
+    from .candidates import rows
+
+    return rows()
 
 
 def roster(thresholds: Sequence[float], with_candidates: bool = False) -> dict[str, PolicyFactory]:
@@ -79,6 +71,10 @@ def is_fixed(name: str) -> bool:
 def resolve(name: str, thresholds: Sequence[float]) -> tuple[PolicyFactory, dict | None]:
     """The policy factory of a row and its rewinder settings (``None``: no rewind)."""
     base = name.removesuffix(REWIND)
+    if base.startswith("fb:"):  # a prototype with knobs: "fb:spike=3;interval=30"
+        from .candidates import parse
+
+        return parse(base), (dict(REWIND_SETTINGS) if name.endswith(REWIND) else None)
     rows = roster(thresholds, with_candidates=True)
     if base not in rows:
         raise ValueError(f"rows: unknown policy {name!r}; known: {list(rows)}")

@@ -28,6 +28,7 @@ from .policies import (
     default_policy,
 )
 from .record import Recorder, RunStore, StoreError
+from .rewind import Rewind
 from .stats import GradStats, HostStats, LayerNorms, measure
 
 __version__ = "0.1.0"
@@ -48,6 +49,7 @@ __all__ = [
     "Monitor",
     "Policy",
     "Recorder",
+    "Rewind",
     "RunStore",
     "SkipNonFinite",
     "SkipSpike",
