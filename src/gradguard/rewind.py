@@ -122,6 +122,7 @@ class Rewind:
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self._device)
         self._in_a_row = 0
         self._gave_up = False
+        self._divergences_seen = self._divergences()
         self._take_snapshot(reference=None)
 
     # -- public -------------------------------------------------------------------------
@@ -188,10 +189,20 @@ class Rewind:
         if weights:
             finite = [torch.isfinite(t.detach()).all().to(self._device) for t in self._params()]
             nonfinite = nonfinite | ~torch.stack(finite).all()
+        diverged = diverged | (self._divergences() > self._divergences_seen)
         flags = torch.stack([nonfinite.float(), diverged.float()])
         if _multi_rank():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         return flags.cpu()
+
+    def _divergences(self) -> Tensor:
+        """Loss divergences the guard's policies detected so far (their ``divergences``)."""
+        total = torch.zeros((), device=self._device)
+        for policy in _tightenable(self.guard):
+            count = getattr(policy, "divergences", None)
+            if isinstance(count, Tensor):
+                total = total + count.to(self._device)
+        return total
 
     def _params(self) -> list[Tensor]:
         return [t for t in self._tensors if t.is_floating_point()]
@@ -224,6 +235,7 @@ class Rewind:
         self._losses.fill_(math.nan)
         self._seen = 0
         self._nonfinite = torch.zeros_like(self._nonfinite)
+        self._divergences_seen = self._divergences()
         ref = snapshot.reference
         event = rewind_event(
             self.step_count,
@@ -283,6 +295,7 @@ class Rewind:
         _copy(buffers, tensors)
         snapshot = _Snapshot(buffers, layout, self.step_count, extras, reference)
         self._snapshots.append(snapshot)
+        self._divergences_seen = self._divergences()
         self._in_a_row = 0
         self._gave_up = False
 

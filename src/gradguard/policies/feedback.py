@@ -1,0 +1,242 @@
+"""FeedbackClip: a clip threshold that tunes itself from the update size and the loss.
+
+Both rules act on the *update size* ``lr · ‖g‖`` (the step plain SGD would take; the
+bare norm when no learning rate is given), in log space:
+
+* **Spike rule.** A step larger than ``spike`` × the running typical size (an EMA of
+  the log sizes actually applied, so a divergence cannot drag it up) is clipped to that
+  bound. An LR that jumps makes the size jump, so the step is held near the size the
+  run was taking until the EMA follows (about ×1.07 a step for the defaults).
+* **Loss feedback.** The loss, filtered by a median of the last three, is compared
+  with a slow EMA of clamped losses. A *divergence* is a filtered loss above that
+  reference by more than ``loss_z`` deviations and more than ``progress`` of the
+  progress made since the first loss, on ``persist`` steps in a row. When one begins,
+  a ceiling on the size drops to ``min(backoff × ceiling, first × typical size)``;
+  after ``interval`` healthy steps it grows ×``growth`` (GradScaler's back-off/growth,
+  with the loss in the role of the overflow check).
+
+The update is one pure function, :func:`feedback_clip`, over an explicit
+:class:`FeedbackState` of 0-d tensors: no host sync, state in ``state_dict()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .. import _validate as check
+from ..functional import clip_coefficient
+from ..stats import GradStats
+from .base import Decision, Policy, require_grads
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    """Settings of :class:`FeedbackClip` (see its docstring)."""
+
+    spike: float = 4.0
+    beta: float = 0.95
+    backoff: float = 0.5
+    first: float = 2.0
+    growth: float = 2.0
+    interval: int = 200
+    loss_beta: float = 0.95
+    loss_z: float = 3.0
+    progress: float = 0.05
+    persist: int = 3
+    lr_aware: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.spike > 1.0:
+            raise ValueError(f"spike must be > 1, got {self.spike}")
+        check.in_open_unit("beta", self.beta)
+        check.in_open_unit("backoff", self.backoff)
+        check.positive("first", self.first)
+        if not self.growth >= 1.0 or not math.isfinite(self.growth):
+            raise ValueError(f"growth must be a finite number >= 1, got {self.growth}")
+        check.positive_int("interval", self.interval)
+        check.in_open_unit("loss_beta", self.loss_beta)
+        check.positive("loss_z", self.loss_z)
+        check.non_negative("progress", self.progress)
+        check.positive_int("persist", self.persist)
+
+
+class FeedbackState(NamedTuple):
+    """The controller's state: 0-d float32 tensors, logs of sizes where noted."""
+
+    count: Tensor  # finite norms seen
+    level: Tensor  # EMA of the log size applied
+    ceiling: Tensor  # log ceiling on the size (+inf: none yet)
+    healthy: Tensor  # steps since the last divergence or growth
+    seen: Tensor  # finite losses seen
+    start: Tensor  # the first finite loss
+    slow: Tensor  # slow EMA of the (clamped) loss: the reference
+    dev: Tensor  # EMA of the absolute deviation of the clamped loss from the reference
+    prev1: Tensor  # the last loss (+inf when non-finite)
+    prev2: Tensor  # the loss before it
+    streak: Tensor  # consecutive steps with an elevated filtered loss
+    episodes: Tensor  # divergences detected so far
+
+
+def initial_state(device: torch.device | str | None = None) -> FeedbackState:
+    """The state before the first step."""
+    zero = torch.zeros((), dtype=torch.float32, device=device)
+    inf = torch.full((), math.inf, dtype=torch.float32, device=device)
+    return FeedbackState(zero, zero, inf, *([zero] * 9))
+
+
+def _median3(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    return torch.maximum(torch.minimum(a, b), torch.minimum(torch.maximum(a, b), c))
+
+
+def _loss_feedback(state: FeedbackState, loss: Tensor, config: FeedbackConfig) -> FeedbackState:
+    """Update the loss statistics; lower the ceiling when a divergence begins."""
+    value = loss.detach().float().reshape(())
+    ok = torch.isfinite(value)
+    raw = torch.where(ok, value, math.inf)
+    has1, has2 = state.seen > 0, state.seen > 1
+    last, before = torch.where(has1, state.prev1, raw), torch.where(has2, state.prev2, raw)
+    filtered = _median3(raw, last, before)
+    scale = torch.maximum(state.dev, 0.02 * state.slow.abs())
+    tolerance = torch.maximum(config.loss_z * scale, config.progress * (state.start - state.slow))
+    elevated = has1 & (filtered - state.slow > tolerance)
+    streak = torch.where(elevated, state.streak + 1, 0.0)
+    diverging = streak >= config.persist
+    begins = streak == config.persist
+    typical = torch.where(state.count > 0, state.level + math.log(config.first), math.inf)
+    lowered = torch.minimum(state.ceiling + math.log(config.backoff), typical)
+    ceiling = torch.where(begins, lowered, state.ceiling)
+    healthy = torch.where(diverging, 0.0, state.healthy + 1)
+    grow = healthy >= config.interval
+    ceiling = torch.where(grow, ceiling + math.log(config.growth), ceiling)
+    healthy = torch.where(grow, 0.0, healthy)
+    # the reference takes clamped losses, so a divergence cannot drag it upward
+    clamped = torch.minimum(torch.where(ok, value, state.slow), state.slow + config.loss_z * scale)
+    b = config.loss_beta
+    first = ~has1
+    slow = torch.where(first, torch.where(ok, value, 0.0), b * state.slow + (1 - b) * clamped)
+    dev = torch.where(first, 0.0, b * state.dev + (1 - b) * (clamped - state.slow).abs())
+    return state._replace(
+        ceiling=ceiling,
+        healthy=healthy,
+        seen=state.seen + ok.float(),
+        start=torch.where(first & ok, value, state.start),
+        slow=torch.where(ok | has1, slow, state.slow),
+        dev=torch.where(ok | has1, dev, state.dev),
+        prev1=torch.where(ok | has1, raw, state.prev1),
+        prev2=torch.where(ok | has1, torch.where(has1, state.prev1, raw), state.prev2),
+        streak=streak,
+        episodes=state.episodes + begins.float(),
+    )
+
+
+def feedback_clip(
+    state: FeedbackState,
+    norm: Tensor,
+    loss: Tensor | None = None,
+    lr: float | None = None,
+    config: FeedbackConfig = FeedbackConfig(),
+) -> tuple[FeedbackState, Tensor]:
+    """One decision: the new state and this step's threshold on the norm (``inf``: none).
+
+    Pure: reads ``state``, the step's gradient ``norm``, its ``loss`` (optional) and the
+    optimizer's ``lr`` (optional, a host number), and returns new tensors.
+    """
+    g = norm.detach().float()
+    finite = torch.isfinite(g) & (g > 0)
+    shift = math.log(lr) if config.lr_aware and lr is not None and lr > 0 else 0.0
+    if loss is not None:
+        state = _loss_feedback(state, loss, config)
+    size = torch.where(finite, g, 1.0).log() + shift
+    ready = state.count > 0
+    spike = torch.where(ready, state.level + math.log(config.spike), math.inf)
+    bound = torch.minimum(spike, state.ceiling)
+    applied = torch.minimum(size, bound)
+    b = config.beta
+    level = torch.where(ready, b * state.level + (1 - b) * applied, applied)
+    state = state._replace(
+        count=state.count + finite.float(),
+        level=torch.where(finite, level, state.level),
+    )
+    return state, (bound - shift).exp()
+
+
+class FeedbackClip(Policy):
+    """Self-tuning clipping: no threshold to choose (see :mod:`.feedback`).
+
+    Clips a step whose update size (``lr · ‖g‖``) jumps above ``spike`` × the run's
+    typical size, and, when the loss diverges, caps the size at twice the typical one,
+    halving that cap at each new divergence and doubling it after ``interval`` healthy
+    steps. Give it the step's loss and learning rate with :meth:`observe` before the
+    guard decides (without them it is a spike clipper on the bare norm).
+
+    Args: see :class:`FeedbackConfig`; the defaults are the measured ones
+    (``benchmarks/efficacy``).
+    """
+
+    def __init__(self, **settings: Any) -> None:
+        self.config = FeedbackConfig(**settings)
+        self._state: FeedbackState | None = None
+        self._loss: Tensor | None = None
+        self._lr: float | None = None
+
+    def _config(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+    def observe(self, loss: Tensor | float | None = None, lr: float | None = None) -> None:
+        """Give the loss and learning rate of the step about to be decided."""
+        self._loss = None if loss is None else torch.as_tensor(loss)
+        self._lr = None if lr is None else float(lr)
+
+    def decide(self, stats: GradStats, params: Sequence[Tensor]) -> Decision:
+        require_grads(stats, self)
+        norm = stats.total_norm
+        state = self._state if self._state is not None else initial_state(norm.device)
+        loss = None if self._loss is None else self._loss.to(norm.device)
+        self._state, threshold = feedback_clip(state, norm, loss, self._lr, self.config)
+        self._loss = None  # a loss is evidence about one step only
+        return Decision(scale=clip_coefficient(threshold, norm.float()), threshold=threshold)
+
+    @property
+    def divergences(self) -> Tensor:
+        """Loss divergences detected so far (0-d tensor; :class:`~gradguard.Rewind` reads it)."""
+        return self._state.episodes if self._state is not None else torch.zeros(())
+
+    def rewound(self, previous: dict[str, Any]) -> None:
+        """After a rewind: keep the lesson, a ceiling ``backoff`` × tighter than before it."""
+        if not previous:
+            return
+        before = FeedbackState(**previous)
+        base = torch.where(
+            torch.isfinite(before.ceiling),
+            before.ceiling,
+            torch.where(before.count > 0, before.level + math.log(self.config.first), math.inf),
+        )
+        lowered = base + math.log(self.config.backoff)
+        state = self._state if self._state is not None else initial_state(before.ceiling.device)
+        self._state = state._replace(
+            ceiling=torch.minimum(state.ceiling, lowered), episodes=before.episodes.clone()
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._state is None:
+            return {}
+        return {k: v.detach().clone() for k, v in self._state._asdict().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            self._state = None
+            return
+        missing = set(FeedbackState._fields) - set(state)
+        if missing:
+            raise KeyError(
+                f"state_dict for FeedbackClip lacks {sorted(missing)}; was it saved from "
+                "another policy?"
+            )
+        values = {k: torch.as_tensor(state[k], dtype=torch.float32) for k in FeedbackState._fields}
+        self._state = FeedbackState(**{k: v.clone() for k, v in values.items()})
