@@ -39,16 +39,20 @@ def test_run_all_quick_prints_a_table_per_task_and_the_summaries():
     keys = ["add-0.1", "lm-bad", "cnn-jump", "cnn"]
     text = run_all(quick=True, seeds=1, steps=4, only=keys, rows=[NONE, "clip 1", DEFAULT])
     found = _tables(text)
-    assert len(found) == len(keys) + 2  # one per task, tuning burden, healthy runs
+    assert len(found) == len(keys) + 3  # one per task, tuning burden, healthy runs, runs lost
     for table in found:
         assert set(table[1]) == {"---"}
         assert all(len(row) == len(table[0]) for row in table)
     assert [row[0] for row in found[0][2:]] == [NONE, "clip 1", DEFAULT]
-    burden = found[-2]
+    burden = found[-3]
     assert [row[0] for row in burden[2:]] == ["add-0.1", "lm-bad", "cnn-jump"]
     assert all(row[4] in {"beats", "matches", "worse"} for row in burden[2:])
-    healthy = found[-1]
+    healthy = found[-2]
     assert [row[:2] for row in healthy[2:]] == [["cnn", DEFAULT]]
+    lost = found[-1]
+    assert [row[0] for row in lost[2:]] == keys
+    # four steps teach the RNN nothing: every add-0.1 run is lost (no better than the mean)
+    assert lost[2][1:3] == ["1/1", "1/1"] and lost[2][3:5] == ["—", "—"]
     assert "seeds 0–0" in text
 
 

@@ -351,3 +351,32 @@ def test_ddp_ranks_rewind_together():
         _assert_same(state, r["snapshot"])
     # the ranks went on in step: the same parameters (BatchNorm statistics stay per rank)
     _assert_same(ranks[0]["final"], ranks[1]["final"])
+
+
+def test_a_policy_divergence_rewinds_and_the_policy_keeps_the_lesson():
+    from gradguard.policies.feedback import FeedbackClip
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    feedback = FeedbackClip()
+    guard = gg.Guard(model, gg.chain(gg.SkipNonFinite(), feedback))
+    # rise=100: the rewinder's own loss test stays silent, only the policy's signal acts
+    rewind = Rewind(model, optimizer, guard=guard, every=10, check_every=5, window=5, rise=100)
+    # healthy for 30 steps, then the loss climbs: the policy confirms a divergence after
+    # three elevated medians (step 34), the rewinder acts at its next check (35)
+    losses = [1.0 - 0.01 * i for i in range(30)] + [2.0, 4.0, 8.0, 16.0, 32.0]
+    events = []
+    for value in losses:
+        model(torch.randn(4, 3)).pow(2).mean().backward()
+        feedback.observe(torch.tensor(value), 0.01)
+        guard.step(optimizer, loss=value)
+        optimizer.zero_grad()
+        events.append(rewind.step(value))
+    fired = [(i, e) for i, e in enumerate(events) if e is not None]
+    assert len(fired) == 1
+    index, event = fired[0]
+    assert index == 34 and event.data["reason"] == "loss" and event.data["to_step"] == 30
+    state = feedback.state_dict()
+    assert float(state["episodes"]) == 1
+    assert math.isfinite(float(state["ceiling"]))  # tighter than before the divergence

@@ -36,6 +36,10 @@ class ByteLMConfig:
     autocast: str | None = None  # "bf16" or "fp16" (with a GradScaler)
     eval_batch: int = 64
 
+    def lost(self, result: loop.Result) -> bool:
+        """Diverged, or a held-out loss above the bytes' unigram entropy (learned nothing)."""
+        return result.diverged or not result.final < text.unigram_entropy()
+
     @property
     def label(self) -> str:
         warm = f", {self.warmup}-step warm-up" if self.warmup else ", no warm-up"

@@ -1,8 +1,8 @@
-"""Candidate rows for the self-tuning research (``--candidates``).
+"""FeedbackClip with other settings, for the research: a row ``"fb:knob=value;..."``.
 
-The candidate is :class:`gradguard.policies.feedback.FeedbackClip` (after
-``SkipNonFinite``); a row ``"fb:knob=value;knob=value"`` builds it with other settings
-(see :class:`~gradguard.policies.feedback.FeedbackConfig`). The loop gives it the step's
+``python -m benchmarks.efficacy --rows "FeedbackClip,fb:spike=3;persist=2"`` compares
+settings of :class:`~gradguard.policies.feedback.FeedbackConfig` (after
+``SkipNonFinite``, as in the ``FeedbackClip`` row). The loop gives the policy the step's
 loss and LR through ``observe``.
 """
 
@@ -15,8 +15,6 @@ import gradguard as gg
 from gradguard.policies.feedback import FeedbackClip, FeedbackConfig
 
 PolicyFactory = Callable[[], gg.Policy]
-#: Row name of the self-tuning candidate at its defaults.
-FEEDBACK = "FeedbackClip"
 
 
 def parse(spec: str) -> PolicyFactory:
@@ -31,8 +29,3 @@ def parse(spec: str) -> PolicyFactory:
         settings[key] = value.lower() in ("1", "true") if kind is bool else kind(value)
     FeedbackConfig(**settings)  # bad settings fail before anything runs
     return lambda: gg.chain(gg.SkipNonFinite(), FeedbackClip(**settings))
-
-
-def rows() -> dict[str, PolicyFactory]:
-    """Candidate rows for the runner."""
-    return {FEEDBACK: parse("fb:")}

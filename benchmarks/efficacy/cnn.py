@@ -34,6 +34,10 @@ class CNNConfig:
     lost_accuracy: float = 0.5
     autocast: str | None = None  # "bf16", or "fp16" (with a GradScaler)
 
+    def lost(self, result: loop.Result) -> bool:
+        """Diverged, or test accuracy below ``lost_accuracy``."""
+        return result.diverged or not result.extra["accuracy"] >= self.lost_accuracy
+
     @property
     def label(self) -> str:
         cast = f", {self.autocast} autocast" if self.autocast else ""

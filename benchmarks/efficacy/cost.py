@@ -1,10 +1,11 @@
 """What the self-tuning default and rewind cost per step, on the suite's models.
 
-``python -m benchmarks.efficacy.cost [--rounds R] [--steps N]``: for each model of the
-suite, times a full training step (forward, backward, ``guard.step``) under today's
-default policy and the self-tuning one, and the same step with a ``Rewind`` that
-snapshots every step (the cost of one snapshot and check) or every 100 steps
-(amortised). Medians of interleaved rounds, one thread. Memory is one snapshot's bytes.
+``python -m benchmarks.efficacy.cost [--rounds R] [--calls N]``: for each model of the
+suite, the cost of ``guard.step`` beyond a bare ``optimizer.step()`` under today's
+default policy and under ``chain(SkipNonFinite(), FeedbackClip())`` (same gradients),
+a full training step, the time of one ``Rewind.step`` that snapshots and checks, and
+``Rewind(every=100)``'s cost per step as a fraction of the training step. Medians of
+interleaved rounds, one thread. Memory is one snapshot's bytes.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ import torch
 from torch import nn
 
 import gradguard as gg
+from gradguard.policies.feedback import FeedbackClip
 
 from . import bytelm, cnn, lm, lstm, rnn, text
-from .policies import candidates
+from .tables import markdown
 
 
 @dataclass
@@ -39,6 +41,16 @@ def benches() -> list[Bench]:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     out = []
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 10))
+    x, labels = torch.randn(64, 32, generator=gen), torch.randint(0, 10, (64,), generator=gen)
+    out.append(
+        Bench(
+            "MLP (4 tensors)",
+            model,
+            torch.optim.AdamW(model.parameters(), lr=1e-3),
+            lambda m=model, x=x, y=labels: nn.functional.cross_entropy(m(x), y),
+        )
+    )
     config = rnn.RNNConfig(task="addition", length=20)
     model = rnn.TanhRNN(config.hidden, config.recurrent_gain)
     x, y = rnn.batch(config, config.batch, gen)
@@ -101,88 +113,86 @@ def _lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
 
 
-def _time(bench: Bench, policy: gg.Policy, rewind: dict | None, steps: int) -> float:
-    """Seconds per step of ``steps`` training steps (after two warm-up steps)."""
-    guard = gg.Guard(bench.model, policy)
-    rewinder = gg.Rewind(bench.model, bench.optimizer, guard=guard, **rewind) if rewind else None
-    feed = [p for p in _walk(policy) if hasattr(p, "observe")]
-
-    def one() -> None:
-        loss = bench.loss()
-        bench.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        for p in feed:
-            p.observe(loss.detach(), bench.optimizer.param_groups[0]["lr"])
-        guard.step(bench.optimizer, loss=loss.detach())
-        if rewinder is not None:
-            rewinder.step(loss.detach())
-
-    for _ in range(2):
-        one()
+def _per_call(fn: Callable[[], object], calls: int) -> float:
+    """Seconds per call of ``fn`` (after two warm-up calls)."""
+    fn()
+    fn()
     start = time.perf_counter()
-    for _ in range(steps):
-        one()
-    return (time.perf_counter() - start) / steps
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
 
 
-def _walk(policy: gg.Policy):
-    yield policy
-    for inner in getattr(policy, "policies", ()):
-        yield from _walk(inner)
+def measure_one(bench: Bench, rounds: int, calls: int) -> list[str]:
+    """One model: guard overhead of each default, full step, rewind cost, snapshot memory."""
+    loss = bench.loss()
+    bench.optimizer.zero_grad()
+    loss.backward()
+    value = loss.detach()
+    lr = bench.optimizer.param_groups[0]["lr"]
+    today = gg.Guard(bench.model, gg.default_policy())
+    feedback = FeedbackClip()
+    new = gg.Guard(bench.model, gg.chain(gg.SkipNonFinite(), feedback))
 
+    def today_step() -> None:
+        today.step(bench.optimizer, loss=value)
 
-def measure(rounds: int, steps: int, new: str) -> list[list[str]]:
-    """Rows: model, step time under each configuration, ratios, snapshot memory."""
-    factory = candidates()[new]
-    configs = {
-        "default": (gg.default_policy, None),
-        new: (factory, None),
-        f"{new} + rewind every step": (factory, {"every": 1, "check_every": 1}),
-        f"{new} + rewind every 100": (factory, {"every": 100}),
+    def new_step() -> None:
+        feedback.observe(value, lr)
+        new.step(bench.optimizer, loss=value)
+
+    def train_step() -> None:
+        step_loss = bench.loss()
+        bench.optimizer.zero_grad()
+        step_loss.backward()
+        feedback.observe(step_loss.detach(), lr)
+        new.step(bench.optimizer, loss=step_loss.detach())
+
+    every_step = gg.Rewind(bench.model, bench.optimizer, guard=new, every=1, check_every=1)
+    every_100 = gg.Rewind(bench.model, bench.optimizer, guard=new, every=100)
+    few = max(calls // 10, 5)
+    cases = {
+        "bare": (bench.optimizer.step, calls),
+        "today": (today_step, calls),
+        "new": (new_step, calls),
+        "train": (train_step, few),
+        "snapshot": (lambda: every_step.step(value), few),
+        "rewind100": (lambda: every_100.step(value), calls),
     }
-    rows = []
-    for bench in benches():
-        times: dict[str, list[float]] = {k: [] for k in configs}
-        for _ in range(rounds):
-            for name, (make, rewind) in configs.items():
-                times[name].append(_time(bench, make(), rewind, steps))
-        med = {k: statistics.median(v) for k, v in times.items()}
-        base = med[new]
-        snapshot = med[f"{new} + rewind every step"] - base
-        amortised = med[f"{new} + rewind every 100"] - base
-        memory = gg.Rewind(bench.model, bench.optimizer).snapshot_bytes
-        rows.append(
-            [
-                bench.name,
-                f"{med['default'] * 1e3:.2f} ms",
-                f"{base * 1e3:.2f} ms ({base / med['default']:.2f}x)",
-                f"{snapshot * 1e3:.2f} ms",
-                f"{amortised / base:+.1%}",
-                f"{memory / 1e6:.2f} MB",
-            ]
-        )
-    return rows
+    timings: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, (fn, n) in cases.items():
+            timings[name].append(_per_call(fn, n))
+    med = {k: statistics.median(v) for k, v in timings.items()}
+    today_cost, new_cost = med["today"] - med["bare"], med["new"] - med["bare"]
+    return [
+        bench.name,
+        f"{today_cost * 1e6:.0f} µs",
+        f"{new_cost * 1e6:.0f} µs ({new_cost / today_cost:.2f}x)",
+        f"{med['train'] * 1e3:.2f} ms",
+        f"{med['snapshot'] * 1e3:.2f} ms",
+        f"{med['rewind100'] / med['train']:.2%}",
+        f"{every_100.snapshot_bytes / 1e6:.2f} MB",
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--policy", default="fb", help="the self-tuning row to time")
+    parser.add_argument("--calls", type=int, default=200)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", "gradguard:")
-    from .tables import markdown
-
     header = [
         "model",
-        "step, default policy",
-        f"step, {args.policy}",
+        "guard.step cost, today's default",
+        "guard.step cost, FeedbackClip",
+        "training step",
         "one snapshot + check",
-        "rewind every 100 steps, per step",
+        "Rewind(every=100), per step",
         "snapshot memory",
     ]
-    print(markdown(header, measure(args.rounds, args.steps, args.policy)))
+    print(markdown(header, [measure_one(b, args.rounds, args.calls) for b in benches()]))
 
 
 if __name__ == "__main__":

@@ -54,6 +54,10 @@ class LMConfig:
     def label(self) -> str:
         return self.name
 
+    def lost(self, result: loop.Result) -> bool:
+        """Diverged, or an excess loss above 1 nat (unclipped Adam after bad batches: ~1.9)."""
+        return result.diverged or not result.excess < 1.0
+
 
 class MarkovChain:
     """A random second-order Markov chain: sampler and entropy rate."""

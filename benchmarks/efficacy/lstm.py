@@ -32,6 +32,10 @@ class LSTMConfig:
     momentum: float = 0.0
     eval_batch: int = 64
 
+    def lost(self, result: loop.Result) -> bool:
+        """Diverged, or a held-out loss above the bytes' unigram entropy (learned nothing)."""
+        return result.diverged or not result.final < text.unigram_entropy()
+
     @property
     def label(self) -> str:
         momentum = f" momentum {self.momentum:g}" if self.momentum else ""

@@ -8,6 +8,7 @@ from torch import Tensor
 
 import gradguard as gg
 from gradguard.policies import Decision
+from gradguard.policies.feedback import FeedbackClip
 
 PolicyFactory = Callable[[], gg.Policy]
 
@@ -15,6 +16,8 @@ PolicyFactory = Callable[[], gg.Policy]
 NONE = "none"
 #: Name of the row for ``gradguard.default_policy()``.
 DEFAULT = "default"
+#: Name of the row for the self-tuning policy: ``chain(SkipNonFinite(), FeedbackClip())``.
+FEEDBACK = "FeedbackClip"
 #: A row named ``"<row> + rewind"`` trains ``<row>``'s policy with :class:`gradguard.Rewind`.
 REWIND = " + rewind"
 #: The rewinder's settings in the ``+ rewind`` rows.
@@ -38,29 +41,24 @@ def adaptive() -> dict[str, PolicyFactory]:
     return {
         "AutoClip": lambda: gg.AutoClip(),
         "ZClip": lambda: gg.ZClip(),
-        "AdaptiveTensorClip": lambda: gg.AdaptiveTensorClip(),
-        "SkipSpike": lambda: gg.SkipSpike(),
         "SkipSpike+clip 1": lambda: gg.chain(gg.SkipSpike(), gg.ClipNorm(1.0)),
         DEFAULT: gg.default_policy,
+        FEEDBACK: lambda: gg.chain(gg.SkipNonFinite(), FeedbackClip()),
     }
 
 
-def candidates() -> dict[str, PolicyFactory]:
-    """Prototype controllers, measured on request (``--candidates``), not the library's."""
-    from .candidates import rows
-
-    return rows()
-
-
-def roster(thresholds: Sequence[float], with_candidates: bool = False) -> dict[str, PolicyFactory]:
+def roster(thresholds: Sequence[float]) -> dict[str, PolicyFactory]:
     """No clipping, fixed clipping at every threshold of the sweep, then the adaptive rows."""
     rows: dict[str, PolicyFactory] = {NONE: NoClip}
     for t in thresholds:
         rows[fixed_name(t)] = lambda t=t: gg.ClipNorm(t)
     rows.update(adaptive())
-    if with_candidates:
-        rows.update(candidates())
     return rows
+
+
+def row_names(thresholds: Sequence[float]) -> list[str]:
+    """The rows of a hard task: the roster, then the self-tuning default with rewind."""
+    return [*roster(thresholds), FEEDBACK + REWIND]
 
 
 def is_fixed(name: str) -> bool:
@@ -75,7 +73,7 @@ def resolve(name: str, thresholds: Sequence[float]) -> tuple[PolicyFactory, dict
         from .candidates import parse
 
         return parse(base), (dict(REWIND_SETTINGS) if name.endswith(REWIND) else None)
-    rows = roster(thresholds, with_candidates=True)
+    rows = roster(thresholds)
     if base not in rows:
         raise ValueError(f"rows: unknown policy {name!r}; known: {list(rows)}")
     return rows[base], (dict(REWIND_SETTINGS) if name.endswith(REWIND) else None)

@@ -48,6 +48,10 @@ class RNNConfig:
     def label(self) -> str:
         return f"{self.task} T={self.length} lr {self.lr:g}"
 
+    def lost(self, result: loop.Result) -> bool:
+        """Diverged, or no better than predicting the mean (test MSE ≥ target variance)."""
+        return result.diverged or not result.final < self.solve_mse / 0.05
+
 
 def batch(config: RNNConfig, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` sequences ``(n, T, 2)`` and their targets ``(n, 1)``."""

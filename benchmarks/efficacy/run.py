@@ -1,7 +1,7 @@
 """Run the efficacy suite and print markdown tables.
 
 ``python -m benchmarks.efficacy [--quick] [--seeds N] [--seed-base S] [--tasks a,b]
-[--rows r1,r2] [--candidates] [--jobs J]`` from the repository root. Every run trains
+[--rows r1,r2] [--jobs J]`` from the repository root. Every run trains
 through :class:`gradguard.Guard` with the policy of its row plugged in; the row ``none``
 measures through the guard but never changes a gradient. Seeds ``seed-base`` to
 ``seed-base + seeds - 1`` are used (the reported tables use 0–4; develop on others).
@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the package importable
 import torch
 
 from . import suite, tables
-from .policies import DEFAULT, NONE, REWIND, candidates, resolve, roster
+from .policies import DEFAULT, FEEDBACK, NONE, REWIND, resolve, row_names
 from .suite import SWEEP, Task
 
 
@@ -39,28 +39,30 @@ def _job(key: str, quick: bool, steps: int | None, name: str, seed: int) -> Any:
     return task.train(task.config, name, factory, seed, rewind)
 
 
-def rows_for(task: Task, rows: list[str] | None, with_candidates: bool) -> list[str]:
+#: Rows of the healthy tasks: does a default stay out of the way?
+HEALTHY_ROWS = (NONE, DEFAULT, FEEDBACK, FEEDBACK + REWIND)
+
+
+def rows_for(task: Task, rows: list[str] | None) -> list[str]:
     """The rows a task runs: the requested ones, else its own list or the full roster."""
     if rows is not None:
         names = list(rows)
     elif task.healthy:
-        names = [NONE, DEFAULT]
+        names = list(HEALTHY_ROWS)
     elif task.rows is not None:
         names = list(task.rows)
     else:
-        names = list(roster(SWEEP))
-    if with_candidates and rows is None:
-        names += [n for n in candidates() if n not in names]
+        names = row_names(SWEEP)
     for name in names:
         resolve(name, SWEEP)  # unknown rows fail before anything runs
     return names
 
 
 def plan(
-    selected: list[Task], known: dict[str, Task], rows: list[str] | None, with_candidates: bool
+    selected: list[Task], known: dict[str, Task], rows: list[str] | None
 ) -> dict[str, list[str]]:
     """Rows per task key, with the unclipped rows of every reference a task needs."""
-    out = {t.key: rows_for(t, rows, with_candidates) for t in selected}
+    out = {t.key: rows_for(t, rows) for t in selected}
     for task in selected:
         if task.healthy and NONE not in out[task.key]:
             out[task.key].insert(0, NONE)
@@ -82,15 +84,14 @@ def run_all(
     jobs: int = 1,
     steps: int | None = None,
     rows: list[str] | None = None,
-    candidates: bool = False,
     judged: list[str] | None = None,
 ) -> str:
     """Run the tasks and return their markdown tables, then the summaries.
 
-    ``only`` picks task keys (default: all); ``rows`` restricts the policies run;
-    ``candidates`` adds the prototype controllers; ``judged`` names the rows compared
-    with the best fixed threshold and with unclipped runs (default: ``default`` and
-    every candidate run).
+    ``only`` picks task keys (default: all); ``rows`` restricts the policies run (a row
+    ``"fb:knob=value;..."`` is FeedbackClip with other settings); ``judged`` names the
+    rows compared with the best fixed threshold and with unclipped runs (default: the
+    two defaults, and FeedbackClip with rewind).
     """
     all_tasks = suite.tasks(quick, steps)
     known = suite.by_key(all_tasks)
@@ -98,7 +99,7 @@ def run_all(
     if unknown:
         raise ValueError(f"tasks: unknown {unknown}; known: {list(known)}")
     selected = [t for t in all_tasks if only is None or t.key in only]
-    todo = plan(selected, known, rows, candidates)
+    todo = plan(selected, known, rows)
     specs = [
         (key, quick, steps, name, seed)
         for key, names in todo.items()
@@ -129,11 +130,12 @@ def render(
     """Markdown: one table per task, then the tuning-burden and healthy-run summaries."""
     run_names = {n for rows in grouped.values() for n in rows}
     if judged is None:
-        judged = [n for n in (DEFAULT, *candidates()) if n in run_names]
+        judged = [n for n in (DEFAULT, FEEDBACK, FEEDBACK + REWIND) if n in run_names]
     seed_text = f"seeds {seed_base}–{seed_base + seeds - 1}"
     parts: list[str] = []
     burden: dict[str, list[list[str]]] = {j: [] for j in judged}
     healthy: list[list[str]] = []
+    safety: list[list[str]] = []
     for task in selected:
         rows = grouped[task.key]
         steps = getattr(task.config, "steps", "")
@@ -151,6 +153,7 @@ def render(
             if task.reference is not None and NONE in grouped.get(task.reference, {}):
                 ref = {r.seed: r for r in grouped[task.reference][NONE]}
             parts += [tables.loss_table(rows, ref), ""]
+        safety.append(tables.safety_row(task.key, rows, task.config.lost))
         if task.healthy:
             healthy += tables.healthy_row(task.key, task.kind, rows, judged)
         else:
@@ -162,6 +165,7 @@ def render(
             parts += [title, "", tables.burden_table(lines, name), ""]
     if healthy:
         parts += ["### Healthy runs", "", tables.healthy_table(healthy), ""]
+    parts += ["### Runs lost", "", tables.safety_table(safety), ""]
     parts.append(f"_{len(selected)} tasks, {seed_text}: {wall:.0f} s wall._")
     return "\n".join(parts) + "\n"
 
@@ -181,7 +185,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--rows", help=f"comma-separated policy rows (default: all); '<row>{REWIND}' adds rewind"
     )
-    parser.add_argument("--candidates", action="store_true", help="add the prototype controllers")
     parser.add_argument("--judged", help="rows compared with the best fixed threshold")
     args = parser.parse_args(argv)
     split = lambda text: text.split(",") if text else None  # noqa: E731
@@ -193,7 +196,6 @@ def main(argv: list[str] | None = None) -> None:
         jobs=args.jobs,
         steps=args.steps,
         rows=split(args.rows),
-        candidates=args.candidates,
         judged=split(args.judged),
     )
     print(text)

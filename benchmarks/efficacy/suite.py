@@ -37,7 +37,7 @@ class Task:
 
 def tasks(quick: bool = False, steps: int | None = None) -> list[Task]:
     """Every task at full size, or tiny (``quick``); ``steps`` overrides the step counts."""
-    amp_rows = ("none", "clip 0.1", "clip 1", "default")
+    amp_rows = ("none", "clip 0.1", "clip 1", "default", "FeedbackClip", "FeedbackClip + rewind")
     out = [
         Task(
             "add-0.05",

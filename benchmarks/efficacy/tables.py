@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from .lm import steps_lost
 from .loop import Result
-from .policies import DEFAULT, NONE, is_fixed
+from .policies import DEFAULT, FEEDBACK, NONE, REWIND, is_fixed
 
 Rows = dict[str, list[Result]]
 
@@ -259,4 +259,39 @@ def healthy_table(lines: list[list[str]]) -> str:
         "steps clipped",
         "steps skipped",
     ]
+    return markdown(header, lines)
+
+
+# -- runs lost --------------------------------------------------------------------------
+
+#: Rows of the runs-lost table.
+SAFETY_ROWS = (NONE, DEFAULT, FEEDBACK, FEEDBACK + REWIND)
+
+
+def safety_row(task: str, rows: Rows, lost) -> list[str]:
+    """Runs lost (``lost(result)``) per row, and the rewinds of the rewind row."""
+    cells = [task]
+    for name in SAFETY_ROWS:
+        results = rows.get(name)
+        if not results:
+            cells.append("—")
+            continue
+        gone = sum(bool(lost(r)) for r in results)
+        nonfinite = sum(r.diverged for r in results)
+        cells.append(f"{gone}/{len(results)}" + (f" ({nonfinite} non-finite)" if nonfinite else ""))
+    events = [e for r in rows.get(FEEDBACK + REWIND, []) for e in r.rewinds]
+    if events:
+        lost_steps = [e["steps_lost"] for e in events]
+        runs = sum(bool(r.rewinds) for r in rows[FEEDBACK + REWIND])
+        cells.append(
+            f"{len(events)} in {runs} runs; {statistics.median(lost_steps):g} "
+            f"(max {max(lost_steps)}) steps lost each"
+        )
+    else:
+        cells.append("none")
+    return cells
+
+
+def safety_table(lines: list[list[str]]) -> str:
+    header = ["task", *(f"lost: {name}" for name in SAFETY_ROWS), f"rewinds ({FEEDBACK}{REWIND})"]
     return markdown(header, lines)

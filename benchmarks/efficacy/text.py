@@ -47,3 +47,12 @@ def held_out_loss(model: nn.Module, n: int, length: int) -> float:
     with torch.no_grad():
         logits = model(windows[:, :-1]).float()
         return nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten()).item()
+
+
+@functools.cache
+def unigram_entropy() -> float:
+    """Entropy (nats per byte) of the held-out text's byte frequencies: a model that
+    learned only which bytes are common scores this."""
+    counts = torch.bincount(corpus()[1].long(), minlength=VOCAB).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * p.log()).sum())

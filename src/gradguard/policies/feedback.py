@@ -49,7 +49,7 @@ class FeedbackConfig:
     loss_z: float = 3.0
     progress: float = 0.05
     persist: int = 3
-    lr_aware: bool = True
+    lr_beta: float = 0.9
 
     def __post_init__(self) -> None:
         if not self.spike > 1.0:
@@ -64,6 +64,7 @@ class FeedbackConfig:
         check.positive("loss_z", self.loss_z)
         check.non_negative("progress", self.progress)
         check.positive_int("persist", self.persist)
+        check.in_open_unit("lr_beta", self.lr_beta)
 
 
 class FeedbackState(NamedTuple):
@@ -71,6 +72,7 @@ class FeedbackState(NamedTuple):
 
     count: Tensor  # finite norms seen
     level: Tensor  # EMA of the log size applied
+    lr_level: Tensor  # EMA of the log learning rate
     ceiling: Tensor  # log ceiling on the size (+inf: none yet)
     healthy: Tensor  # steps since the last divergence or growth
     seen: Tensor  # finite losses seen
@@ -87,7 +89,7 @@ def initial_state(device: torch.device | str | None = None) -> FeedbackState:
     """The state before the first step."""
     zero = torch.zeros((), dtype=torch.float32, device=device)
     inf = torch.full((), math.inf, dtype=torch.float32, device=device)
-    return FeedbackState(zero, zero, inf, *([zero] * 9))
+    return FeedbackState(zero, zero, zero, inf, *([zero] * 9))
 
 
 def _median3(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
@@ -120,7 +122,9 @@ def _loss_feedback(state: FeedbackState, loss: Tensor, config: FeedbackConfig) -
     b = config.loss_beta
     first = ~has1
     slow = torch.where(first, torch.where(ok, value, 0.0), b * state.slow + (1 - b) * clamped)
-    dev = torch.where(first, 0.0, b * state.dev + (1 - b) * (clamped - state.slow).abs())
+    # the noise scale learns from healthy steps only: a divergence cannot blind the test
+    noise = b * state.dev + (1 - b) * (clamped - state.slow).abs()
+    dev = torch.where(first, 0.0, torch.where(elevated, state.dev, noise))
     return state._replace(
         ceiling=ceiling,
         healthy=healthy,
@@ -149,19 +153,33 @@ def feedback_clip(
     """
     g = norm.detach().float()
     finite = torch.isfinite(g) & (g > 0)
-    shift = math.log(lr) if config.lr_aware and lr is not None and lr > 0 else 0.0
+    # the size is the norm times the LR relative to its recent level: a schedule's smooth
+    # changes cancel out, a jump shows as a jump
+    shift: Tensor | float = 0.0
+    if lr is not None and lr > 0:
+        log_lr = math.log(lr)
+        lr_level = torch.where(state.count > 0, state.lr_level, log_lr)
+        shift = log_lr - lr_level
+        c = config.lr_beta
+        state = state._replace(lr_level=c * lr_level + (1 - c) * log_lr)
     if loss is not None:
         state = _loss_feedback(state, loss, config)
     size = torch.where(finite, g, 1.0).log() + shift
     ready = state.count > 0
-    spike = torch.where(ready, state.level + math.log(config.spike), math.inf)
+    # spike rule (in log space, after ZClip): a size `excess` above the level beyond
+    # t = log(spike) is clipped to level + t²/excess: the larger the outlier, the harder
+    t = math.log(config.spike)
+    excess = (size - state.level).clamp(min=t)
+    spike = torch.where(ready, state.level + t * t / excess, math.inf)
     bound = torch.minimum(spike, state.ceiling)
     applied = torch.minimum(size, bound)
     b = config.beta
     level = torch.where(ready, b * state.level + (1 - b) * applied, applied)
+    # the level is held while the loss is elevated: it never chases a divergence
+    update = finite & (state.streak == 0)
     state = state._replace(
         count=state.count + finite.float(),
-        level=torch.where(finite, level, state.level),
+        level=torch.where(update, level, state.level),
     )
     return state, (bound - shift).exp()
 
