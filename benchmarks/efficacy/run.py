@@ -139,7 +139,14 @@ def render(
     for task in selected:
         rows = grouped[task.key]
         steps = getattr(task.config, "steps", "")
-        parts += [f"### {task.label} (`{task.key}`), {steps} steps, {seed_text}", ""]
+        runs = [r for results in rows.values() for r in results]
+        seconds = sum(r.seconds for r in runs)
+        parts += [
+            f"### {task.label} (`{task.key}`), {steps} steps, {seed_text}",
+            "",
+            f"_{len(runs)} runs, {seconds:.0f} s of training in all._",
+            "",
+        ]
         if task.kind == "solve":
             parts += [
                 f"Solved = test MSE < {task.config.solve_mse:.2g}. `S` solved, `.` not "
