@@ -380,3 +380,31 @@ def test_a_policy_divergence_rewinds_and_the_policy_keeps_the_lesson():
     state = feedback.state_dict()
     assert float(state["episodes"]) == 1
     assert math.isfinite(float(state["ceiling"]))  # tighter than before the divergence
+
+
+def test_counts_optimizer_steps_under_gradient_accumulation():
+    run = _Run(every=3, check_every=1)
+    micro = 2
+
+    def accumulated_step(step: int, poison: float | None = None):
+        with run.guard.accumulating():  # micro-batches: the guard does nothing
+            for k in range(micro - 1):
+                x, y = _batch(1000 * step + k)
+                ((run.model(x) - y).pow(2).mean() / micro).backward()
+        x, y = _batch(1000 * step + micro)
+        loss = (run.model(x) - y).pow(2).mean() / micro
+        if poison is not None:
+            loss = loss * poison
+        loss.backward()
+        run.guard.step(run.optimizer, loss=loss)
+        run.optimizer.zero_grad()
+        run.scheduler.step()
+        return run.rewind.step(loss)  # once per optimizer step, not per micro-batch
+
+    for step in range(3):
+        assert accumulated_step(step) is None
+    at_snapshot = run.state()
+    assert accumulated_step(3) is None
+    event = accumulated_step(4, poison=math.nan)
+    assert event is not None and event.data["to_step"] == 3 and event.data["steps_lost"] == 2
+    _assert_same(run.state(), at_snapshot)

@@ -5,12 +5,15 @@
 hyper-parameters, and, when given, an LR scheduler's, a ``GradScaler``'s and the
 guard's policy state. Call :meth:`Rewind.step` with the step's loss once per optimizer
 step (after ``scheduler.step()``). When the run diverges — a non-finite loss or weights,
-or the median loss of the last ``window`` steps above ``rise`` times the median before
-the snapshot *and* above the largest loss seen then — it restores the newest snapshot
-(an older one when the run diverged again before a new snapshot was taken), lets
-every policy of the guard that can tighten do so (a ``rewound(previous_state)`` method),
-records a ``rewind`` event and returns it. The batches seen since the snapshot are not
-replayed: the loop goes on with the next ones, so the offending batches are skipped.
+the median loss of the last ``window`` steps above ``rise`` times the median before
+the snapshot *and* above the largest loss seen then, or a divergence that one of the
+guard's policies detected (the ``divergences`` counter of
+:class:`~gradguard.policies.feedback.FeedbackClip`) —
+it restores the newest snapshot (an older one when the run diverged again before a new
+snapshot was taken), lets every policy of the guard that can tighten do so (a
+``rewound(previous_state)`` method), records a ``rewind`` event and returns it. The
+batches seen since the snapshot are not replayed: the loop goes on with the next ones,
+so the offending batches are skipped.
 
 The loss check reads one flag from the device every ``check_every`` steps (and at each
 snapshot); a snapshot is one copy of the state into buffers allocated once, on the

@@ -1,22 +1,24 @@
-"""FeedbackClip: a clip threshold that tunes itself from the update size and the loss.
+"""FeedbackClip: a clip threshold that tunes itself from the gradient norm and the loss.
 
-Both rules act on the *update size* ``lr · ‖g‖`` (the step plain SGD would take; the
-bare norm when no learning rate is given), in log space:
+Two rules, both on the log of the step's *size*: the gradient norm times the learning
+rate relative to its own recent level (so a schedule's smooth changes cancel out and
+a jump shows as a jump; the bare norm when no LR is given):
 
-* **Spike rule.** A step larger than ``spike`` × the running typical size (an EMA of
-  the log sizes actually applied, so a divergence cannot drag it up) is clipped to that
-  bound. An LR that jumps makes the size jump, so the step is held near the size the
-  run was taking until the EMA follows (about ×1.07 a step for the defaults).
-* **Loss feedback.** The loss, filtered by a median of the last three, is compared
-  with a slow EMA of clamped losses. A *divergence* is a filtered loss above that
-  reference by more than ``loss_z`` deviations and more than ``progress`` of the
-  progress made since the first loss, on ``persist`` steps in a row. When one begins,
-  a ceiling on the size drops to ``min(backoff × ceiling, first × typical size)``;
-  after ``interval`` healthy steps it grows ×``growth`` (GradScaler's back-off/growth,
-  with the loss in the role of the overflow check).
+* **Spike rule** (after ZClip, in log space). A size more than ``spike`` × the running
+  typical size (an EMA of the log sizes applied) is clipped, the harder the larger it
+  is: an excess ``e`` over the typical size beyond ``t = log(spike)`` is cut to
+  ``t²/e``. The typical size learns from the clipped sizes and is held while the loss
+  is elevated, so it never chases a divergence.
+* **Loss feedback** (GradScaler's back-off and growth, with the loss in the role of the
+  overflow check). The loss, filtered by a median of the last three, is compared with a
+  slow EMA of clamped losses; a *divergence* is a filtered loss above that reference by
+  more than ``loss_z`` noise deviations and ``progress`` of the progress made since the
+  first loss, ``persist`` steps in a row. When one begins, a ceiling on the size drops
+  to ``min(backoff × ceiling, first × typical size)``; after ``interval`` healthy steps
+  it grows ×``growth``.
 
 The update is one pure function, :func:`feedback_clip`, over an explicit
-:class:`FeedbackState` of 0-d tensors: no host sync, state in ``state_dict()``.
+:class:`FeedbackState` of 0-d tensors: no host sync, the whole state in ``state_dict()``.
 """
 
 from __future__ import annotations
@@ -37,19 +39,19 @@ from .base import Decision, Policy, require_grads
 
 @dataclass(frozen=True)
 class FeedbackConfig:
-    """Settings of :class:`FeedbackClip` (see its docstring)."""
+    """Settings of :class:`FeedbackClip` (the rules: :mod:`gradguard.policies.feedback`)."""
 
-    spike: float = 4.0
-    beta: float = 0.95
-    backoff: float = 0.5
-    first: float = 2.0
-    growth: float = 2.0
-    interval: int = 200
-    loss_beta: float = 0.95
-    loss_z: float = 3.0
-    progress: float = 0.05
-    persist: int = 3
-    lr_beta: float = 0.9
+    spike: float = 4.0  #: a size above spike × the typical size is a spike
+    beta: float = 0.95  #: EMA factor of the typical (log) size
+    backoff: float = 0.5  #: each new divergence multiplies the ceiling by this
+    first: float = 2.0  #: ... but puts it at most at first × the typical size
+    growth: float = 2.0  #: the ceiling grows by this factor ...
+    interval: int = 200  #: ... after this many healthy steps
+    loss_beta: float = 0.95  #: EMA factor of the loss reference and its noise
+    loss_z: float = 3.0  #: a divergence is this many noise deviations above the reference
+    progress: float = 0.05  #: ... and at least this share of the progress since the start
+    persist: int = 3  #: ... on this many steps in a row (of the median of three losses)
+    lr_beta: float = 0.9  #: EMA factor of the (log) learning rate's recent level
 
     def __post_init__(self) -> None:
         if not self.spike > 1.0:
@@ -185,15 +187,17 @@ def feedback_clip(
 
 
 class FeedbackClip(Policy):
-    """Self-tuning clipping: no threshold to choose (see :mod:`.feedback`).
+    """Self-tuning clipping: no threshold to choose (the rules: :mod:`.feedback`).
 
-    Clips a step whose update size (``lr · ‖g‖``) jumps above ``spike`` × the run's
-    typical size, and, when the loss diverges, caps the size at twice the typical one,
-    halving that cap at each new divergence and doubling it after ``interval`` healthy
-    steps. Give it the step's loss and learning rate with :meth:`observe` before the
-    guard decides (without them it is a spike clipper on the bare norm).
+    Clips a step whose size jumps above 4× the run's typical size (harder the larger
+    the jump; an LR jump counts), and, once the loss diverges, caps the size at twice
+    the typical one, halving that cap at each new divergence and doubling it after 200
+    healthy steps. Give it each step's loss and learning rate with :meth:`observe` before
+    the guard decides; without them it only clips spikes of the bare norm. Works with
+    :class:`~gradguard.Rewind`: a divergence it detects makes the rewinder restore the
+    last snapshot, and its ceiling stays tightened (:meth:`rewound`).
 
-    Args: see :class:`FeedbackConfig`; the defaults are the measured ones
+    Args: the fields of :class:`FeedbackConfig`; the defaults are the measured ones
     (``benchmarks/efficacy``).
     """
 
