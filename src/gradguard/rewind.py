@@ -222,6 +222,7 @@ class Rewind:
                     "data and the loss."
                 )
             self._nonfinite = torch.zeros_like(self._nonfinite)
+            self._divergences_seen = self._divergences()
             return None
         newest = self._snapshots[-1]
         if newest.used and len(self._snapshots) > 1:
