@@ -94,6 +94,17 @@ def benches() -> list[Bench]:
             lambda m=model, t=window: _lm_loss(m, t),
         )
     )
+    width = 2048  # six 2048×2048 layers: 25M parameters, 300 MB of AdamW state and weights
+    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(width, width), nn.ReLU())])
+    x = torch.randn(32, width, generator=gen)
+    out.append(
+        Bench(
+            "MLP, 25M parameters",
+            model,
+            torch.optim.AdamW(model.parameters(), lr=1e-4),
+            lambda m=model, x=x: m(x).pow(2).mean(),
+        )
+    )
     lstm_config = lstm.LSTMConfig()
     model = lstm.ByteLSTM(lstm_config)
     window = text.windows(text.corpus()[0], lstm_config.batch, lstm_config.context, gen)
