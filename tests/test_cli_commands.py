@@ -37,6 +37,19 @@ def test_report_command_writes_the_file(run_dir, tmp_path):
     assert text.startswith("<!DOCTYPE html>") and 'id="findings"' in text
 
 
+def test_report_command_compares_runs(run_dir, tmp_path):
+    target = tmp_path / "cmp.html"
+    out = run_cli(
+        "report", str(run_dir), str(run_dir), "--label", "a", "--label", "b", "--out", str(target)
+    )
+    assert out.returncode == 0, out.stderr
+    assert target.resolve().as_uri() in out.stdout
+    page = target.read_text()
+    assert page.count('<div class="verdict ') == 2 and "gradguard report: a vs b" in page
+    out = run_cli("report", str(run_dir), str(run_dir), "--label", "a")
+    assert out.returncode == 2 and "--label: give one per run (2), got 1" in out.stderr
+
+
 @pytest.mark.parametrize("command", ["report", "watch", "export"])
 def test_bad_run_directories_are_usage_errors_without_traceback(command, tmp_path, capsys):
     empty = tmp_path / "empty"

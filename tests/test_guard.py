@@ -146,10 +146,15 @@ def test_fused_folding_equals_unfused(make_opt):
 def test_fused_path_makes_no_host_sync_even_with_skip_policies():
     model = make_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
-    guard = gg.Guard(model, gg.chain(gg.SkipNonFinite(), gg.ZClip(warmup_steps=2)))
-    for step in range(4):
+    guard = gg.Guard(
+        model, gg.chain(gg.SkipNonFinite(), gg.ZClip(warmup_steps=2)), host_math=False
+    )
+    for step in range(5):
         optimizer.zero_grad()
         loss_of(model, step).backward()
+        if step == 0:  # before the optimizer has state, a skip is decided on the host
+            guard.step(optimizer)
+            continue
         with forbid_host_sync():
             guard.step(optimizer)
 
@@ -158,13 +163,13 @@ def test_plain_path_syncs_only_for_a_skip_decision():
     model = make_model()
     # Plain SGD: torch's own single-tensor Adam reads its step counter with .item().
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
-    guard = gg.Guard(model, gg.ZClip(warmup_steps=2))  # clips, never skips
+    guard = gg.Guard(model, gg.ZClip(warmup_steps=2), host_math=False)  # clips, never skips
     for step in range(4):
         optimizer.zero_grad()
         loss_of(model, step).backward()
         with forbid_host_sync():
             guard.step(optimizer)
-    skipping = gg.Guard(model, gg.SkipNonFinite())
+    skipping = gg.Guard(model, gg.SkipNonFinite(), host_math=False)
     optimizer.zero_grad()
     loss_of(model, 9).backward()
     with pytest.raises(AssertionError, match="host sync"), forbid_host_sync():
@@ -319,3 +324,135 @@ def test_monitor_policy_changes_nothing_but_still_measures():
         assert result.total_norm.item() > 1.0
     for a, b in zip(ours.parameters(), theirs.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+class TestNamedErrors:
+    """Bad input to the API fails with an error naming the argument (issue 16, item 7)."""
+
+    def _stepped(self, **kwargs):
+        model = make_model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        loss_of(model, 0).backward()
+        return model, optimizer, gg.Guard(model, **kwargs)
+
+    def test_step_without_an_optimizer(self):
+        _, _, guard = self._stepped()
+        with pytest.raises(TypeError, match=r"optimizer must be a torch\.optim\.Optimizer"):
+            guard.step(None)
+
+    def test_scaler_of_the_wrong_type(self):
+        _, optimizer, guard = self._stepped()
+        with pytest.raises(TypeError, match="scaler"):
+            guard.step(optimizer, "yes")
+
+    def test_loss_that_is_not_a_scalar(self):
+        _, optimizer, guard = self._stepped()
+        with pytest.raises(ValueError, match="loss must be a scalar"):
+            guard.step(optimizer, loss=torch.ones(3))
+        with pytest.raises(TypeError, match="loss"):
+            guard.step(optimizer, loss="0.5")
+
+    def test_integer_gradients(self):
+        weight = torch.zeros(3, dtype=torch.long)
+        weight.grad = torch.ones(3, dtype=torch.long)
+        with pytest.raises(TypeError, match=r"parameters\[0\].*dtype torch.int64"):
+            gg.Guard([weight]).measure()
+
+    def test_health_of_the_wrong_type(self):
+        with pytest.raises(TypeError, match="health"):
+            gg.Guard(make_model(), health="yes")
+
+    @pytest.mark.parametrize("bad", [0, -5, 2.5])
+    def test_log_every_checked_without_a_store(self, bad):
+        with pytest.raises((TypeError, ValueError), match="log_every"):
+            gg.Guard(make_model(), log_every=bad)
+
+    def test_load_state_dict_names_what_is_missing_or_wrong(self):
+        guard = gg.Guard(make_model())
+        with pytest.raises(KeyError, match=r"lacks \['policy', 'step'\]"):
+            guard.load_state_dict({})
+        state = guard.state_dict()
+        with pytest.raises(ValueError, match="step"):
+            guard.load_state_dict({**state, "step": -1})
+        with pytest.raises(TypeError, match="state_dict must be a dict"):
+            guard.load_state_dict([])
+
+    def test_nan_policy_state_is_refused(self):
+        model, optimizer, guard = self._stepped(policy=gg.ZClip(warmup_steps=2))
+        guard.step(optimizer)
+        state = guard.state_dict()
+        state["policy"]["mean"] = torch.tensor(float("nan"))
+        with pytest.raises(ValueError, match="ZClip: mean holds NaN"):
+            gg.Guard(model, gg.ZClip(warmup_steps=2)).load_state_dict(state)
+
+    def test_an_optimizer_with_other_parameters_is_named_at_the_first_step(self):
+        model = make_model()
+        extra = nn.Linear(3, 3)
+        optimizer = torch.optim.SGD([*model.parameters(), *extra.parameters()], lr=0.1)
+        loss_of(model, 0).backward()
+        extra(torch.randn(2, 3)).sum().backward()
+        with pytest.raises(ValueError, match="optimizer: it updates 2 parameter"):
+            gg.Guard(model).step(optimizer)
+
+    def test_parameters_the_optimizer_does_not_update_are_a_warning(self):
+        model = make_model()
+        optimizer = torch.optim.SGD(list(model.parameters())[:2], lr=0.1)
+        loss_of(model, 0).backward()
+        with pytest.warns(RuntimeWarning, match="not updated by this optimizer"):
+            gg.Guard(model).step(optimizer)
+
+    def test_two_steps_without_a_backward(self):
+        model, optimizer, guard = self._stepped()
+        guard.step(optimizer)
+        with pytest.raises(RuntimeError, match="no backward since"):
+            guard.step(optimizer)
+        optimizer.zero_grad()
+        loss_of(model, 1).backward()
+        assert guard.step(optimizer) is not None
+
+    def test_threshold_beyond_float32_fails_at_construction(self):
+        for make in (
+            lambda: gg.ClipNorm(1e39),
+            lambda: gg.ZClip(max_norm=1e39),
+            lambda: gg.ClipValue(1e39),
+        ):
+            with pytest.raises(ValueError, match="float32"):
+                make()
+        gg.clip_grad_norm_(make_model().parameters(), 1e39)  # the drop-in accepts what torch does
+
+    def test_numpy_and_tensor_integers_are_integers(self):
+        import numpy as np
+
+        gg.Guard(make_model(), log_every=np.int64(10))
+        assert gg.ZClip(warmup_steps=torch.tensor(5)).warmup_steps == 5
+        assert gg.SkipSpike(window=np.int32(8), min_history=np.int64(4)).window == 8
+        with pytest.raises(TypeError, match="warmup_steps"):
+            gg.ZClip(warmup_steps=torch.tensor(5.0))
+
+
+def test_gradient_noise_with_a_steep_decay_fades_out():
+    model = make_model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    guard = gg.Guard(model, gg.GradientNoise(gamma=300.0, seed=0))
+    for step in range(30):
+        optimizer.zero_grad()
+        loss_of(model, step).backward()
+        before = [p.grad.clone() for p in model.parameters()]
+        guard.step(optimizer)
+    assert guard.policy.std(29) == 0.0
+    assert all(torch.equal(b, p.grad) for b, p in zip(before, model.parameters()))
+
+
+def test_mixed_fp64_and_bf16_gradients_are_measured_in_a_common_dtype():
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 1))
+    model[0].double()
+    model[1].bfloat16()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    model[1](model[0](x).bfloat16()).float().sum().backward()
+    guard = gg.Guard(model)
+    result = guard.step(torch.optim.SGD(model.parameters(), lr=0.1))
+    expected = torch.stack(
+        [p.grad.double().norm() for p in model.parameters()]
+    ).norm()
+    assert result.total_norm.item() == pytest.approx(expected.item(), rel=1e-2)
+    assert result.stats.norms.dtype == torch.float64

@@ -6,6 +6,7 @@ import math
 import warnings
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -61,8 +62,16 @@ def test_store_holds_every_step_as_returned_and_skip_event_names_the_origin(tmp_
     assert "0.weight" in nonfinite and "4.weight" not in nonfinite
     # The first NaN in backward order is layer 2's, not the registration-order "0.weight".
     assert skips[0].data["origin"] in ("2.weight", "2.bias")
-    assert any("step 17 skipped" in str(w.message) for w in caught)
+    skip_warnings = [w for w in caught if "step 17 skipped" in str(w.message)]
+    assert skip_warnings and skip_warnings[0].filename == __file__  # the user's line
     assert store.names() == tuple(n for n, _ in model.named_parameters())
+    # the NaN step is snapshotted whole, off the every-10-steps schedule
+    assert store.tensor_norms(extra=False)[0].tolist() == [0, 10, 20, 30]
+    extra_steps, names, extra = store.tensor_norms(extra=True)
+    assert extra_steps.tolist() == [17]
+    norms = dict(zip(names, extra[0].tolist()))
+    assert not math.isfinite(norms["0.weight"]) and not math.isfinite(norms["2.weight"])
+    assert math.isfinite(norms["4.weight"]) and math.isfinite(norms["5.bias"])
 
 
 def test_health_findings_reach_the_store_once(tmp_path):
@@ -101,3 +110,58 @@ def test_recording_fault_never_stops_training(tmp_path):
     assert len(runtime) == 1, [str(w.message) for w in runtime]
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert math.isfinite(loss.item())
+
+
+PATHS = {
+    "sgd, host": (lambda ps: torch.optim.SGD(ps, lr=0.05), True, False),
+    "sgd, device": (lambda ps: torch.optim.SGD(ps, lr=0.05), False, False),
+    "fused adamw, host": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), True, False),
+    "fused adamw, device": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True), False, False),
+    "fused adamw, amp, device": (
+        lambda ps: torch.optim.AdamW(ps, lr=1e-3, fused=True),
+        False,
+        True,
+    ),
+    "adam, amp, host": (lambda ps: torch.optim.Adam(ps, lr=1e-3), True, True),
+}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_every_path_records_the_same_skip_event(tmp_path, path):
+    """Fused or not, host or device decisions, AMP or not: one skip event per skipped
+    step, with the reason, the non-finite names and their origin (issue 16, item 2)."""
+    make_optimizer, host_math, amp = PATHS[path]
+    model = deep_model()
+    optimizer = make_optimizer(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0) if amp else None
+    guard = gg.Guard(model, store=tmp_path / "run", log_every=4, host_math=host_math)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(10):
+            optimizer.zero_grad()
+            loss = (model(torch.randn(8, 4)) - 1.0).pow(2).mean()
+            (scaler.scale(loss) if amp else loss).backward()
+            if step in (0, 6):  # the first step (no optimizer state yet) and a later one
+                model[2].weight.grad[0, 0] = float("nan")
+            result = guard.step(optimizer, scaler, loss=loss)
+            if scaler is not None:
+                scaler.update()
+            assert result.is_skipped() == (step in (0, 6))
+    guard.close()
+    store = gg.RunStore.open(tmp_path / "run")
+    events = store.events(kind="skip")
+    assert [e.step for e in events] == [0, 6]
+    for event in events:
+        reason = "amp_overflow" if amp else "nonfinite"
+        assert event.data["reason"] == reason
+        assert event.data["nonfinite"][0] == "2.weight"
+        assert event.data["origin"] in ("2.weight", "0.weight", "0.bias")
+        assert event.data["ranks"] is None
+    assert store.steps()["skipped"].tolist() == [1, 0, 0, 0, 0, 0, 1, 0, 0, 0]
+
+
+def test_health_monitor_is_attached_and_reachable(tmp_path):
+    guard = gg.Guard(deep_model(), store=tmp_path / "run")
+    assert isinstance(guard.health, gg.health.HealthMonitor)
+    assert gg.Guard(deep_model()).health is None  # nothing recorded: no rules run
+    guard.close()

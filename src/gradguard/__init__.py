@@ -1,5 +1,6 @@
 """gradguard: measure, diagnose and guard the gradients of PyTorch training runs."""
 
+from ._version import __version__
 from .functional import (
     adaptive_clip_grad_,
     clip_coefficient,
@@ -31,8 +32,6 @@ from .policies import (
 from .record import Recorder, RunStore, StoreError
 from .rewind import Rewind
 from .stats import GradStats, HostStats, LayerNorms, measure
-
-__version__ = "0.1.0"
 
 __all__ = [
     "AGC",

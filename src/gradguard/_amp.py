@@ -1,7 +1,9 @@
 """What the guard needs from ``torch.amp.GradScaler``: unscale once, read its inf check.
 
-GradScaler keeps per-optimizer state privately; these helpers read it in one place
-so a change in torch touches one file.
+The guard unscales, folds the scaler's overflow flag into its own skip decision and
+steps the optimizer itself (``scaler.update()`` stays the user's), so a policy skip
+needs no host sync even with AMP. GradScaler keeps per-optimizer state privately;
+these helpers read it in one place so a change in torch touches one file.
 """
 
 from __future__ import annotations
@@ -34,3 +36,8 @@ def current_scale(scaler: GradScaler) -> Tensor | None:
     """The loss scale as a device tensor, without the host sync of ``get_scale()``."""
     scale = getattr(scaler, "_scale", None)
     return scale.reshape(()) if isinstance(scale, Tensor) else None
+
+
+def mark_stepped(scaler: GradScaler, optimizer: torch.optim.Optimizer) -> None:
+    """Record that the guard stepped (or skipped) ``optimizer`` in place of ``scaler.step``."""
+    _state(scaler, optimizer)["stage"] = OptState.STEPPED

@@ -6,7 +6,7 @@ or an iterable of ``(name, tensor)`` pairs such as ``model.named_parameters()``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple, TypeAlias
 
 import torch
@@ -50,12 +50,17 @@ def named_params(parameters: ParamsLike) -> tuple[list[Tensor], list[str] | None
 
 
 def check_grad(grad: Tensor, where: str) -> None:
-    """Reject gradient layouts gradguard cannot measure, naming the parameter."""
+    """Reject gradients gradguard cannot measure, naming the parameter."""
     if grad.layout != torch.strided:
         raise TypeError(
             f"parameters: the gradient of {where} has layout {grad.layout}; gradguard "
             "supports dense (strided) gradients only. Densify it with grad.to_dense() "
             "or leave this parameter out."
+        )
+    if not (grad.dtype.is_floating_point or grad.dtype.is_complex):
+        raise TypeError(
+            f"parameters: the gradient of {where} has dtype {grad.dtype}; gradients must be "
+            "floating point (or complex)"
         )
 
 
@@ -68,20 +73,36 @@ class Collected(NamedTuple):
     given: int
 
 
-def grads_with_names(parameters: ParamsLike) -> Collected:
-    """Collect the parameters with a gradient, skipping ``grad is None``."""
-    params, names = named_params(parameters)
-    kept_params: list[Tensor] = []
-    grads: list[Tensor] = []
-    kept_names: list[str] | None = [] if names is not None else None
-    for index, param in enumerate(params):
-        grad = param.grad
+_STRIDED = torch.strided
+_MEASURABLE = frozenset(
+    {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128}
+)
+
+
+def collect(params: Sequence[Tensor], names: Sequence[str] | None) -> Collected:
+    """The parameters of ``params`` that have a gradient (``grad is None`` skipped), checked.
+
+    When every parameter has one, ``params`` and ``names`` themselves are returned.
+    """
+    grads = [p.grad for p in params]
+    complete = True
+    for index, grad in enumerate(grads):
         if grad is None:
-            continue
-        label = repr(names[index]) if names is not None else f"parameters[{index}]"
-        check_grad(grad, label)
-        kept_params.append(param)
-        grads.append(grad)
-        if kept_names is not None and names is not None:
-            kept_names.append(names[index])
-    return Collected(kept_params, grads, kept_names, len(params))
+            complete = False
+        elif grad.dtype not in _MEASURABLE or grad.layout is not _STRIDED:
+            label = repr(names[index]) if names is not None else f"parameters[{index}]"
+            check_grad(grad, label)
+    if complete:  # (``None in grads`` would compare tensors with None)
+        return Collected(params, grads, names, len(params))  # type: ignore[arg-type]
+    kept = [i for i, g in enumerate(grads) if g is not None]
+    return Collected(
+        [params[i] for i in kept],
+        [grads[i] for i in kept],
+        None if names is None else [names[i] for i in kept],
+        len(params),
+    )
+
+
+def grads_with_names(parameters: ParamsLike) -> Collected:
+    """Collect the parameters with a gradient from anything :func:`named_params` accepts."""
+    return collect(*named_params(parameters))

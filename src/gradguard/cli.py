@@ -1,19 +1,25 @@
-"""The ``gradguard`` command line: demo, report, watch, diagnose, export.
+"""The ``gradguard`` command line: demo, report, watch, diagnose, export, runs.
 
-Exit codes: 0 ok; 1 findings (``diagnose``) or a problem while running; 2 usage or
-input errors (bad arguments, a missing directory, no run store, a corrupt file).
+Exit codes: 0 ok; 1 findings (``diagnose``) or a failed run; 2 usage or input errors
+(bad arguments, a missing directory, no run store, a damaged file, a factory that
+raises), as one line on stderr; 130 interrupted; 70 an internal error (a bug: please
+report it; ``GRADGUARD_DEBUG=1`` prints the traceback of any error).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from . import __version__
 
 EXIT_OK, EXIT_FINDINGS, EXIT_USAGE = 0, 1, 2
+EXIT_INTERNAL, EXIT_INTERRUPTED = 70, 130
+_MAX_INTERVAL_S = 86400.0
 
 
 def _positive_float(text: str) -> float:
@@ -21,8 +27,10 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    if value > _MAX_INTERVAL_S:
+        raise argparse.ArgumentTypeError(f"must be at most {_MAX_INTERVAL_S:g} s, got {text}")
     return value
 
 
@@ -36,6 +44,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _run_id(text: str) -> int | str:
+    if text == "latest":
+        return text
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a run id (see `gradguard runs`) or 'latest', got {text!r}"
+        ) from None
+
+
+def _add_run_dir(parser: argparse.ArgumentParser, run: bool = True) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory or gradguard.db file")
+    if run:
+        parser.add_argument(
+            "--run",
+            type=_run_id,
+            default=None,
+            metavar="ID",
+            help="which run of the store (see `gradguard runs`; default the latest)",
+        )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gradguard", description="Measure, diagnose and guard neural-network gradients."
@@ -44,35 +75,51 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
-        help="the seeds' gradient experiments, then a run with bad batches, unguarded and guarded",
+        help="gradients vanishing and exploding, then one run with bad batches, unguarded and "
+        "guarded, compared in an HTML report",
+        description="The efficacy experiments are a separate command in a source checkout: "
+        "python -m benchmarks.efficacy.",
     )
     demo.add_argument("--steps", type=int, default=600, help="training steps per run")
-    demo.add_argument(
-        "--full",
-        action="store_true",
-        help="also run the efficacy experiments (benchmarks/efficacy; minutes; source checkout)",
-    )
     demo.add_argument(
         "--out",
         metavar="DIR",
         default="gradguard-demo",
-        help="where the runs and their HTML reports go (default ./gradguard-demo)",
+        help="where the runs and their comparison report go (default ./gradguard-demo)",
     )
 
     report = commands.add_parser(
         "report",
-        help="write a self-contained HTML report of a recorded run",
-        description="Write one offline HTML file (plots, findings, metadata) for a run.",
+        help="write a self-contained HTML report of a recorded run, or compare several runs",
+        description="Write one offline, interactive HTML file for a run: verdict, linked "
+        "charts, per-layer heatmap, findings, events, metadata. Give several runs to "
+        "overlay them on the same axes with a side-by-side summary.",
     )
-    report.add_argument("run_dir", metavar="RUN_DIR", help="run directory or gradguard.db file")
-    report.add_argument("--out", metavar="FILE", help="output file (default RUN_DIR/report.html)")
+    report.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="run directory or gradguard.db file"
+    )
+    report.add_argument(
+        "--out",
+        metavar="FILE",
+        help="output file (default RUN_DIR/report.html; for several runs, compare.html in "
+        "their common parent directory)",
+    )
+    report.add_argument(
+        "--label", action="append", metavar="NAME", help="a run's name in the report (once per run)"
+    )
+    report.add_argument(
+        "--rules",
+        action="store_true",
+        help="replay the health rules over the whole run (~100 s per million steps) "
+        "instead of showing the findings recorded while training",
+    )
 
     watch = commands.add_parser(
         "watch",
         help="live terminal view of a run while it is being recorded",
         description="Show step, norm, clip rate, a sparkline, findings and events; Ctrl-C stops.",
     )
-    watch.add_argument("run_dir", metavar="RUN_DIR", help="run directory or gradguard.db file")
+    _add_run_dir(watch)
     watch.add_argument(
         "--interval",
         type=_positive_float,
@@ -104,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="parquet needs pandas and pyarrow. Non-finite values: empty/null for NaN, "
         "'inf'/'-inf' for infinities.",
     )
-    export.add_argument("run_dir", metavar="RUN_DIR", help="run directory or gradguard.db file")
+    _add_run_dir(export)
     export.add_argument("--format", required=True, choices=("csv", "parquet", "jsonl"))
     export.add_argument(
         "--out", metavar="FILE", help="output file, '-' for stdout (default RUN_DIR/steps.FORMAT)"
@@ -114,75 +161,148 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="export per-tensor snapshot norms in long format (step, name, norm)",
     )
+
+    runs = commands.add_parser(
+        "runs",
+        help="list the runs recorded in a run directory",
+        description="One line per run: id, status, steps, start time, process and host.",
+    )
+    _add_run_dir(runs, run=False)
     return parser
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:
-    print(f"gradguard: error: {message}", file=sys.stderr)
+    line = " ".join(str(message).split())  # one line, whatever the message held
+    print(f"gradguard: error: {line}", file=sys.stderr)
     return code
+
+
+def _list_runs(run_dir: str) -> int:
+    from .record.store import RunStore
+
+    with RunStore.open(run_dir) as store:
+        runs = store.runs()
+    if not runs:
+        print("no runs recorded yet")
+    for r in runs:
+        last = "" if r.last_step is None else f" (last step {r.last_step})"
+        where = f"pid {r.pid} on {r.host}" if r.pid is not None else "v1 store"
+        resumed = f", resumed {len(r.resumed)}x" if r.resumed else ""
+        print(
+            f"run {r.run}  {r.status:<11}  {r.steps} steps{last}  "
+            f"started {r.started}  {where}{resumed}"
+        )
+    return EXIT_OK
+
+
+def _user_code(factory: Callable[[], Any]) -> Callable[[], Any]:
+    """The factory, with its own exceptions turned into a clear ProbeError."""
+    from .diagnose import ProbeError
+
+    def call() -> Any:
+        try:
+            return factory()
+        except Exception as e:
+            raise ProbeError(f"the factory raised {type(e).__name__}: {e}") from e
+
+    return call
+
+
+def _diagnose(args: argparse.Namespace) -> int:
+    from .diagnose import ProbeError, load_factory, probe, report
+
+    factory = _user_code(load_factory(args.factory))
+    try:
+        result = probe(factory, args.steps)
+    except ProbeError:
+        raise
+    except Exception as e:  # the model, batch or loss_fn failed: the user's code
+        if os.environ.get("GRADGUARD_DEBUG"):
+            raise
+        raise ProbeError(
+            f"running the model failed with {type(e).__name__}: {e} (check that the factory's "
+            "model(*inputs) and loss_fn(output, target) run on their own)"
+        ) from e
+    print(report(result))
+    return result.exit_code
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "report":
         from .report import build_report
 
-        path = build_report(args.run_dir, args.out)
-        print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB)")
+        if args.label is not None and len(args.label) != len(args.run_dirs):
+            return _fail(f"--label: give one per run ({len(args.run_dirs)}), got {len(args.label)}")
+        path = build_report(args.run_dirs, args.out, labels=args.label, rules=args.rules or None)
+        print(f"wrote {path} ({path.stat().st_size / 1e3:.0f} kB): {path.resolve().as_uri()}")
         return EXIT_OK
     if args.command == "watch":
         from .watch import watch
 
-        return watch(args.run_dir, args.interval, args.once)
+        return watch(args.run_dir, args.interval, args.once, run=args.run)
     if args.command == "diagnose":
-        from .diagnose import load_factory, probe, report
-
-        result = probe(load_factory(args.factory), args.steps)
-        print(report(result))
-        return result.exit_code
+        return _diagnose(args)
     if args.command == "export":
         from .export import export
 
-        where = export(args.run_dir, args.format, args.out, args.tensors)
+        where = export(args.run_dir, args.format, args.out, args.tensors, run=args.run)
         if where != "-":
             print(f"wrote {where}")
         return EXIT_OK
+    if args.command == "runs":
+        return _list_runs(args.run_dir)
+    if args.command == "demo":
+        return _demo(args)
     raise AssertionError(args.command)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args.steps, out=args.out)
+
+
+def _input_errors() -> tuple[type[BaseException], ...]:
+    from .diagnose import ProbeError
+    from .export import ExportError
+    from .record.store import StoreError
+
+    return (StoreError, ProbeError, ExportError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "demo":
-        if args.steps < 500:
-            parser.error("--steps must be at least 500: the bad batches come at steps 300-450")
-        from .demo import main as demo_main
-
-        code = demo_main(args.steps, out=args.out)
-        if args.full:
-            from .demo import efficacy_tables
-
-            print(efficacy_tables())
-        return code
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
-    from .diagnose import ProbeError
-    from .export import ExportError
-    from .record.store import StoreError
-
+    if args.command == "demo" and args.steps < 500:
+        parser.error("--steps must be at least 500: the bad batches come at steps 300-450")
+    debug = bool(os.environ.get("GRADGUARD_DEBUG"))
     try:
         return _run(args)
-    except (StoreError, ProbeError) as e:
-        return _fail(str(e))
-    except ExportError as e:
+    except _input_errors() as e:
+        if debug:
+            raise
         return _fail(str(e))
     except BrokenPipeError:  # e.g. `gradguard export ... --out - | head`
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
         return EXIT_OK
     except OSError as e:
-        return _fail(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
+        if debug:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        return _fail(f"{e.strerror or e}{where}")
     except KeyboardInterrupt:
-        return EXIT_FINDINGS
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        if debug:
+            raise
+        return _fail(
+            f"internal error ({type(e).__name__}: {e}); please report it, with the output of "
+            "the same command run with GRADGUARD_DEBUG=1",
+            EXIT_INTERNAL,
+        )
 
 
 if __name__ == "__main__":

@@ -1,9 +1,12 @@
-"""``gradguard demo``: the same run twice, unguarded and guarded, with bad batches in it.
+"""``gradguard demo``: why gradients need watching, then one run twice, unguarded and guarded.
 
-A small tanh MLP learns a smooth regression with SGD + momentum. At two steps the
-batch is corrupted (inputs ×100: a gradient spike), and at a later step one label is
-NaN. Unguarded, the NaN reaches the weights and the run is lost; guarded, the spike
-is clipped and the NaN step is skipped, and training goes on.
+Part 1 measures two textbook failures with :func:`gradguard.measure`: the first layer's
+gradient of an MLP vanishing with depth, and a tanh RNN's gradient exploding with
+sequence length. Part 2 trains a small tanh MLP on a smooth regression with SGD +
+momentum; at two steps the batch is corrupted (inputs ×100: a gradient spike), and at
+a later step one label is NaN. Unguarded, the NaN reaches the weights and the run is
+lost; guarded, the spike is clipped and the NaN step is skipped, and training goes on.
+Both runs are recorded and compared in one HTML report.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ class RunSummary:
 
     guarded: bool
     final_loss: float
-    first_nonfinite_loss: int | None
+    lost_at: int | None
     clipped_steps: list[int] = field(default_factory=list)
     skipped: list[tuple[int, str, list[str], str | None]] = field(default_factory=list)
     weights_finite: bool = True
@@ -73,9 +76,8 @@ def train(
         from .record import RunStore
 
         summary.store = Path(store)
-        reader = RunStore.open(store)
-        summary.findings = [e.message for e in reader.events() if EventKind.is_finding(e.kind)]
-        reader.close()
+        with RunStore.open(store) as reader:
+            summary.findings = [e.message for e in reader.events() if EventKind.is_finding(e.kind)]
     summary.seconds = time.perf_counter() - start
     return summary
 
@@ -83,8 +85,9 @@ def train(
 def _train_loop(model, optimizer, guard, gen, direction, guarded, steps) -> RunSummary:
     summary = RunSummary(guarded, math.nan, None)
     losses = []
-    label = "guarded  " if guarded else "unguarded"
-    for step in progress(range(steps), f"training {label}"):
+    last_finite = -1
+    label = "guarded run  " if guarded else "unguarded run"
+    for step in progress(range(steps), label):
         x = torch.randn(64, 8, generator=gen)
         y = torch.sin(2.0 * x @ direction)
         if step in SPIKE_STEPS:
@@ -105,10 +108,11 @@ def _train_loop(model, optimizer, guard, gen, direction, guarded, steps) -> RunS
                 summary.clipped_steps.append(step)
         value = loss.item()
         losses.append(value)
-        if not math.isfinite(value) and step != NAN_STEP and summary.first_nonfinite_loss is None:
-            summary.first_nonfinite_loss = step
+        if math.isfinite(value):
+            last_finite = step
     tail = losses[-50:]
     summary.final_loss = sum(tail) / len(tail)
+    summary.lost_at = last_finite + 1 if last_finite + 1 < steps else None
     summary.weights_finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
     return summary
 
@@ -121,8 +125,11 @@ def describe(run: RunSummary) -> list[str]:
         f"  final loss (mean of last 50 steps): {run.final_loss:.4g}; weights finite: "
         f"{run.weights_finite}; {run.seconds:.1f} s"
     )
-    if run.first_nonfinite_loss is not None:
-        lines.append(f"  loss non-finite from step {run.first_nonfinite_loss} on: the run is lost")
+    if run.lost_at is not None:
+        lines.append(
+            f"  lost at step {run.lost_at}: the loss is non-finite from there to the end"
+            " (the run is lost)"
+        )
     if run.guarded:
         shown = ", ".join(str(s) for s in run.clipped_steps[:8])
         more = " ..." if len(run.clipped_steps) > 8 else ""
@@ -139,68 +146,61 @@ def describe(run: RunSummary) -> list[str]:
     return lines
 
 
-def main(steps: int = 600, out: str | os.PathLike[str] | None = None) -> int:
-    """Run the demo and print what happened; returns a process exit code.
-
-    With ``out``, both runs are recorded under it (``unguarded/``, ``guarded/``) and
-    each gets an HTML report (``report.html`` in its run directory).
-    """
+def experiments() -> None:
+    """Part 1: gradients vanishing with depth and exploding with sequence length."""
     from .experiments import first_layer_norm_vs_depth, format_table, max_grad_vs_sequence_length
 
-    print("1. The seeds' experiments, measured with gradguard.measure\n")
+    print(
+        "1. Two classic gradient failures, measured with gradguard.measure: an MLP's first-layer\n"
+        "   gradient vanishing with depth, and a tanh RNN's gradient exploding with sequence "
+        "length.\n",
+        flush=True,
+    )
     depth = first_layer_norm_vs_depth()
     print(format_table("First-layer gradient norm of an MLP vs depth:", "depth", depth))
-    print()
+    print(flush=True)
     length = max_grad_vs_sequence_length()
     print(format_table("Max |gradient| of a tanh RNN vs sequence length:", "length", length))
     print(
-        "\nSigmoid and tanh stacks vanish with depth (< 1e-8 is the seeds' alarm level), and so\n"
-        "does ReLU with PyTorch's default init; He init keeps it alive far deeper. The seeds'\n"
-        "RNN (W_hh = 2.0) saturates tanh, so its gradient stops growing; an orthogonal W_hh\n"
-        "of gain 3 explodes with sequence length.\n"
+        "\nSigmoid and tanh stacks vanish with depth (< 1e-8 is a common alarm level), and so\n"
+        "does ReLU with PyTorch's default init; He init keeps it alive far deeper. An RNN whose\n"
+        "W_hh is filled with 2.0 saturates tanh, so its gradient stops growing; an orthogonal\n"
+        "W_hh of gain 3 explodes with sequence length.\n",
+        flush=True,
     )
+
+
+def main(steps: int = 600, out: str | os.PathLike[str] | None = None) -> int:
+    """Run the demo and print each result as it finishes; returns a process exit code.
+
+    With ``out``, both runs are recorded under it (``unguarded/``, ``guarded/``) and
+    compared in one HTML report, ``compare.html``.
+    """
+    experiments()
     print(
-        f"2. Training a tanh MLP with SGD+momentum for {steps} steps; corrupted batches "
-        f"(inputs x100) at steps {SPIKE_STEPS}, a NaN label at step {NAN_STEP}.\n"
+        f"2. One training run, twice: a tanh MLP with SGD+momentum for {steps} steps, with "
+        f"corrupted batches\n   (inputs x100) at steps {SPIKE_STEPS[0]}-{SPIKE_STEPS[-1]} and a "
+        f"NaN label at step {NAN_STEP}; first unguarded, then guarded.\n",
+        flush=True,
     )
     root = Path(out) if out is not None else None
-    runs = [
-        train(False, steps, store=root / "unguarded" if root else None),
-        train(True, steps, store=root / "guarded" if root else None),
-    ]
-    for run in runs:
-        print("\n".join(describe(run)))
-        print()
-    guarded = runs[1]
-    ok = guarded.weights_finite and math.isfinite(guarded.final_loss)
+    runs = []
+    for guarded in (False, True):
+        name = "guarded" if guarded else "unguarded"
+        run = train(guarded, steps, store=root / name if root else None)
+        print("\n".join(describe(run)) + "\n", flush=True)
+        runs.append(run)
+    guarded_run = runs[1]
+    ok = guarded_run.weights_finite and math.isfinite(guarded_run.final_loss)
     print("The guard kept the run alive." if ok else "The guarded run failed: please report.")
     if root is not None:
         from .report import build_report
 
-        print()
-        for run in runs:
-            assert run.store is not None
-            started = time.perf_counter()
-            path = build_report(run.store)
-            took = time.perf_counter() - started
-            size = path.stat().st_size / 1e3
-            print(f"report: {path} ({size:.0f} kB, built in {took:.2f} s)")
+        started = time.perf_counter()
+        stores = [run.store for run in runs if run.store is not None]
+        path = build_report(stores, root / "compare.html")
+        took = time.perf_counter() - started
+        size = path.stat().st_size / 1e3
+        print(f"\nBoth runs compared in one report ({size:.0f} kB, built in {took:.2f} s):")
+        print(f"  {path.resolve().as_uri()}")
     return 0 if ok else 1
-
-
-def efficacy_tables(quick: bool = False, seeds: int = 3) -> str:
-    """The efficacy experiments' tables (``benchmarks/efficacy``, in a source checkout)."""
-    import sys
-
-    root = Path(__file__).resolve().parents[2]
-    if not (root / "benchmarks" / "efficacy").is_dir():
-        raise SystemExit(
-            "gradguard: error: --full needs a source checkout: benchmarks/efficacy is not "
-            "installed with the package"
-        )
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from benchmarks.efficacy import run_all
-
-    print("\n3. Efficacy experiments (benchmarks/efficacy): this takes several minutes\n")
-    return run_all(quick=quick, seeds=seeds)

@@ -53,22 +53,20 @@ import math
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import _foreach
 
-if TYPE_CHECKING:
-    from .stats import GradStats
-
 __all__ = [
     "DDPWatch",
+    "ShardedNorms",
     "has_dtensor",
     "local_tensors",
-    "measure_sharded",
     "nonfinite_ranks",
+    "sharded_norms",
     "watch_ddp",
 ]
 
@@ -181,7 +179,17 @@ def _all_reduce(values: Tensor, plan: Sequence[_MeshPart], op: Any, fill: float)
 # -- measurement ---------------------------------------------------------------------------
 
 
-def measure_sharded(
+class ShardedNorms(NamedTuple):
+    """Exact norms of DTensor gradients, the same on every rank (see the module docstring)."""
+
+    norms: Tensor
+    total: Tensor
+    max_abs: Tensor | None
+    zero_fraction: Tensor | None
+    local_nonfinite: Tensor  #: this rank's shards held NaN/inf before the reduction
+
+
+def sharded_norms(
     grads: Sequence[Tensor],
     norm_type: float,
     *,
@@ -190,15 +198,14 @@ def measure_sharded(
     dtype: torch.dtype | None = None,
     max_abs: bool = False,
     zero_fraction: bool = False,
-) -> GradStats:
-    """:func:`gradguard.stats.measure_grads` for lists holding DTensor gradients.
+) -> ShardedNorms:
+    """Per-tensor and global norms of a gradient list holding DTensors.
 
-    Exact global and per-tensor norms from the local shards, with one all-reduce per mesh
-    (see the module docstring). Plain tensors in the list are taken as they are (they are
-    replicated, as with DDP). Every rank of the meshes involved must call it.
+    :func:`gradguard.measure` calls it for DTensor gradients. Exact global and per-tensor
+    norms from the local shards, with one all-reduce per mesh (see the module docstring).
+    Plain tensors in the list are taken as they are (they are replicated, as with DDP).
+    Every rank of the meshes involved must call it.
     """
-    from .stats import GradStats
-
     layout = _layout(grads)
     local = local_tensors(grads)
     device = local[0].device
@@ -212,7 +219,10 @@ def measure_sharded(
             f"({layout[i][1]}); its norm is undefined until it is reduced. Call "
             "grad.redistribute(...) to Shard/Replicate placements first."
         ) from None
-    local_norms = _local_norms(local, norm_type, foreach, dtype, device)
+    if math.isinf(norm_type):
+        # An uneven split can leave a rank an empty shard, whose max norm is undefined: 0.
+        local = [t if t.numel() else t.new_zeros(1) for t in local]
+    local_norms = _foreach.stacked_norms(local, norm_type, foreach, dtype, device)[0]
     out_dtype = local_norms.dtype
     local_bad = ~torch.isfinite(local_norms).all()
     SUM, MAX = torch.distributed.ReduceOp.SUM, torch.distributed.ReduceOp.MAX
@@ -230,25 +240,12 @@ def measure_sharded(
         total = powers.sum().pow(1.0 / norm_type)
     extra_max = extra_zero = None
     if max_abs:
-        from .stats import _max_abs
-
-        extra_max = _all_reduce(_max_abs(local, device).double(), plan, MAX, 0.0).float()
+        extra_max = _all_reduce(_foreach.max_abs(local, device).double(), plan, MAX, 0.0).float()
     if zero_fraction:
-        counts = torch.tensor([t.numel() for t in local], device=device, dtype=torch.float64)
-        zeros = counts - torch.stack([torch.count_nonzero(t).to(device) for t in local])
-        zeros = _all_reduce(zeros.double(), plan, SUM, 0.0)
+        zeros = _all_reduce(_foreach.zero_counts(local, device), plan, SUM, 0.0)
         sizes = torch.tensor([max(g.numel(), 1) for g in grads], device=device)
         extra_zero = (zeros / sizes).float()
-    return GradStats(
-        norms=norms.to(out_dtype),
-        total_norm=total.to(out_dtype),
-        norm_type=norm_type,
-        names=tuple(names) if names is not None else None,
-        shapes=tuple(g.shape for g in grads),
-        max_abs=extra_max,
-        zero_fraction=extra_zero,
-        local_nonfinite=local_bad,
-    )
+    return ShardedNorms(norms.to(out_dtype), total.to(out_dtype), extra_max, extra_zero, local_bad)
 
 
 def _all_reduce_packed(packed: Tensor, plan: Sequence[_MeshPart], n: int, op: Any) -> Tensor:
@@ -263,27 +260,6 @@ def _all_reduce_packed(packed: Tensor, plan: Sequence[_MeshPart], n: int, op: An
         for p in plan
     ]
     return _all_reduce(packed, doubled, op, 0.0)
-
-
-def _local_norms(
-    local: Sequence[Tensor],
-    norm_type: float,
-    foreach: bool | None,
-    dtype: torch.dtype | None,
-    device: torch.device,
-) -> Tensor:
-    if math.isinf(norm_type):
-        # An uneven split can leave a rank an empty shard, whose max norm is undefined: 0.
-        local = [t if t.numel() else t.new_zeros(1) for t in local]
-    groups = _foreach.groups(local, foreach)
-    flat: list[Tensor] = []
-    for group in groups:
-        flat.extend(_foreach.norms(group, norm_type, dtype))
-    stacked = torch.stack([n.to(device) for n in flat])
-    if len(groups) == 1:
-        return stacked
-    order = torch.tensor([i for g in groups for i in g.indices], dtype=torch.long, device=device)
-    return torch.empty_like(stacked).index_copy_(0, order, stacked)
 
 
 # -- per-rank anomalies --------------------------------------------------------------------
@@ -352,10 +328,10 @@ def watch_ddp(
 _WATCHES: weakref.WeakSet[DDPWatch] = weakref.WeakSet()
 
 
-def local_nonfinite(stats: GradStats) -> Tensor | None:
-    """This rank's pre-reduction non-finite flag: from DTensor ``stats`` or DDP watches."""
-    if stats.local_nonfinite is not None:
-        return stats.local_nonfinite
+def local_nonfinite(sharded_flag: Tensor | None = None) -> Tensor | None:
+    """This rank's pre-reduction non-finite flag: a DTensor measurement's, or DDP watches'."""
+    if sharded_flag is not None:
+        return sharded_flag
     flags = [w.nonfinite for w in list(_WATCHES) if w.nonfinite is not None]
     if not flags:
         return None

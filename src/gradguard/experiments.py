@@ -73,7 +73,7 @@ def max_grad_vs_sequence_length(
 ) -> list[Curve]:
     """Max ``|g|`` over a tanh RNN's parameters after one backward of ``sum(outputs)``."""
     setups: dict[str, Callable[[torch.Tensor], object]] = {
-        "W_hh filled with 2.0 (the seeds')": lambda w: w.fill_(2.0),
+        "W_hh filled with 2.0": lambda w: w.fill_(2.0),
         "W_hh orthogonal, gain 3": lambda w: nn.init.orthogonal_(w, gain=3.0),
     }
     curves = []

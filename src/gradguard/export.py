@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report.data import open_run
+from .record.store import RunStore, resolve_path
 from .schema import STEP_COLUMNS
 
 FORMATS = ("csv", "jsonl", "parquet")
@@ -29,9 +29,18 @@ def _cell(value: object) -> object:
     return value
 
 
-def table(run_dir: str | os.PathLike[str], tensors: bool = False) -> tuple[list[str], Iterator]:
+def _same_file(a: str | os.PathLike[str], b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def table(
+    run_dir: str | os.PathLike[str], tensors: bool = False, run: int | str | None = None
+) -> tuple[list[str], Iterator]:
     """Column names and row iterator: steps, or ``(step, name, norm)`` snapshot rows."""
-    with open_run(run_dir) as store:
+    with RunStore.open(run_dir, run=run) as store:
         if tensors:
             steps, names, norms = store.tensor_norms()
             header = ["step", "name", "norm"]
@@ -54,9 +63,14 @@ def table(run_dir: str | os.PathLike[str], tensors: bool = False) -> tuple[list[
 
 
 def export(
-    run_dir: str | os.PathLike[str], fmt: str, out: str | None = None, tensors: bool = False
+    run_dir: str | os.PathLike[str],
+    fmt: str,
+    out: str | None = None,
+    tensors: bool = False,
+    run: int | str | None = None,
 ) -> str:
-    """Write the export; return where it went (``"-"`` for stdout)."""
+    """Write the export of ``run`` (default the latest); return where it went (``"-"`` for
+    stdout). Never writes over the store itself."""
     if fmt not in FORMATS:
         raise ExportError(f"format must be one of {FORMATS}, got {fmt!r}")
     if fmt == "parquet":
@@ -68,11 +82,13 @@ def export(
                 "--format parquet needs pandas and pyarrow: pip install 'gradguard[parquet]' "
                 "(or pip install pandas pyarrow)"
             ) from None
-    header, rows = table(run_dir, tensors)
+    header, rows = table(run_dir, tensors, run)
     if out is None:
         base = Path(run_dir)
         base = base.parent if base.is_file() else base
         out = os.fspath(base / f"{'tensors' if tensors else 'steps'}.{fmt}")
+    if out != "-" and _same_file(out, resolve_path(run_dir)):
+        raise ExportError(f"--out {out!r} is the run store itself; choose another file")
     if fmt == "parquet":
         if out == "-":
             raise ExportError("--format parquet cannot be written to stdout; give --out FILE")

@@ -1,7 +1,8 @@
 """Gradient clipping functions.
 
 The first four are drop-ins for ``torch.nn.utils``: same signatures, defaults,
-return values and errors, bit-identical results. Two deliberate differences,
+return values and errors, bit-identical results, and the same ``norm_type`` values
+(any number but NaN: ``-inf``, 0 and negative orders too). Two deliberate differences,
 both on inputs torch silently mishandles: a negative or NaN ``max_norm`` /
 ``clip_value`` raises ``ValueError`` (torch would flip or NaN the gradients), and a
 sparse gradient raises a ``TypeError`` naming the parameter (torch raises
@@ -21,7 +22,7 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
-from . import _foreach
+from . import _foreach, ops
 from . import _validate as check
 from ._params import ParamsLike, check_grad, grads_with_names
 from .stats import GradStats, measure_grads
@@ -41,7 +42,7 @@ _EPS = 1e-6  # the same guard torch adds to the norm before dividing
 
 def clip_coefficient(max_norm: float | Tensor, total_norm: Tensor) -> Tensor:
     """``min(max_norm / (total_norm + 1e-6), 1)`` as a device tensor: no host sync."""
-    return torch.clamp(max_norm / (total_norm + _EPS), max=1.0)
+    return ops.clip_coefficient(ops.TORCH, max_norm, total_norm)
 
 
 def _nonfinite_error(norm_type: float) -> RuntimeError:
@@ -66,7 +67,7 @@ def get_total_norm(
         if not isinstance(tensor, Tensor):
             raise TypeError(f"tensors[{index}] must be a torch.Tensor, got {type(tensor).__name__}")
         check_grad(tensor, f"tensors[{index}]")
-    p = check.norm_type(norm_type)
+    p = check.norm_type(norm_type, like_torch=True)
     total = measure_grads(tensors, p, foreach=foreach).total_norm
     if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
         raise _nonfinite_error(p)
@@ -86,11 +87,8 @@ def clip_grads_with_norm_(
     """
     limit = check.non_negative("max_norm", max_norm)
     grads = grads_with_names(parameters).grads
-    if not grads:
-        return
-    coef = clip_coefficient(limit, total_norm)
-    for group in _foreach.groups(grads, foreach):
-        _foreach.mul_(group, coef)
+    if grads:
+        _foreach.scale_(grads, clip_coefficient(limit, total_norm), foreach)
 
 
 @overload
@@ -129,7 +127,7 @@ def clip_grad_norm_(
     :class:`GradStats` (per-tensor norms, names, non-finite flags) of the pre-clip gradients.
     """
     limit = check.non_negative("max_norm", max_norm)
-    p = check.norm_type(norm_type)
+    p = check.norm_type(norm_type, like_torch=True)
     if isinstance(parameters, types.GeneratorType):
         parameters = list(parameters)
         if not parameters:
@@ -143,9 +141,7 @@ def clip_grad_norm_(
     if error_if_nonfinite and torch.logical_or(total.isnan(), total.isinf()):
         raise _nonfinite_error(p)
     if found.grads:
-        coef = clip_coefficient(limit, total)
-        for group in _foreach.groups(found.grads, foreach):
-            _foreach.mul_(group, coef)
+        _foreach.scale_(found.grads, clip_coefficient(limit, total), foreach)
     return stats if return_stats else total
 
 
@@ -183,11 +179,7 @@ def clip_tensor_norms_(
     found = grads_with_names(parameters)
     stats = measure_grads(found.grads, p, names=found.names, foreach=foreach)
     if found.grads:
-        coefs = clip_coefficient(limit, stats.norms)
-        for group in _foreach.groups(found.grads, foreach):
-            index = torch.tensor(group.indices, dtype=torch.long, device=coefs.device)
-            group_coefs = coefs.index_select(0, index).to(group.device).unbind()
-            _foreach.mul_(group, [c.to(t.dtype) for c, t in zip(group_coefs, group.tensors)])
+        _foreach.scale_per_tensor_(found.grads, clip_coefficient(limit, stats.norms), foreach)
     return stats
 
 

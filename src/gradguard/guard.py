@@ -1,66 +1,44 @@
-"""``Guard``: measure → decide → apply → step (or skip) → record, once per optimizer step.
+"""``Guard``: measure → decide → apply (:meth:`Guard.process`), then step or skip
+(:meth:`Guard.step`), recording every step.
 
 Place ``guard.step(optimizer)`` where ``optimizer.step()`` was: after ``backward()``
 (and after the last micro-batch when accumulating), so it sees the real gradients:
-accumulated, unscaled and all-reduced.
+accumulated, unscaled and all-reduced. Code that steps the optimizer itself (framework
+integrations, front-ends) calls ``guard.process()`` at the same place instead.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
+import weakref
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from . import _amp, _foreach, _warn, distributed
+from . import _amp, _foreach, _update, distributed
 from . import _validate as check
-from ._params import ParamsLike, named_params
-from .policies import Decision, Policy, default_policy
-from .schema import Sink, SkipReason, skip_event
+from ._guard_setup import (
+    attach_health,
+    backward_order,
+    check_health,
+    check_owner,
+    check_scalar,
+    lr_value,
+)
+from ._params import Collected, ParamsLike, collect, named_params
+from ._skips import SkipReports
+from .ops import NUMPY, TORCH, Ops
+from .policies import Chain, Decision, Policy, default_policy
+from .policies.base import StepInputs
+from .result import StepResult, outcome, skip_and_reason
+from .schema import Sink
 from .stats import GradStats, measure_grads
 
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-@dataclass
-class StepResult:
-    """What one guarded step did. Tensor fields stay on the device: reading them syncs.
-
-    Attributes:
-        step: the guard's optimizer-step counter (0-based) for this step.
-        total_norm: global gradient norm before any clipping.
-        clipped_norm: global norm after clipping. After an element-wise transform
-            (ClipValue, AGC, GradientNoise) it takes one more pass over the gradients, paid
-            only when a recorder is attached; without one it is NaN in that case.
-        clip_coef: ``clipped_norm / total_norm`` (1.0 when nothing was clipped).
-        threshold: the norm threshold in force (``inf`` when none).
-        skipped: True when the optimizer step was skipped.
-        reason: a :class:`~gradguard.schema.SkipReason` code.
-        stats: the step's :class:`GradStats` (pre-clip per-tensor norms, names).
-    """
-
-    step: int
-    total_norm: Tensor
-    clipped_norm: Tensor
-    clip_coef: Tensor
-    threshold: Tensor
-    skipped: Tensor
-    reason: Tensor
-    stats: GradStats
-
-    @property
-    def reason_label(self) -> str:
-        """Why the step was skipped, as text (``"none"`` when it was not). Syncs."""
-        return SkipReason(int(self.reason)).label if bool(self.skipped) else "none"
-
-    def nonfinite_names(self) -> list[str]:
-        """Parameters whose gradient held NaN or inf this step. Syncs."""
-        return self.stats.nonfinite_names()
+__all__ = ["Guard", "StepResult"]
 
 
 class Guard:
@@ -73,9 +51,12 @@ class Guard:
         norm_type: the p-norm measured and clipped.
         store: record to this run directory or ``.db`` file (SQLite run store); with
             ``sinks`` or ``store`` given, the guard builds a :class:`~gradguard.record.Recorder`.
-        log_every: steps per flush to the store and sinks (one device→host copy each).
+        log_every: steps per flush to the store and sinks (one device→host copy each); a
+            skip decided on a device (fused optimizers) is reported at most this late.
         sinks: further sinks (TensorBoard, W&B, MLflow, console).
         recorder: a ready :class:`~gradguard.record.Recorder` instead of ``store``/``sinks``.
+        resume: continue this run of the store (a run id, or ``"latest"``) instead of
+            recording a new one, e.g. after ``load_state_dict`` from a checkpoint.
         health: evaluate the health rules at each flush, record findings as events and
             warn once per finding (``True``), with a given
             :class:`~gradguard.health.HealthConfig`, or not at all (``False``).
@@ -84,6 +65,9 @@ class Guard:
         fold_fused: with a fused optimizer (``fused=True``), fold the clip coefficient and
             the skip flag into its ``grad_scale``/``found_inf`` inputs: no extra pass over
             the gradients and no host sync.
+        host_math: decide on the host (NumPy) when the gradients are on the CPU, where a
+            0-d torch operation costs more than the arithmetic; ``False`` decides with
+            torch operations wherever the gradients are, as on an accelerator.
     """
 
     def __init__(
@@ -99,31 +83,55 @@ class Guard:
         health: Any = True,
         accumulate_dtype: torch.dtype | None = torch.float32,
         fold_fused: bool = True,
+        host_math: bool = True,
+        resume: int | str | None = None,
     ) -> None:
         params, names = named_params(model)
+        names = None if names is None else tuple(names)
         if not params:
             raise ValueError("model: there are no parameters to guard")
         if policy is not None and not isinstance(policy, Policy):
             raise TypeError(f"policy must be a gradguard Policy, got {type(policy).__name__}")
+        check_health(health)
+        if accumulate_dtype is not None and not (
+            isinstance(accumulate_dtype, torch.dtype) and accumulate_dtype.is_floating_point
+        ):
+            raise TypeError(
+                f"accumulate_dtype must be a floating torch.dtype or None, got {accumulate_dtype!r}"
+            )
+        check.one_of("fold_fused", fold_fused, (bool,), "a bool")
+        check.one_of("host_math", host_math, (bool,), "a bool")
         self.params = params
         self.names = names
         self.policy = policy if policy is not None else default_policy()
+        # A policy that overrides decide() may answer in torch on the host path.
+        self._custom_decide = not isinstance(self.policy, Chain) and (
+            type(self.policy).decide is not Policy.decide
+        )
         self.norm_type = check.norm_type(norm_type)
-        if recorder is None and (store is not None or sinks):
-            from .record import Recorder
-
-            recorder = Recorder(store if store is not None else False, sinks, log_every)
-        self.recorder = recorder
-        self._order = _backward_order(model)
-        if recorder is not None and health is not False:
-            self._attach_health(model, health)
+        self.log_every = check.positive_int("log_every", log_every)
         self.accumulate_dtype = accumulate_dtype
         self.fold_fused = fold_fused
+        self.host_math = host_math
+        self.health: Any = None
         self._step = 0
         self._accumulating = False
         self._started = False
-        self._warned_skip = False
-        self.health: Any = None
+        self._checked: set[int] = set()  # optimizers whose parameters were checked
+        self._seen: list[tuple[weakref.ref, int]] = []  # last step's gradients and versions
+        # Side effects last: open the store, hook the model, attach the health rules.
+        if recorder is None and (store is not None or sinks):
+            from .record import Recorder
+
+            target = store if store is not None else False
+            recorder = Recorder(target, sinks, self.log_every, resume=resume)
+        self.recorder = recorder
+        if recorder is not None:
+            self.log_every = int(getattr(recorder, "log_every", self.log_every))
+        self._order = backward_order(model)
+        self._skips = SkipReports(self)
+        if recorder is not None and health is not False:
+            self.health = attach_health(recorder, model, health, self._order)
 
     # -- accumulation -----------------------------------------------------------------
 
@@ -140,9 +148,35 @@ class Guard:
 
     def measure(self) -> GradStats:
         """Measure the current gradients of the guarded parameters (no host sync)."""
-        params, grads, names = self._collect()
-        del params
-        return self._measure(grads, names)
+        collected = collect(self.params, self.names)
+        return self._measure(collected)
+
+    def process(
+        self,
+        *,
+        loss: Tensor | float | None = None,
+        lr: Tensor | float | None = None,
+        found_inf: Tensor | float | None = None,
+        loss_scale: Tensor | float | None = None,
+        defer_scale: bool = False,
+    ) -> StepResult:
+        """Measure, decide and apply, without an optimizer; record the step.
+
+        Call it where the optimizer step would come, after the gradients are final. The
+        gradients are clipped in place; whether to step the optimizer is
+        ``result.is_skipped()`` (a host sync on a device when the policy can skip).
+
+        Args:
+            loss: this step's loss (a 0-d tensor or a number), seen by the policies
+                (:class:`~gradguard.policies.StepInputs`) and recorded.
+            lr: the learning rate, seen by the policies and recorded.
+            found_inf: an overflow flag found elsewhere (AMP's ``GradScaler``): when > 0
+                the step is skipped with reason ``amp_overflow``.
+            loss_scale: the AMP loss scale, recorded.
+            defer_scale: leave the global clip coefficient (``result.scale``) unapplied,
+                for a caller that folds it into its optimizer.
+        """
+        return self._process(self._collect(), loss, lr, found_inf, loss_scale, defer_scale)
 
     def step(
         self,
@@ -152,52 +186,43 @@ class Guard:
         loss: Tensor | float | None = None,
         sync: bool = True,
     ) -> StepResult | None:
-        """Measure, decide, apply, then step the optimizer unless the step is skipped.
+        """:meth:`process`, then step the optimizer unless the step is skipped.
 
-        With a ``GradScaler``, gradients are unscaled first (unless already unscaled),
-        ``scaler.step`` is called in place of ``optimizer.step``, and ``scaler.update()``
-        stays yours to call, as usual. ``sync=False`` (or an ``accumulating()`` block)
-        makes the call a no-op for micro-batches that only accumulate.
+        With a ``GradScaler``, gradients are unscaled first (unless already unscaled) and
+        the scaler's overflow check joins the skip decision; ``scaler.update()`` stays
+        yours to call, as usual. ``sync=False`` (or an ``accumulating()`` block) makes the
+        call a no-op for micro-batches that only accumulate.
         """
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(
+                f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}"
+            )
+        if scaler is not None and not isinstance(scaler, torch.amp.GradScaler):
+            raise TypeError(f"scaler must be a torch.amp.GradScaler or None, got {scaler!r}")
         if not sync or self._accumulating:
             return None
         amp = scaler is not None and scaler.is_enabled()
         if amp:
-            assert scaler is not None
-            _amp.unscale_once(scaler, optimizer)
-        params, grads, names = self._collect()
-        if not grads:
-            raise ValueError(
-                "guard.step found no gradients: every guarded parameter's .grad is None. "
-                "Call loss.backward() first, and don't zero the gradients before the step."
-            )
-        stats = self._measure(grads, names)
-        decision = self.policy.decide(stats, params)
-        # DTensor gradients are scaled through their local shards (same storage).
-        local = distributed.local_tensors(grads) if distributed.has_dtensor(grads) else grads
-        self._apply_in_place(decision, params, grads, local)
-        transformed_norm = None
-        if decision.transforms and self.recorder is not None:
-            # Norm after the in-place transforms and per-tensor scales, before the global one.
-            transformed_norm = measure_grads(grads, self.norm_type, dtype=torch.float32).total_norm
-        device = stats.total_norm.device
-        skip, reason = self._skip_and_reason(decision, stats, amp, scaler, optimizer, device)
-
-        folded = self.fold_fused and _supports_folding(optimizer)
-        if decision.scale is not None and not folded:
-            for group in _foreach.groups(local):
-                _foreach.mul_(group, decision.scale)
-        skipped_on_host = False
-        if folded:
-            self._step_fused(optimizer, scaler if amp else None, decision)
-        else:
-            skipped_on_host = self._step_plain(optimizer, scaler if amp else None, decision.skip)
-
-        result = self._result(stats, decision, skip, reason, transformed_norm)
-        self._record(result, optimizer, scaler if amp else None, loss)
-        if skipped_on_host:
-            self._report_skip(result)  # only on skipped steps: naming the culprits syncs
-        self._step += 1
+            _amp.unscale_once(scaler, optimizer)  # type: ignore[arg-type]
+        collected = self._collect()
+        if id(optimizer) not in self._checked:
+            check_owner(optimizer, self.params, collected)
+            self._checked.add(id(optimizer))
+        device = collected.grads[0].device
+        on_host = self._ops_for(device) is NUMPY
+        fold = (
+            self.fold_fused
+            and _update.supports_folding(optimizer)
+            and (on_host or _update.state_ready(optimizer, collected.params))
+        )
+        found = _amp.found_inf(scaler, optimizer, device) if amp else None  # type: ignore[arg-type]
+        scale = _amp.current_scale(scaler) if amp else None  # type: ignore[arg-type]
+        lr = _update.learning_rate(optimizer)
+        result = self._process(collected, loss, lr, found, scale, fold)
+        skipped = _update.run(optimizer, result, fold=fold, scaler=scaler if amp else None)
+        if skipped and not result.reported:
+            self._skips.report(result)
+        self._remember(collected.grads)
         return result
 
     def nonfinite_origin(self, result: StepResult) -> str | None:
@@ -216,157 +241,132 @@ class Guard:
                 return origin
         return names[-1]  # registration order, reversed, is the usual backward order
 
-    def _report_skip(self, result: StepResult) -> None:
-        reason = result.reason_label
-        names = result.nonfinite_names() if reason == "nonfinite" else []
-        origin = self.nonfinite_origin(result) if names else None
-        ranks = _nonfinite_ranks(result.stats) if names else None
-        event = skip_event(result.step, reason, names, origin, ranks)
-        if self.recorder is not None:
-            self.recorder.event(event)
-        if not self._warned_skip:
-            self._warned_skip = True
-            _warn.warn(event.message)
-
-    def _attach_health(self, model: ParamsLike, health: Any) -> None:
-        from .health import HealthConfig
-        from .health.listener import attach_health
-
-        if isinstance(health, HealthConfig):
-            config = health
-        elif isinstance(model, torch.nn.Module):
-            config = HealthConfig.for_model(model)
-        else:
-            config = HealthConfig()
-        self.health = attach_health(self.recorder, config, order=self._order)
-
     # -- internals --------------------------------------------------------------------
 
-    def _collect(self) -> tuple[list[Tensor], list[Tensor], list[str] | None]:
-        params, grads, names = [], [], [] if self.names is not None else None
-        for index, param in enumerate(self.params):
-            grad = param.grad
-            if grad is None:
-                continue
-            if grad.layout != torch.strided:
-                label = self.names[index] if self.names else f"parameters[{index}]"
-                raise TypeError(f"model: the gradient of {label!r} is sparse; not supported")
-            params.append(param)
-            grads.append(grad)
-            if names is not None and self.names is not None:
-                names.append(self.names[index])
-        return params, grads, names
+    def _ops_for(self, device: torch.device) -> Ops:
+        return NUMPY if self.host_math and device.type == "cpu" else TORCH
 
-    def _measure(self, grads: list[Tensor], names: list[str] | None) -> GradStats:
-        low = any(g.dtype in _LOW_PRECISION for g in grads)
-        dtype = self.accumulate_dtype if low else None
-        return measure_grads(grads, self.norm_type, names=names, dtype=dtype)
+    def _collect(self) -> Collected:
+        collected = collect(self.params, self.names)
+        if not collected.grads:
+            raise ValueError(
+                "guard.step found no gradients: every guarded parameter's .grad is None. "
+                "Call loss.backward() first, and don't zero the gradients before the step."
+            )
+        seen = self._seen
+        if len(seen) == len(collected.grads) and all(
+            ref() is g and g._version == v for (ref, v), g in zip(seen, collected.grads)
+        ):
+            raise RuntimeError(
+                "guard.step: the gradients are the ones the last step already used (no "
+                "backward since); call loss.backward() before each step"
+            )
+        return collected
 
-    @staticmethod
-    def _apply_in_place(
-        decision: Decision, params: list[Tensor], grads: list[Tensor], local: list[Tensor]
-    ) -> None:
+    def _remember(self, grads: list[Tensor]) -> None:
+        self._seen = [(weakref.ref(g), g._version) for g in grads]
+
+    def _measure(self, collected: Collected) -> GradStats:
+        return measure_grads(
+            collected.grads, self.norm_type, names=collected.names, dtype=self.accumulate_dtype
+        )
+
+    def _process(
+        self,
+        collected: Collected,
+        loss: Any,
+        lr: Any,
+        found_inf: Any,
+        loss_scale: Any,
+        defer_scale: bool,
+    ) -> StepResult:
+        if loss is not None or lr is not None:
+            check_scalar("loss", loss)
+            check_scalar("lr", lr)
+        result = self._decide(collected, loss, lr, found_inf, defer_scale)
+        self._step += 1
+        # Outside the NumPy error state: warnings here are attributed to the user's line.
+        self._record(result, lr, loss_scale)
+        self._skips.after_step(result)
+        return result
+
+    @np.errstate(all="ignore")  # host math is as silent about NaN/inf as torch
+    def _decide(
+        self, collected: Collected, loss: Any, lr: Any, found_inf: Any, defer_scale: bool
+    ) -> StepResult:
+        """Measure, decide and apply: the step's :class:`StepResult`."""
+        stats = self._measure(collected)
+        xp = self._ops_for(stats.total_norm.device)
+        params, grads = collected.params, collected.grads
+        inputs = StepInputs.from_stats(
+            stats, params, xp=xp, step=self._step, loss=loss, lr=lr_value(lr, xp)
+        )
+        decision = self.policy.decide(inputs, params)
+        if self._custom_decide:
+            decision = decision.in_library(xp)
+        skip, reason, may_skip = skip_and_reason(xp, decision, found_inf, inputs.total_norm)
+        transformed = self._apply(decision, params, grads, xp, defer_scale)
+        clipped, coef, threshold = outcome(inputs, decision, transformed)
+        return StepResult(
+            self._step, stats, inputs, decision, skip, reason, clipped, coef, threshold, may_skip
+        )
+
+    def _apply(
+        self, decision: Decision, params: list[Tensor], grads: list[Tensor], xp: Ops, defer: bool
+    ) -> Tensor | None:
+        """Transforms, per-tensor scales, then (unless deferred) the global scale, in place.
+
+        Returns the norm after the transforms and per-tensor scales when a recorder will
+        record it (an extra pass over the gradients).
+        """
+        scale, factors = decision.scale, decision.tensor_scale
+        scales = factors is not None or (scale is not None and not defer)
+        local = grads
+        if scales and distributed.has_dtensor(grads):
+            local = distributed.local_tensors(grads)  # DTensors are scaled through their shards
         for transform in decision.transforms:
             transform(params, grads)
-        if decision.tensor_scale is not None:
-            scales = decision.tensor_scale
-            for group in _foreach.groups(local):
-                index = torch.tensor(group.indices, dtype=torch.long, device=scales.device)
-                picked = scales.index_select(0, index).to(group.device).unbind()
-                _foreach.mul_(group, [s.to(t.dtype) for s, t in zip(picked, group.tensors)])
+        if factors is not None:
+            if xp is NUMPY:
+                if not np.all(factors == 1.0):
+                    _foreach.scale_per_tensor_(local, torch.from_numpy(np.array(factors)))
+            else:
+                _foreach.scale_per_tensor_(local, factors)
+        transformed = None
+        if decision.transforms and self.recorder is not None:
+            transformed = measure_grads(grads, self.norm_type, dtype=torch.float32).total_norm
+        if scale is not None and not defer:
+            if xp is NUMPY:
+                if not scale >= 1.0:  # nothing to do when nothing is clipped (NaN does multiply)
+                    _foreach.scale_(local, torch.tensor(float(scale), dtype=torch.float32))
+            else:
+                _foreach.scale_(local, scale)
+        return transformed
 
-    @staticmethod
-    def _skip_and_reason(decision, stats, amp, scaler, optimizer, device):
-        false = torch.zeros((), dtype=torch.bool, device=device)
-        none = torch.zeros((), dtype=torch.int8, device=device)
-        skip = decision.skip if decision.skip is not None else false
-        reason = decision.reason if decision.reason is not None else none
-        reason = torch.where(skip, reason, none)
-        if amp:
-            overflow = _amp.found_inf(scaler, optimizer, device) > 0
-            amp_code = torch.full((), int(SkipReason.AMP_OVERFLOW), dtype=torch.int8, device=device)
-            reason = torch.where(overflow, amp_code, reason)
-            skip = skip | overflow
-        return skip, reason
-
-    @staticmethod
-    def _step_plain(optimizer, scaler, policy_skip: Tensor | None) -> bool:
-        """Step unless the policy skips; returns whether it skipped.
-
-        The one host sync the guard allows: a policy's skip with a non-fused optimizer.
-        An AMP overflow needs none: ``scaler.step`` skips on its own.
-        """
-        if policy_skip is not None and bool(policy_skip):
-            return True
-        if scaler is not None:
-            scaler.step(optimizer)
-        else:
-            optimizer.step()
-        return False
-
-    @staticmethod
-    def _step_fused(optimizer, scaler, decision: Decision) -> None:
-        if decision.scale is not None:
-            # Fused kernels divide gradients by grad_scale: fold the clip coefficient in.
-            optimizer.grad_scale = 1.0 / decision.scale.float()
-        try:
-            if scaler is not None:
-                # The scaler sets found_inf itself, so a policy skip still needs the host.
-                if decision.skip is not None and bool(decision.skip):
-                    return
-                scaler.step(optimizer)
-                return
-            if decision.skip is not None:
-                optimizer.found_inf = decision.skip.float()
-            optimizer.step()
-        finally:
-            optimizer.__dict__.pop("grad_scale", None)
-            optimizer.__dict__.pop("found_inf", None)
-
-    def _result(self, stats, decision, skip, reason, transformed_norm) -> StepResult:
-        total = stats.total_norm.float()
-        if decision.transforms:
-            nan = torch.full_like(total, math.nan)
-            clipped = transformed_norm.float() if transformed_norm is not None else nan
-        elif decision.tensor_scale is not None:
-            scaled = stats.norms.float() * decision.tensor_scale.float()
-            clipped = torch.linalg.vector_norm(scaled, self.norm_type)
-        else:
-            clipped = total
-        if decision.scale is not None:
-            clipped = clipped * decision.scale.float()
-        coef = torch.where(total > 0, clipped / total, torch.ones_like(total))
-        threshold = (
-            decision.threshold.float()
-            if decision.threshold is not None
-            else torch.full_like(total, math.inf)
-        )
-        return StepResult(self._step, total, clipped, coef, threshold, skip, reason, stats)
-
-    def _record(self, result: StepResult, optimizer, scaler, loss) -> None:
+    def _record(self, result: StepResult, lr: Any, loss_scale: Any) -> None:
         recorder = self.recorder
         if recorder is None:
             return
         if not self._started:
             shapes = [tuple(s) for s in result.stats.shapes]
-            names = result.stats.labels()
-            recorder.start(
-                names, shapes, {"policy": repr(self.policy), "norm_type": self.norm_type}
-            )
+            config = {"policy": repr(self.policy), "norm_type": self.norm_type}
+            recorder.start(result.stats.labels(), shapes, config)
             self._started = True
-        lr = optimizer.param_groups[0].get("lr") if optimizer.param_groups else None
+        host = result.xp is NUMPY
+        value = result.host_value
+        inputs = result.inputs
         recorder.record(
             result.step,
-            total_norm=result.total_norm,
-            clipped_norm=result.clipped_norm,
-            clip_coef=result.clip_coef,
-            threshold=result.threshold,
-            skipped=result.skipped,
-            reason=result.reason,
-            loss=loss.detach() if isinstance(loss, Tensor) else loss,
-            lr=float(lr) if isinstance(lr, (int, float)) else None,
-            loss_scale=_amp.current_scale(scaler) if scaler is not None else None,
-            stats=result.stats if recorder.wants_tensor_norms(result.step) else None,
+            total_norm=float(inputs.total_norm) if host else result.total_norm,
+            clipped_norm=value("clipped_norm"),
+            clip_coef=value("clip_coef"),
+            threshold=value("threshold"),
+            skipped=value("skipped"),
+            reason=value("reason"),
+            loss=inputs.loss,
+            lr=inputs.lr,
+            loss_scale=float(loss_scale) if host and loss_scale is not None else loss_scale,
+            stats=result.stats,  # kept for snapshot steps and non-finite steps
         )
 
     # -- checkpointing ----------------------------------------------------------------
@@ -376,38 +376,20 @@ class Guard:
         return {"step": self._step, "policy": self.policy.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` saved."""
-        self._step = int(state["step"])
+        """Restore what :meth:`state_dict` saved; raises naming what is missing or wrong."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state).__name__}")
+        missing = sorted({"step", "policy"} - set(state))
+        if missing:
+            raise KeyError(
+                f"state_dict for Guard lacks {missing}; was it saved by Guard.state_dict()?"
+            )
+        step = check.positive_int("state_dict['step']", state["step"], minimum=0)
         self.policy.load_state_dict(state["policy"])
+        self._step = step
 
     def close(self) -> None:
-        """Flush and close the recorder, if any."""
+        """Report pending skips, then flush and close the recorder, if any."""
+        self._skips.resolve(collective=False)
         if self.recorder is not None:
             self.recorder.close()
-
-
-def _backward_order(model: ParamsLike) -> Any:
-    """Learn the backward order of a module's parameters (hooks live for one backward)."""
-    if not isinstance(model, torch.nn.Module):
-        return None
-    from .health import BackwardOrder
-
-    try:
-        return BackwardOrder(model)
-    except ValueError:
-        return None
-
-
-def _nonfinite_ranks(stats: GradStats) -> list[int] | None:
-    """Ranks whose local gradients were non-finite (collective; on non-finite skips only)."""
-    if not distributed.is_multi_rank():
-        return None
-    flag = distributed.local_nonfinite(stats)
-    return None if flag is None else distributed.nonfinite_ranks(flag)
-
-
-def _supports_folding(optimizer: torch.optim.Optimizer) -> bool:
-    """Fused torch optimizers read ``grad_scale``/``found_inf`` attributes in their step."""
-    return bool(optimizer.defaults.get("fused")) and getattr(
-        optimizer, "_step_supports_amp_scaling", False
-    )

@@ -10,7 +10,14 @@ is a group of its own, named by the parameter.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+
+
+def dotted_name(parts: Iterable[str]) -> str:
+    """A parameter name from the keys on its path (``("params", "Dense_0", "kernel")`` →
+    ``"params.Dense_0.kernel"``): the names front-ends give pytree or Keras leaves, which
+    :func:`module_of` then groups. A leaf that is the whole tree is ``"<root>"``."""
+    return ".".join(str(p) for p in parts) or "<root>"
 
 
 def module_of(name: str, depth: int | None = None) -> str:

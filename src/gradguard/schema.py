@@ -46,7 +46,7 @@ class EventKind:
     """The ``kind`` strings of recorded events (stable: they are stored in run stores)."""
 
     SKIP = "skip"  #: a skipped optimizer step; data: :class:`SkipData`
-    PER_SAMPLE = "per_sample"  #: per-example gradient norm statistics (DP runs)
+    PER_SAMPLE = "per_sample"  #: per-example norm statistics (DP runs); :class:`PerSampleData`
     REWIND = "rewind"  #: training state restored to an earlier step; data: :class:`RewindData`
     FINDING_PREFIX = "health."  #: ``health.<finding kind>``; data: :class:`FindingData`
 
@@ -78,6 +78,32 @@ class FindingData(TypedDict, total=False):
     params: list[str]  #: parameters or layers involved, the origin first
     evidence: dict[str, float]  #: the numbers the rule decided on
     advice: list[str]  #: concrete actions, most useful first
+
+
+class PerSampleData(TypedDict, total=False):
+    """Payload of a :attr:`EventKind.PER_SAMPLE` event, from ``privacy.PerSampleMonitor``.
+
+    ``exact`` and ``noised`` say which fields a DP guarantee covers. A field in
+    ``noised`` was released through the DP mechanism the run already pays for (covered
+    by epsilon); a field in ``exact`` is an exact statistic of the examples, NOT covered
+    by epsilon (recorded only when the monitor was built with
+    ``release_exact_statistics_not_private=True``). Fields in neither list are public
+    (the expected batch size) or post-processing of noised releases (the clip norm).
+    Events written before these lists existed hold exact statistics only.
+    """
+
+    exact: list[str]  #: names of the fields below that are exact (not private)
+    noised: list[str]  #: names of the fields below released through the DP mechanism
+    clip_norm: float | None  #: clip norm in force at the step
+    expected_n: float  #: public expected number of examples per step
+    #: 1 - the adaptive clip's noisy unclipped fraction (noised: may leave [0, 1])
+    noised_fraction_clipped: float
+    n: int  #: realised number of examples (exact: private under Poisson sampling)
+    fraction_clipped: float | None  #: exact share of examples with norm > clip_norm
+    quantiles: dict[str, float]  #: exact quantiles of per-example norms, by label ("0.5")
+    mean: float  #: exact mean per-example norm
+    max: float  #: exact largest per-example norm
+    layers: dict[str, dict[str, float]]  #: exact quantiles per tensor (``by_layer=True``)
 
 
 class RewindData(TypedDict, total=False):
@@ -158,6 +184,7 @@ class HostBatch:
     tensor_steps: list[int] = field(default_factory=list)
     tensor_norms: list[list[float]] = field(default_factory=list)
     absent: frozenset[str] = frozenset()
+    extra_tensor_steps: frozenset[int] = frozenset()
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -177,6 +204,10 @@ class Event:
         key: identifies an episode within a run: an event with the same ``key`` as an
             earlier one replaces it (its range, message and data are updated in place).
             ``None`` for events that are never updated.
+        ongoing: ``True`` while an episode is open (later events with its ``key`` may
+            extend it); ``False`` once it is closed, and for point events. Sinks that
+            cannot update what they logged write an episode when it opens and when it
+            closes, not at each extension.
     """
 
     step: int
@@ -185,6 +216,7 @@ class Event:
     data: dict[str, Any] = field(default_factory=dict)
     end_step: int | None = None
     key: str | None = None
+    ongoing: bool = False
 
 
 @runtime_checkable

@@ -20,7 +20,7 @@ from torch import Tensor
 from . import _foreach
 from . import _validate as check
 from ._params import ParamsLike, grads_with_names
-from .distributed import has_dtensor, measure_sharded
+from .distributed import has_dtensor, sharded_norms
 from .layers import group_index
 
 
@@ -195,10 +195,15 @@ def measure_grads(
     """:func:`measure` on a list of gradient tensors (no validation of ``norm_type``).
 
     DTensor gradients (FSDP2, tensor parallel) are measured exactly across ranks by
-    :func:`gradguard.distributed.measure_sharded` (a collective: every rank must call it).
+    :func:`gradguard.distributed.sharded_norms` (a collective: every rank must call it).
     """
+    shapes = tuple([g.shape for g in grads])
+    name_tuple = tuple(names) if names is not None else None
+    if not grads:
+        empty = torch.zeros(0)
+        return GradStats(empty, torch.tensor(0.0), norm_type, name_tuple, shapes)
     if has_dtensor(grads):
-        return measure_sharded(
+        sharded = sharded_norms(
             grads,
             norm_type,
             names=names,
@@ -207,53 +212,30 @@ def measure_grads(
             max_abs=max_abs,
             zero_fraction=zero_fraction,
         )
-    shapes = tuple(g.shape for g in grads)
-    name_tuple = tuple(names) if names is not None else None
-    if not grads:
-        empty = torch.zeros(0)
-        return GradStats(empty, torch.tensor(0.0), norm_type, name_tuple, shapes)
-    first_device = grads[0].device
-    groups = _foreach.groups(grads, foreach)
-    flat: list[Tensor] = []
-    for group in groups:
-        flat.extend(_foreach.norms(group, norm_type, dtype))
-    # Same stacking and reduction as torch.nn.utils.get_total_norm: bit-identical totals.
-    stacked = torch.stack([n.to(first_device) for n in flat])
-    total = torch.linalg.vector_norm(stacked, norm_type)
-    if len(groups) == 1:
-        per_tensor = stacked
-    else:
-        order = torch.tensor(
-            [i for g in groups for i in g.indices], dtype=torch.long, device=first_device
+        return GradStats(
+            sharded.norms,
+            sharded.total,
+            norm_type,
+            name_tuple,
+            shapes,
+            sharded.max_abs,
+            sharded.zero_fraction,
+            sharded.local_nonfinite,
         )
-        per_tensor = torch.empty_like(stacked).index_copy_(0, order, stacked)
+    device = grads[0].device
+    # Same stacking and reduction as torch.nn.utils.get_total_norm: bit-identical totals.
+    norms, grouped = _foreach.stacked_norms(grads, norm_type, foreach, dtype, device)
+    total = torch.linalg.vector_norm(grouped, norm_type)
+    zeros = None
+    if zero_fraction:
+        sizes = torch.tensor([max(g.numel(), 1) for g in grads], device=device)
+        zeros = (_foreach.zero_counts(grads, device) / sizes).float()
     return GradStats(
-        norms=per_tensor,
+        norms=norms,
         total_norm=total,
         norm_type=norm_type,
         names=name_tuple,
         shapes=shapes,
-        max_abs=_max_abs(grads, first_device) if max_abs else None,
-        zero_fraction=_zero_fraction(grads, first_device) if zero_fraction else None,
+        max_abs=_foreach.max_abs(grads, device) if max_abs else None,
+        zero_fraction=zeros,
     )
-
-
-def _max_abs(grads: Sequence[Tensor], device: torch.device) -> Tensor:
-    # aminmax reads each gradient once; ord=inf norms measured ~5x slower on CPU.
-    values = []
-    for g in grads:
-        if g.numel() == 0:
-            values.append(torch.zeros((), device=g.device))
-        elif g.is_complex():
-            values.append(g.abs().amax().float())
-        else:
-            low, high = torch.aminmax(g)
-            values.append(torch.maximum(high.float(), -low.float()))
-    return torch.stack([v.to(device) for v in values])
-
-
-def _zero_fraction(grads: Sequence[Tensor], device: torch.device) -> Tensor:
-    nonzero = torch.stack([torch.count_nonzero(g).to(device) for g in grads])
-    numel = torch.tensor([max(g.numel(), 1) for g in grads], device=device)
-    sizes = torch.tensor([g.numel() for g in grads], device=device)
-    return (sizes - nonzero).float() / numel

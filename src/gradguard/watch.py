@@ -17,7 +17,7 @@ from typing import TextIO
 import numpy as np
 
 from .health import HealthConfig, diagnose
-from .report.data import open_run
+from .record.store import RunStore
 from .schema import SkipReason
 
 BLOCKS = "▁▂▃▄▅▆▇█"
@@ -49,13 +49,17 @@ def sparkline(values: Sequence[float], width: int = 60) -> str:
     return "".join(out)
 
 
-def render_frame(run_dir: str | os.PathLike[str], width: int = 60) -> str:
-    """One text frame: step, norm, clip rate, sparkline, findings and events."""
-    with open_run(run_dir) as store:
+def render_frame(
+    run_dir: str | os.PathLike[str], width: int = 60, run: int | str | None = None
+) -> str:
+    """One text frame of ``run`` (default the latest): step, norm, clip rate, sparkline,
+    findings and events."""
+    with RunStore.open(run_dir, run=run) as store:
         meta = store.meta()
         s = store.steps(last=RECENT)
         recent_events = store.events(last=5)
-    lines = [f"gradguard watch · {os.fspath(run_dir)}"]
+    which = f" · run {meta['run']} ({meta.get('status', '?')})" if meta.get("run") else ""
+    lines = [f"gradguard watch · {os.fspath(run_dir)}{which}"]
     if s["step"].size == 0:
         lines.append("waiting for the first flushed steps…")
         return "\n".join(lines)
@@ -80,6 +84,15 @@ def render_frame(run_dir: str | os.PathLike[str], width: int = 60) -> str:
                 SkipReason(r).label for r in sorted(reasons) if r in SkipReason._value2member_map_
             )
         )
+    lines += _findings(meta, s)
+    events = recent_events
+    lines.append(f"latest events: {len(events) or 'none'}")
+    lines += [f"  step {e.step} {e.kind}: {e.message}" for e in events]
+    return "\n".join(lines)
+
+
+def _findings(meta: dict, s: dict) -> list[str]:
+    """The health rules over the frame's steps; a live view shows what it can."""
     config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
     family = config.get("family") if isinstance(config.get("family"), str) else "default"
     try:
@@ -87,13 +100,12 @@ def render_frame(run_dir: str | os.PathLike[str], width: int = 60) -> str:
     except ValueError:
         health = HealthConfig()
     columns = {k: v for k, v in s.items() if k != "step"}
-    found = diagnose(columns, s["step"], config=health)
-    lines.append(f"findings in the last {norms.size} steps: {len(found) or 'none'}")
-    lines += [f"  {f}" for f in found[-5:]]
-    events = recent_events
-    lines.append(f"latest events: {len(events) or 'none'}")
-    lines += [f"  step {e.step} {e.kind}: {e.message}" for e in events]
-    return "\n".join(lines)
+    try:
+        found = diagnose(columns, s["step"], config=health)
+    except Exception as e:  # a frame never dies on the rules; say why they are missing
+        return [f"findings: not evaluated ({type(e).__name__}: {e})"]
+    lines = [f"findings in the last {s['step'].size} steps: {len(found) or 'none'}"]
+    return lines + [f"  {f}" for f in found[-5:]]
 
 
 def watch(
@@ -101,13 +113,18 @@ def watch(
     interval: float = 2.0,
     once: bool = False,
     stream: TextIO | None = None,
+    run: int | str | None = None,
 ) -> int:
-    """Print frames every ``interval`` seconds until interrupted (one frame with ``once``)."""
+    """Print frames every ``interval`` seconds until interrupted (one frame with ``once``).
+
+    Without ``run``, each frame shows the store's latest run (a new run started in the
+    same directory takes over the view).
+    """
     out = stream or sys.stdout
     clear = "\x1b[H\x1b[2J" if (not once and out.isatty()) else ""
     try:
         while True:
-            frame = render_frame(run_dir)
+            frame = render_frame(run_dir, run=run)
             out.write(clear + frame + "\n")
             out.flush()
             if once:

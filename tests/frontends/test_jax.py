@@ -129,6 +129,8 @@ def torch_coefs(policy, seq):
         ),
         (lambda: ggj.autoclip(50.0, history=16), lambda: gg.AutoClip(50.0, history=16)),
         (lambda: ggj.autoclip(90.0, history=100), lambda: gg.AutoClip(90.0, history=100)),
+        # the default, unbounded history: exact, then log-binned (here after 16 steps)
+        (lambda: ggj.autoclip(30.0, exact_until=16), lambda: gg.AutoClip(30.0, exact_until=16)),
     ],
 )
 def test_adaptive_policies_match_torch(ours, theirs):
@@ -242,3 +244,89 @@ def test_bad_arguments_name_the_argument():
         ggj.autoclip(10.0, history=0)
     with pytest.raises(ValueError, match="alpha"):
         ggj.zclip(alpha=1.5)
+
+
+def test_autoclip_default_keeps_every_norm_as_in_torch():
+    state = ggj.autoclip().init(tree_with_norm(1.0)).policy
+    assert state.buffer.shape == (4096,) and state.bins.shape == (4000,)
+
+
+@pytest.mark.parametrize(
+    "policy",
+    [
+        lambda: gg.SkipSpike(sigma=3.0, window=8, min_history=4),
+        lambda: gg.AdaptiveTensorClip(warmup_steps=5, warmup_max_norm=2.0),
+        lambda: gg.chain(gg.SkipNonFinite(), gg.ZClip(warmup_steps=5, max_norm=4.0)),
+    ],
+)
+def test_guard_runs_the_torch_policy_update(policy):
+    """The same policy object decides alike in torch and inside a jitted optax step."""
+    seq = norm_sequence()
+    tx = ggj.guard(optax.sgd(0.0), policy())
+    update = jax.jit(tx.update)
+    state = tx.init(tree_with_norm(1.0))
+    torch_policy = policy()
+    leaves = jax.tree.leaves(tree_with_norm(1.0))
+    params = [torch.nn.Parameter(torch.zeros(int(np.size(x)))) for x in leaves]
+    for v in seq:
+        tree = tree_with_norm(v)
+        _, state = update(tree, state)
+        for p, leaf in zip(params, jax.tree.leaves(tree)):
+            p.grad = torch.tensor(np.asarray(leaf).reshape(-1))
+        stats = gg.measure(params)
+        d = torch_policy.decide(stats, params)
+        skipped = bool(d.skip) if d.skip is not None else False
+        assert bool(state.skipped) == skipped
+        if not math.isfinite(v):
+            continue
+        clipped = stats.norms if d.tensor_scale is None else stats.norms * d.tensor_scale
+        clipped = torch.linalg.vector_norm(clipped) * (1.0 if d.scale is None else d.scale)
+        assert float(state.stats.clipped_norm) == pytest.approx(float(clipped), rel=1e-4)
+
+
+def test_guard_skips_keep_the_optimizer_state_and_record_named_events(tmp_path):
+    params = mlp_init(jax.random.PRNGKey(1))
+    tx = ggj.guard(optax.adam(1e-2))  # the default policy: SkipNonFinite + ZClip
+    state = tx.init(params)
+    recorder = ggj.JaxRecorder.for_params(params, tmp_path / "run", log_every=4, health=False)
+    for i in range(1, 9):
+        grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.1, params)
+        if i == 5:
+            grads["layer1"]["w"] = grads["layer1"]["w"].at[0, 0].set(jnp.inf)
+        before = state
+        updates, state = jax.jit(tx.update)(grads, state, params)
+        if i == 5:
+            assert bool(state.skipped) and int(state.reason) == gg.record.SkipReason.NONFINITE
+            assert_trees_equal(state.inner, before.inner)
+            assert all(float(jnp.abs(u).max()) == 0.0 for u in jax.tree.leaves(updates))
+        recorder.record(i, state)
+    recorder.close()
+    events = gg.RunStore.open(tmp_path / "run").events("skip")
+    assert [e.step for e in events] == [5]
+    assert events[0].data["reason"] == "nonfinite"
+    assert events[0].data["nonfinite"] == ["layer1.w"]
+
+
+def test_loss_reaches_the_policies_as_optax_value():
+    seen = []
+
+    class LossAware(gg.Policy):
+        def update(self, state, inputs, xp):
+            seen.append(inputs.loss)
+            return gg.policies.Decision(), state
+
+    tx = ggj.guard(optax.sgd(0.1), LossAware())
+    params = mlp_init(jax.random.PRNGKey(2))
+    state = tx.init(params)
+    grads = jax.tree.map(jnp.ones_like, params)
+    tx.update(grads, state, params, value=jnp.asarray(2.5))
+    assert float(seen[-1]) == 2.5
+
+
+def test_policies_that_need_torch_are_refused_in_jax():
+    with pytest.raises(TypeError, match="clip_value"):
+        tx = ggj.transform(gg.ClipValue(1.0))
+        tx.update(random_tree(0), tx.init(random_tree(0)))
+    with pytest.raises(TypeError, match="guard"):
+        tx = ggj.transform(gg.SkipNonFinite())
+        tx.update(random_tree(0), tx.init(random_tree(0)))

@@ -160,7 +160,12 @@ def test_training_run_recorded(tmp_path):
     data = out["data"]
     assert data["skipped"].tolist() == [i == 25 for i in range(1, 41)]
     assert data["reason"][24] == gg.record.SkipReason.NONFINITE
-    assert [e.step for e in out["store"].events("skip")] == [25]
+    skips = out["store"].events("skip")
+    assert [e.step for e in skips] == [25]
+    # The same payload as a PyTorch run's: a NaN input reaches every gradient.
+    assert skips[0].data["reason"] == "nonfinite"
+    assert skips[0].data["nonfinite"] == list(names)
+    assert skips[0].data["origin"] == "2.bias"
 
 
 def test_bad_policy_is_rejected():

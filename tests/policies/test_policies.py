@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -83,8 +84,8 @@ def test_autoclip_unbounded_history_stays_within_a_bin_of_exact_in_constant_memo
         exact = np.percentile(seen, 10.0)
         assert steps[checkpoint][2] == pytest.approx(exact, rel=0.015), checkpoint
     state = policy.state_dict()
-    assert state["_buffer"] is None and state["_bins"].numel() == 4000
-    assert state["_bins"].sum().item() == len(finite)
+    assert state["buffer"] is None and state["bins"].numel() == 4000
+    assert state["bins"].sum().item() == len(finite)
 
 
 def test_autoclip_window_keeps_only_recent_norms():
@@ -145,10 +146,10 @@ def test_zclip_takes_warmup_statistics_from_the_capped_norms():
     policy = gg.ZClip(warmup_steps=3, warmup_max_norm=10.0)
     steps = run(policy, [100.0, 200.0, 300.0])
     assert [s[0] for s in steps] == pytest.approx([0.1, 0.05, 10.0 / 300.0], rel=1e-4)
-    assert float(policy.state_dict()["_mean"]) == pytest.approx(10.0)  # not 200: what was applied
+    assert float(policy.state_dict()["mean"]) == pytest.approx(10.0)  # not 200: what was applied
     uncapped = gg.ZClip(warmup_steps=3)
     run(uncapped, [100.0, 200.0, 300.0])
-    assert float(uncapped.state_dict()["_mean"]) == pytest.approx(200.0)
+    assert float(uncapped.state_dict()["mean"]) == pytest.approx(200.0)
 
 
 def test_adaptive_tensor_clip_trajectory():
@@ -176,7 +177,7 @@ def test_adaptive_tensor_clip_trajectory():
                 ema[i] = 0.5 * ema[i] + 0.5 * v * want
             else:
                 assert coef[i] == 1.0
-    assert policy.state_dict()["_ema"].tolist()[1] == pytest.approx(ema[1], rel=1e-5)
+    assert policy.state_dict()["ema"].tolist()[1] == pytest.approx(ema[1], rel=1e-5)
 
 
 def test_skip_nonfinite():
@@ -308,3 +309,49 @@ class TestBadInput:
     def test_load_foreign_state(self):
         with pytest.raises(KeyError, match="lacks"):
             gg.ZClip().load_state_dict({"_buffer": None})
+
+
+class LossState(NamedTuple):
+    best: Any  # the lowest finite loss so far
+
+
+class SkipLossJump(gg.Policy):
+    """README's loss-aware policy: skip a step whose loss is over 10x the lowest seen."""
+
+    State = LossState
+
+    def init(self, inputs, xp):
+        return LossState(xp.scalar(math.inf, inputs.total_norm))
+
+    def update(self, state, inputs, xp):
+        loss = inputs.loss
+        best = xp.where(xp.isfinite(loss), xp.minimum(state.best, loss), state.best)
+        skip = loss > 10 * state.best
+        return Decision(skip=skip, reason=xp.code(SkipReason.POLICY, loss)), LossState(best)
+
+
+@pytest.mark.parametrize("host_math", [True, False])
+def test_a_policy_can_see_the_loss_the_lr_and_the_step(host_math):
+    seen = []
+
+    class Spy(gg.Policy):
+        def update(self, state, inputs, xp):
+            seen.append((float(inputs.loss), inputs.lr, inputs.step))
+            return Decision(), state
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = gg.Guard(model, gg.chain(Spy(), SkipLossJump()), host_math=host_math)
+    skipped = []
+    for scale in [1.0, 1.0, 1.0, 100.0, 1.0]:
+        optimizer.zero_grad()
+        loss = model(torch.randn(8, 3)).pow(2).mean() * scale
+        loss.backward()
+        skipped.append(guard.step(optimizer, loss=loss).is_skipped())
+    assert skipped == [False, False, False, True, False]
+    assert [s for _, _, s in seen] == [0, 1, 2, 3, 4]
+    assert all(lr == pytest.approx(0.05) for _, lr, _ in seen)
+    assert seen[3][0] > 10 * min(v for v, _, _ in seen[:3])
+    state = guard.policy.policies[1].state_dict()
+    assert float(state["best"]) == pytest.approx(min(v for v, _, _ in seen if v < 1e3))

@@ -110,3 +110,27 @@ def test_sigterm_flushes_everything_then_dies_as_before(tmp_path):
     np.testing.assert_array_equal(steps, np.arange(len(steps)))
     assert steps[-1] >= last  # every recorded step reached the store
     assert steps[-1] <= last + 1
+
+
+def test_random_sigkills_lose_at_most_one_interval():
+    """A handful of the kills ``benchmarks/crash.py`` makes by the hundred."""
+    root = Path(__file__).resolve().parents[2]
+    src = str(root / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(root / "benchmarks" / "crash.py"),
+            "--trials",
+            "8",
+            "--log-every",
+            "5",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "8 SIGKILLs" in out.stdout and "failures: 0" in out.stdout

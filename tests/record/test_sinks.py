@@ -217,3 +217,48 @@ def test_nan_values_reach_the_metrics():
     assert math.isnan(rows[0]["grad/total_norm"]) and math.isinf(rows[1]["grad/total_norm"])
     assert "train/loss" not in rows[0]
     rec.close()
+
+
+def _episode_events() -> list[list[Event]]:
+    """An episode opened, extended twice and closed over four flushes, beside point events."""
+    key, kind = "health.spike@10", "health.spike"
+    return [
+        [Event(10, kind, "spike", {}, 10, key, True), Event(10, "skip", "skipped 10")],
+        [Event(10, kind, "spike", {}, 12, key, True)],
+        [Event(10, kind, "spike", {}, 15, key, True)],
+        [Event(10, kind, "spike", {}, 18, key, False), Event(18, "skip", "skipped 18")],
+    ]
+
+
+def test_episodes_log_once_opened_and_once_closed():
+    from gradguard.record.sinks import ConsoleSink
+
+    out = io.StringIO()
+    sink = ConsoleSink(file=out, use_rich=False)
+    for events in _episode_events():
+        sink.write_events(events)
+    assert out.getvalue().splitlines() == [
+        "gradguard | step 10 | health.spike: opened at step 10: spike",
+        "gradguard | step 10 | skip: skipped 10",
+        "gradguard | step 18 | health.spike: closed (steps 10-18): spike",
+        "gradguard | step 18 | skip: skipped 18",
+    ]
+
+
+def test_tensorboard_text_holds_an_episode_twice(tmp_path):
+    pytest.importorskip("tensorboard", reason="pip install 'gradguard[tensorboard]'")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gradguard.record.sinks import TensorBoardSink
+
+    sink = TensorBoardSink(tmp_path)
+    for events in _episode_events():
+        sink.write_events(events)
+    sink.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    acc.Reload()
+    texts = [
+        (e.step, e.tensor_proto.string_val[0].decode())
+        for e in acc.Tensors("events/health.spike/text_summary")
+    ]
+    assert texts == [(10, "opened at step 10: spike"), (18, "closed (steps 10-18): spike")]

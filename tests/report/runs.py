@@ -74,9 +74,17 @@ def recorded_run_dir(factory: pytest.TempPathFactory) -> Path:
 
 
 def write_synthetic(
-    path: Path, n: int, names: list[str], every: int = 50, batch: int = 200_000
+    path: Path,
+    n: int,
+    names: list[str],
+    every: int = 50,
+    batch: int = 200_000,
+    *,
+    training: bool = False,
 ) -> dict[str, np.ndarray]:
-    """Write ``n`` steps of synthetic norms (with spikes and one inf) via the store API."""
+    """Write ``n`` steps of synthetic norms (with spikes and one inf) via the store API;
+    with ``training``, also a decaying loss, a cosine learning rate and an AMP loss scale
+    that halves at the inf step."""
     from gradguard.record.store import RunStore
     from gradguard.schema import STEP_COLUMNS, HostBatch
 
@@ -100,6 +108,11 @@ def write_synthetic(
         "lr": np.full(n, np.nan),
         "loss_scale": np.full(n, np.nan),
     }
+    if training:
+        t = np.arange(n) / max(n - 1, 1)
+        cols["loss"] = 2.0 * np.exp(-3.0 * t) + 0.1 * rng.uniform(0, 1, n)
+        cols["lr"] = 1e-3 * 0.5 * (1 + np.cos(np.pi * t))
+        cols["loss_scale"] = np.where(np.arange(n) < (2 * n) // 3, 65536.0, 32768.0)
     snap_steps = np.arange(0, n, every)
     snaps = np.exp(rng.normal(-2.0, 1.0, (snap_steps.size, len(names)))).astype(np.float32)
     store = RunStore(path)

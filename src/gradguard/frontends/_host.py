@@ -90,10 +90,11 @@ class HostRecorder:
         """Record one step from Python numbers; returns the batch when this call flushed.
 
         ``clipped_norm`` defaults to ``total_norm * clip_coef``. ``tensor_norms`` (in the
-        order given to :meth:`start`) is stored at snapshot steps only.
+        order given to :meth:`start`) is stored at snapshot steps and non-finite steps.
         """
         stats = None
-        if tensor_norms is not None and self.recorder.wants_tensor_norms(step):
+        wanted = self.recorder.wants_tensor_norms(step) or not math.isfinite(total_norm)
+        if tensor_norms is not None and wanted:
             stats = _host_stats(tensor_norms, total_norm, self._names)
         if clipped_norm is None:
             clipped_norm = total_norm * clip_coef

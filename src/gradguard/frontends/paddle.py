@@ -9,10 +9,12 @@ The three fixed policies are applied exactly as Paddle's own clips are:
 ``ClipNorm(c)`` as ``paddle.nn.ClipGradByGlobalNorm(c)`` (coefficient
 ``c / max(‖g‖, c)``; torch's adds ``1e-6`` to the norm), ``ClipTensorNorm(c)`` as
 ``ClipGradByNorm(c)`` and ``ClipValue(v)`` as ``ClipGradByValue(v)``. Every other policy
-(ZClip, AutoClip, AGC, SkipNonFinite, chains, ...) runs its shared decision logic on
-zero-copy DLPack views of Paddle's norms and gradients; its scales are applied with
-Paddle ops. A skip returns no gradients to the optimizer, so parameters and moments
-stay as they were; it is the only host read per step, as with a PyTorch ``Guard``.
+(ZClip, AutoClip, AGC, SkipNonFinite, chains, ...) runs the very update the torch
+``Guard`` runs (:mod:`gradguard.ops` on torch tensors) on zero-copy DLPack views of
+Paddle's norms and gradients; its scales are applied with Paddle ops. A skip returns no
+gradients to the optimizer, so parameters and moments stay as they were; it is the only
+host read per step, as with a PyTorch ``Guard``, and is recorded with the same skip event
+(reason, non-finite names, origin).
 Parameters with ``need_clip=False`` are measured but neither clipped nor skipped over.
 """
 
@@ -25,9 +27,11 @@ from typing import Any
 import paddle
 import torch
 
-from ..policies import ClipNorm, ClipTensorNorm, ClipValue, Policy, default_policy
+from .. import _warn
+from ..ops import TORCH
+from ..policies import ClipNorm, ClipTensorNorm, ClipValue, Policy, StepInputs, default_policy
 from ..record import Recorder, RunStore
-from ..schema import Event, EventKind, Sink, SkipReason
+from ..schema import Sink, SkipReason, skip_event
 from ..stats import GradStats
 
 
@@ -159,7 +163,8 @@ class GuardClip(paddle.nn.clip.ClipGradBase):
         stats = GradStats(
             t_norms, t_total, 2.0, self._labels(fixed), tuple(t.shape for t in t_grads)
         )
-        decision = self.policy.decide(stats, t_params)
+        inputs = StepInputs.from_stats(stats, t_params, xp=TORCH, step=self.step - 1)
+        decision = self.policy.decide(inputs, t_params)
         for transform in decision.transforms:  # in place on the shared memory
             transform(t_params, t_grads)
         if decision.tensor_scale is not None:
@@ -209,12 +214,14 @@ class GuardClip(paddle.nn.clip.ClipGradBase):
             )
             if skipped:
                 label = SkipReason(code).label
-                message = f"step {self.step} skipped ({label})"
-                host.event(Event(self.step, EventKind.SKIP, message, {}))
+                names = []
+                if label == "nonfinite":
+                    flags = (~torch.isfinite(_to_torch(norms))).tolist()
+                    names = [n for n, bad in zip(self._labels(fixed), flags) if bad]
+                # Registration order, reversed, is the usual backward order (as the Guard).
+                host.event(skip_event(self.step, label, names, names[-1] if names else None))
         except Exception as e:  # a recording fault never stops training
-            import warnings
-
-            warnings.warn(f"gradguard: recording failed: {e!r}", RuntimeWarning, stacklevel=3)
+            _warn.warn(f"gradguard: recording failed: {e!r}")
             self.host = None
 
     def close(self) -> None:

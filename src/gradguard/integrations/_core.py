@@ -1,11 +1,11 @@
 """What every framework integration shares: run a Guard at a hook, skip without stepping.
 
 Frameworks call ``optimizer.step()`` themselves, so an integration cannot hand the
-optimizer to :meth:`Guard.step`. :class:`HookStep` gives the guard a stand-in optimizer
-whose ``step()`` only notes that the guard let the step through; the guard measures,
-decides, clips in place and records as usual. When the guard skips, the real step that
-the framework takes next must change nothing. Zeroing the gradients would not do: Adam
-would still count the step and decay its moments. Instead the gradients of every
+optimizer to :meth:`Guard.step`. :class:`HookStep` calls :meth:`Guard.process` (measure,
+decide, clip in place, record) at the framework's hook instead. When the guard skips,
+the real step that the framework takes next must change nothing. Zeroing the gradients
+would not do: Adam would still count the step and decay its moments. Instead the
+gradients of every
 parameter of the optimizer are set aside (``grad = None``): torch optimizers leave a
 parameter without a gradient untouched (no update, no state change, no step count), and
 fused and foreach kernels are handed empty lists. The gradients come back after the step
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._update import learning_rate
 from ..guard import Guard, StepResult
 from ..policies import Monitor, Policy
 from ..schema import Sink
@@ -66,18 +67,6 @@ class CallbackBase:
     def monitoring(self) -> bool:
         """Whether the guard only measures (set once training starts)."""
         return bool(self.guard is not None and isinstance(self.guard.policy, Monitor))
-
-
-class _Deferred:
-    """Stands in for the optimizer inside ``Guard.step``: notes the step instead of taking it."""
-
-    def __init__(self, optimizer: Any) -> None:
-        self.param_groups = getattr(optimizer, "param_groups", [])
-        self.defaults: dict[str, Any] = {}  # not fused: the guard scales gradients itself
-        self.stepped = False
-
-    def step(self) -> None:
-        self.stepped = True
 
 
 def innermost(optimizer: Any) -> torch.optim.Optimizer:
@@ -131,9 +120,8 @@ class HookStep:
         if all(p.grad is None for p in self.guard.params):
             self.last, self.skipped_last = None, False
             return None
-        proxy = _Deferred(optimizer)
-        result = self.guard.step(proxy, loss=loss)  # type: ignore[arg-type]
-        self.last, self.skipped_last = result, not proxy.stepped
+        result = self.guard.process(loss=loss, lr=learning_rate(innermost(optimizer)))
+        self.last, self.skipped_last = result, result.is_skipped()
         if self.skipped_last:
             self._withhold(optimizer)
         return result

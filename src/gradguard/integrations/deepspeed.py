@@ -150,7 +150,7 @@ class DeepSpeedMonitor:
             reason=torch.tensor(int(reason), dtype=torch.int8, device=total.device),
             loss=loss.detach() if isinstance(loss, torch.Tensor) else loss,
             lr=float(lr) if isinstance(lr, (int, float)) else None,
-            stats=stats if self.recorder.wants_tensor_norms(step) else None,
+            stats=stats,  # kept for snapshot steps and non-finite steps
         )
 
     def close(self) -> None:

@@ -1,7 +1,7 @@
 """Clipping and skipping policies, composable with :func:`chain`."""
 
 from .adaptive import AdaptiveTensorClip, AutoClip, ZClip
-from .base import Decision, Policy
+from .base import Decision, Policy, StepInputs
 from .chain import Chain, chain, default_policy
 from .feedback import FeedbackClip
 from .fixed import AGC, ClipNorm, ClipTensorNorm, ClipValue, Monitor
@@ -23,6 +23,7 @@ __all__ = [
     "Policy",
     "SkipNonFinite",
     "SkipSpike",
+    "StepInputs",
     "ZClip",
     "chain",
     "default_policy",

@@ -1,26 +1,29 @@
 """Clipping whose threshold follows the run: AutoClip, ZClip and a per-tensor EMA clip.
 
-State is kept on the gradients' device and updated with ``torch.where`` so no step
-needs a host sync, and a NaN or inf norm never enters a history.
+Each update is a pure function of the policy's state (see :mod:`.base`), selected with
+``where`` rather than branches on values, so no step needs a host sync and a NaN or inf
+norm never enters a history.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
-
-import torch
-from torch import Tensor
+from typing import Any, NamedTuple
 
 from .. import _validate as check
-from ..functional import clip_coefficient
-from ..stats import GradStats
+from ..ops import Array, Ops, clip_coefficient
 from . import _histogram
-from .base import Decision, Policy, finite_or, require_grads
+from .base import Decision, Policy, StepInputs, finite_or
 
 
-def _scalar(value: float, like: Tensor) -> Tensor:
-    return torch.full((), value, dtype=torch.float32, device=like.device)
+class AutoClipState(NamedTuple):
+    """The exact history or sliding window (NaN where empty), the log-binned counts once
+    past ``exact_until`` (always present under JAX), and the number of steps seen."""
+
+    buffer: Array | None
+    bins: Array | None
+    count: Any
 
 
 class AutoClip(Policy):
@@ -38,7 +41,7 @@ class AutoClip(Policy):
     prefer a higher percentile there.
     """
 
-    _state_names = ("_buffer", "_count", "_bins")
+    State = AutoClipState
 
     def __init__(
         self, percentile: float = 10.0, history: int | None = None, exact_until: int = 4096
@@ -46,56 +49,59 @@ class AutoClip(Policy):
         self.percentile = check.in_range("percentile", percentile, 0.0, 100.0)
         self.history = None if history is None else check.positive_int("history", history)
         self.exact_until = check.positive_int("exact_until", exact_until)
-        self._buffer: Tensor | None = None
-        self._bins: Tensor | None = None  # log-binned counts once past exact_until
-        self._count = 0
 
     def _config(self):
         return {"percentile": self.percentile, "history": self.history}
 
-    def decide(self, stats: GradStats, params: Sequence[Tensor]) -> Decision:
-        require_grads(stats, self)
-        total = stats.total_norm.float()
-        value = finite_or(total, _scalar(math.nan, total))
-        if self.history is None and self._count >= self.exact_until:
-            threshold = self._binned(value)
-            return Decision(scale=clip_coefficient(threshold, total), threshold=threshold)
-        if self.history is None:
-            capacity = min(1024, self.exact_until) if self._buffer is None else self._buffer.numel()
-            while capacity <= self._count:
-                capacity = min(capacity * 2, self.exact_until)
-            slot = self._count
+    def init(self, inputs: StepInputs, xp: Ops) -> AutoClipState:
+        like = inputs.total_norm
+        size = self.exact_until if self.history is None else self.history
+        bins = _histogram.empty(xp, like) if xp.traced and self.history is None else None
+        return AutoClipState(xp.full(size, math.nan, like), bins, xp.counter(0))
+
+    def update(
+        self, state: AutoClipState, inputs: StepInputs, xp: Ops
+    ) -> tuple[Decision, AutoClipState]:
+        total = inputs.total_norm
+        value = finite_or(xp, total, math.nan)
+        q = self.percentile / 100.0
+        if self.history is not None:
+            window = xp.set_at(state.buffer, state.count % self.history, value)
+            threshold = xp.nanquantile(xp.head(window, state.count + 1), q)
+            state = AutoClipState(window, None, state.count + 1)
         else:
-            capacity = self.history
-            slot = self._count % self.history
-        self._ensure_buffer(capacity, total)
-        assert self._buffer is not None
-        self._buffer[slot] = value
-        self._count += 1
-        filled = self._buffer[: min(self._count, capacity)]
-        threshold = torch.nanquantile(filled, self.percentile / 100.0)
-        threshold = torch.where(torch.isnan(threshold), _scalar(math.inf, total), threshold)
-        return Decision(scale=clip_coefficient(threshold, total), threshold=threshold)
+            exact, binned = functools.partial(_exact, xp, q), functools.partial(_binned, xp, q)
+            state, threshold = xp.cond(state.count < self.exact_until, exact, binned, state, value)
+        threshold = xp.where(xp.isnan(threshold), math.inf, threshold)
+        return Decision(scale=clip_coefficient(xp, threshold, total), threshold=threshold), state
 
-    def _binned(self, value: Tensor) -> Tensor:
-        if self._bins is None:  # switch from the exact history to bin counts, once
-            assert self._buffer is not None
-            self._bins = _histogram.add_(_histogram.empty(value.device), self._buffer)
-            self._buffer = None
-        _histogram.add_(self._bins, value)
-        self._count += 1
-        threshold = _histogram.quantile(self._bins, self.percentile / 100.0)
-        return torch.where(torch.isnan(threshold), _scalar(math.inf, value), threshold)
 
-    def _ensure_buffer(self, capacity: int, like: Tensor) -> None:
-        old = self._buffer
-        if old is not None and old.numel() == capacity and old.device == like.device:
-            return
-        buffer = torch.full((capacity,), math.nan, dtype=torch.float32, device=like.device)
-        if old is not None:
-            keep = min(old.numel(), capacity)
-            buffer[:keep] = old[:keep].to(like.device)
-        self._buffer = buffer
+def _exact(xp: Ops, q: float, state: AutoClipState, value: Array) -> tuple[AutoClipState, Array]:
+    buffer = xp.set_at(state.buffer, state.count, value)
+    bins = (
+        None if state.bins is None else _histogram.add(xp, state.bins, value)
+    )  # JAX: kept current
+    threshold = xp.nanquantile(xp.head(buffer, state.count + 1), q)
+    return AutoClipState(buffer, bins, state.count + 1), threshold
+
+
+def _binned(xp: Ops, q: float, state: AutoClipState, value: Array) -> tuple[AutoClipState, Array]:
+    bins = state.bins
+    if bins is None:  # the switch from the exact history to bin counts, once
+        bins = _histogram.add(xp, _histogram.empty(xp, value), state.buffer)
+    bins = _histogram.add(xp, bins, value)
+    buffer = state.buffer if xp.traced else None  # constant memory from here on
+    return AutoClipState(buffer, bins, state.count + 1), _histogram.quantile(xp, bins, q)
+
+
+class ZClipState(NamedTuple):
+    """Warm-up count and sums, then the EMA mean and variance of the (clipped) norms."""
+
+    n: Array
+    sum: Array
+    sumsq: Array
+    mean: Array
+    var: Array
 
 
 class ZClip(Policy):
@@ -117,7 +123,8 @@ class ZClip(Policy):
     final error on exploding SGD runs).
     """
 
-    _state_names = ("_sum", "_sumsq", "_n", "_mean", "_var")
+    State = ZClipState
+    finite_fields = ZClipState._fields
 
     def __init__(
         self,
@@ -129,16 +136,17 @@ class ZClip(Policy):
         eps: float = 1e-6,
     ) -> None:
         self.alpha = check.in_open_unit("alpha", alpha)
-        self.z_thresh = check.positive("z_thresh", z_thresh)
+        self.z_thresh = check.positive("z_thresh", z_thresh, float32=True)
         self.warmup_steps = check.positive_int("warmup_steps", warmup_steps)
-        self.max_norm = None if max_norm is None else check.non_negative("max_norm", max_norm)
+        self.max_norm = (
+            None if max_norm is None else check.non_negative("max_norm", max_norm, float32=True)
+        )
         self.warmup_max_norm = (
             None
             if warmup_max_norm is None
-            else check.non_negative("warmup_max_norm", warmup_max_norm)
+            else check.non_negative("warmup_max_norm", warmup_max_norm, float32=True)
         )
-        self.eps = check.positive("eps", eps)
-        self._sum = self._sumsq = self._n = self._mean = self._var = None
+        self.eps = check.positive("eps", eps, float32=True)
 
     def _config(self):
         return {
@@ -149,53 +157,66 @@ class ZClip(Policy):
             "warmup_max_norm": self.warmup_max_norm,
         }
 
-    def decide(self, stats: GradStats, params: Sequence[Tensor]) -> Decision:
-        require_grads(stats, self)
-        g = stats.total_norm.float()
-        if self._n is None:
-            zero = _scalar(0.0, g)
-            self._sum, self._sumsq, self._n, self._mean, self._var = (zero.clone() for _ in "12345")
-        finite = torch.isfinite(g)
-        g0 = torch.where(finite, g, 0.0)
-        ready = self._n >= self.warmup_steps  # statistics existed before this step
+    def init(self, inputs: StepInputs, xp: Ops) -> ZClipState:
+        zero = xp.scalar(0.0, inputs.total_norm)
+        return ZClipState(zero, zero, zero, zero, zero)
 
-        # Warm-up: accumulate finite norms; initialise the EMAs once enough are in.
-        collect = finite & ~ready
-        applied = g0 if self.warmup_max_norm is None else g0.clamp(max=self.warmup_max_norm)
-        self._sum = self._sum + torch.where(collect, applied, 0.0)
-        self._sumsq = self._sumsq + torch.where(collect, applied * applied, 0.0)
-        self._n = self._n + collect.float()
-        now_ready = ~ready & (self._n >= self.warmup_steps)
-        first_mean = self._sum / self._n.clamp(min=1.0)
-        first_var = (self._sumsq / self._n.clamp(min=1.0) - first_mean**2).clamp(min=0.0)
-
-        # Spike test against the statistics from before this step.
-        std = self._var.sqrt()
-        z = (g0 - self._mean) / (std + self.eps)
-        spike = ready & finite & (z > self.z_thresh)
-        clipped_to = self._mean + self.z_thresh**2 * std / z.clamp(min=self.eps)
-        scale = torch.where(spike, clip_coefficient(clipped_to, g), 1.0)
-
-        # EMA update with the effective (clipped) norm.
-        effective = torch.where(spike, clipped_to, g0)
-        new_mean = self.alpha * self._mean + (1 - self.alpha) * effective
-        new_var = self.alpha * self._var + (1 - self.alpha) * (effective - new_mean) ** 2
-        update = ready & finite
-        self._mean = torch.where(update, new_mean, torch.where(now_ready, first_mean, self._mean))
-        self._var = torch.where(update, new_var, torch.where(now_ready, first_var, self._var))
-
-        boundary = torch.where(ready, self._mean + self.z_thresh * std, _scalar(math.inf, g))
-        threshold = torch.where(spike, clipped_to, boundary)
-        if self.warmup_max_norm is not None:
-            cap = clip_coefficient(self.warmup_max_norm, g)
-            scale = torch.where(ready, scale, torch.minimum(scale, cap))
-            threshold = torch.where(
-                ready, threshold, torch.minimum(threshold, _scalar(self.warmup_max_norm, g))
-            )
+    def update(self, state: ZClipState, inputs: StepInputs, xp: Ops) -> tuple[Decision, ZClipState]:
+        g = inputs.total_norm
+        finite = xp.isfinite(g)
+        g0 = xp.where(finite, g, 0.0)  # a non-finite norm never enters the statistics
+        ready = state.n >= self.warmup_steps  # statistics existed before this step
+        decision, state = xp.cond(ready, self._track, self._warm_up, xp, state, g, finite, g0)
         if self.max_norm is not None:
-            scale = torch.minimum(scale, clip_coefficient(self.max_norm, g))
-            threshold = torch.minimum(threshold, _scalar(self.max_norm, g))
-        return Decision(scale=scale, threshold=threshold)
+            decision.scale = xp.minimum(decision.scale, clip_coefficient(xp, self.max_norm, g))
+            decision.threshold = xp.minimum(decision.threshold, self.max_norm)
+        return decision, state
+
+    def _warm_up(
+        self, xp: Ops, state: ZClipState, g: Array, finite: Array, g0: Array
+    ) -> tuple[Decision, ZClipState]:
+        """Accumulate the finite norms (capped: the ones applied); mean and variance follow."""
+        applied = g0
+        if self.warmup_max_norm is not None:
+            applied = xp.minimum(applied, self.warmup_max_norm)
+        n = state.n + finite
+        total, total_sq = state.sum + applied, state.sumsq + applied * applied
+        count = xp.maximum(n, 1.0)
+        mean = total / count
+        var = xp.maximum(total_sq / count - mean * mean, 0.0)
+        if self.warmup_max_norm is None:
+            decision = Decision(scale=xp.scalar(1.0, g), threshold=xp.scalar(math.inf, g))
+        else:
+            cap = self.warmup_max_norm
+            decision = Decision(scale=clip_coefficient(xp, cap, g), threshold=xp.scalar(cap, g))
+        return decision, ZClipState(n, total, total_sq, mean, var)
+
+    def _track(
+        self, xp: Ops, state: ZClipState, g: Array, finite: Array, g0: Array
+    ) -> tuple[Decision, ZClipState]:
+        """Clip a spike against the statistics from before this step, then update the EMAs
+        with the effective (clipped) norm."""
+        std = xp.sqrt(state.var)
+        z = (g0 - state.mean) / (std + self.eps)
+        spike = finite & (z > self.z_thresh)
+        clipped_to = state.mean + self.z_thresh**2 * std / xp.maximum(z, self.eps)
+        scale = xp.where(spike, clip_coefficient(xp, clipped_to, g), 1.0)
+        effective = xp.where(spike, clipped_to, g0)
+        new_mean = self.alpha * state.mean + (1 - self.alpha) * effective
+        deviation = effective - new_mean
+        new_var = self.alpha * state.var + (1 - self.alpha) * (deviation * deviation)
+        mean = xp.where(finite, new_mean, state.mean)
+        var = xp.where(finite, new_var, state.var)
+        threshold = xp.where(spike, clipped_to, mean + self.z_thresh * std)
+        tracked = ZClipState(state.n, state.sum, state.sumsq, mean, var)
+        return Decision(scale=scale, threshold=threshold), tracked
+
+
+class AdaptiveTensorClipState(NamedTuple):
+    """Each tensor's EMA of its clipped norm, and the number of steps seen."""
+
+    ema: Array
+    step: Any
 
 
 class AdaptiveTensorClip(Policy):
@@ -208,7 +229,8 @@ class AdaptiveTensorClip(Policy):
     and ``γ`` follows the observed norms. Non-finite norms leave ``γ`` unchanged.
     """
 
-    _state_names = ("_ema", "_step")
+    State = AdaptiveTensorClipState
+    finite_fields = ("ema",)
 
     def __init__(
         self,
@@ -217,7 +239,7 @@ class AdaptiveTensorClip(Policy):
         warmup_steps: int = 100,
         warmup_max_norm: float | None = 1.0,
     ) -> None:
-        self.relative = check.positive("relative", relative)
+        self.relative = check.positive("relative", relative, float32=True)
         if self.relative < 1.0:
             raise ValueError(f"relative must be >= 1, got {self.relative}")
         self.beta = check.in_open_unit("beta", beta)
@@ -225,10 +247,8 @@ class AdaptiveTensorClip(Policy):
         self.warmup_max_norm = (
             None
             if warmup_max_norm is None
-            else check.non_negative("warmup_max_norm", warmup_max_norm)
+            else check.non_negative("warmup_max_norm", warmup_max_norm, float32=True)
         )
-        self._ema: Tensor | None = None
-        self._step = 0
 
     def _config(self):
         return {
@@ -238,33 +258,45 @@ class AdaptiveTensorClip(Policy):
             "warmup_max_norm": self.warmup_max_norm,
         }
 
-    def decide(self, stats: GradStats, params: Sequence[Tensor]) -> Decision:
-        require_grads(stats, self)
-        norms = stats.norms.float()
-        finite = torch.isfinite(norms)
-        if self._ema is None or self._ema.shape != norms.shape:
-            if self._ema is not None:
-                raise ValueError(
-                    f"AdaptiveTensorClip tracked {self._ema.numel()} tensors but got "
-                    f"{norms.numel()}: the set of parameters with gradients changed"
-                )
-            self._ema = torch.where(finite, norms, 0.0)
-        warming = self._step < self.warmup_steps
-        self._step += 1
-        decision = Decision()
-        if warming:
-            clipped = norms
-            if self.warmup_max_norm is not None:
-                total = stats.total_norm.float()
-                decision.scale = clip_coefficient(self.warmup_max_norm, total)
-                decision.threshold = _scalar(self.warmup_max_norm, total)
-                clipped = norms * decision.scale
-        else:
-            limit = self.relative * self._ema
-            coef = torch.where(finite, clip_coefficient(limit, norms), 1.0)
-            decision.tensor_scale = coef
-            clipped = norms * coef
-        self._ema = torch.where(
-            finite, self.beta * self._ema + (1 - self.beta) * clipped, self._ema
-        )
-        return decision
+    def init(self, inputs: StepInputs, xp: Ops) -> AdaptiveTensorClipState:
+        return AdaptiveTensorClipState(xp.full(inputs.count, 0.0, inputs.total_norm), xp.counter(0))
+
+    def update(
+        self, state: AdaptiveTensorClipState, inputs: StepInputs, xp: Ops
+    ) -> tuple[Decision, AdaptiveTensorClipState]:
+        norms = inputs.norms
+        if tuple(state.ema.shape) != tuple(norms.shape):
+            raise ValueError(
+                f"AdaptiveTensorClip tracked {state.ema.shape[0]} tensors but got "
+                f"{norms.shape[0]}: the set of parameters with gradients changed"
+            )
+        # The EMA starts from the first norms seen.
+        start = xp.cond(state.step == 0, _first_norms, _same_ema, xp, state, inputs)
+        state = AdaptiveTensorClipState(start, state.step)
+        warming = state.step < self.warmup_steps
+        decision, clipped = xp.cond(warming, self._warm, self._clip, xp, state, inputs)
+        finite = xp.isfinite(norms)
+        ema = xp.where(finite, self.beta * start + (1 - self.beta) * clipped, start)
+        return decision, AdaptiveTensorClipState(ema, state.step + 1)
+
+    def _warm(self, xp: Ops, state: Any, inputs: StepInputs) -> tuple[Decision, Array]:
+        if self.warmup_max_norm is None:
+            return Decision(), inputs.norms
+        total = inputs.total_norm
+        scale = clip_coefficient(xp, self.warmup_max_norm, total)
+        decision = Decision(scale=scale, threshold=xp.scalar(self.warmup_max_norm, total))
+        return decision, inputs.norms * scale
+
+    def _clip(self, xp: Ops, state: Any, inputs: StepInputs) -> tuple[Decision, Array]:
+        norms = inputs.norms
+        limit = self.relative * state.ema
+        coef = xp.where(xp.isfinite(norms), clip_coefficient(xp, limit, norms), 1.0)
+        return Decision(tensor_scale=coef), norms * coef
+
+
+def _first_norms(xp: Ops, state: AdaptiveTensorClipState, inputs: StepInputs) -> Array:
+    return finite_or(xp, inputs.norms, 0.0)
+
+
+def _same_ema(xp: Ops, state: AdaptiveTensorClipState, inputs: StepInputs) -> Array:
+    return state.ema

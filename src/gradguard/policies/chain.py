@@ -7,12 +7,18 @@ from typing import Any
 
 from torch import Tensor
 
+from ..ops import Ops
 from ..stats import GradStats
-from .base import Decision, Policy
+from .base import Decision, Policy, StepInputs, require_grads
 
 
 class Chain(Policy):
-    """Run policies in order on the same statistics and compose their decisions."""
+    """Run policies in order on the same inputs and compose their decisions.
+
+    The pure form (:meth:`update`) carries a tuple of the policies' states; the stateful
+    form (:meth:`decide`) lets each policy keep its own, so ``policies[i].state_dict()``
+    stays meaningful.
+    """
 
     def __init__(self, *policies: Policy) -> None:
         if not policies:
@@ -24,10 +30,36 @@ class Chain(Policy):
                 )
         self.policies = tuple(policies)
 
-    def decide(self, stats: GradStats, params: Sequence[Tensor]) -> Decision:
-        decision = Decision()
+    def init(self, inputs: StepInputs, xp: Ops) -> tuple[Any, ...]:
+        return tuple(policy.init(inputs, xp) for policy in self.policies)
+
+    def update(
+        self, state: tuple[Any, ...], inputs: StepInputs, xp: Ops
+    ) -> tuple[Decision, tuple[Any, ...]]:
+        decision, states = Decision(), []
+        for policy, own in zip(self.policies, state):
+            step, own = policy.update(own, inputs, xp)
+            decision = decision.then(step, xp)
+            states.append(own)
+        return decision, tuple(states)
+
+    def decide(
+        self, inputs: StepInputs | GradStats, params: Sequence[Tensor] = (), **extra: Any
+    ) -> Decision:
+        if isinstance(inputs, GradStats):
+            inputs = StepInputs.from_stats(inputs, params, **extra)
+        require_grads(inputs, self)
+        return self._decide(inputs)
+
+    def _decide(self, inputs: StepInputs) -> Decision:
+        decision = None
         for policy in self.policies:
-            decision = decision.then(policy.decide(stats, params))
+            if type(policy).decide is Policy.decide:
+                step = policy._decide(inputs)  # checked once, here
+            else:  # a policy that decides its own way (an older custom policy)
+                step = policy.decide(inputs, inputs.params).in_library(inputs.xp)
+            decision = step if decision is None else decision.then(step, inputs.xp)
+        assert decision is not None
         return decision
 
     def state_dict(self) -> dict[str, Any]:
@@ -39,6 +71,8 @@ class Chain(Policy):
                 f"state_dict holds {len(state)} policies but this chain has {len(self.policies)}"
             )
         for i, policy in enumerate(self.policies):
+            if str(i) not in state:
+                raise KeyError(f"state_dict for chain lacks policy {i}; was it saved from another?")
             policy.load_state_dict(state[str(i)])
 
     def __repr__(self) -> str:

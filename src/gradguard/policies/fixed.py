@@ -2,32 +2,32 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from typing import Any
 
-import torch
 from torch import Tensor
 
 from .. import _foreach
 from .. import _validate as check
-from ..functional import adaptive_clip_grad_, clip_coefficient
-from ..stats import GradStats
-from .base import Decision, Policy, require_grads
+from ..functional import adaptive_clip_grad_
+from ..ops import Ops, clip_coefficient
+from .base import Decision, Policy, StepInputs
 
 
-def _check_norm_type(policy: Policy, wanted: float, stats: GradStats) -> None:
-    if stats.norm_type != wanted:
+def _check_norm_type(policy: Policy, wanted: float, inputs: StepInputs) -> None:
+    if inputs.norm_type != wanted:
         raise ValueError(
             f"norm_type: {type(policy).__name__} clips the {wanted}-norm but the gradients were "
-            f"measured with norm_type={stats.norm_type}; give the guard the same norm_type"
+            f"measured with norm_type={inputs.norm_type}; give the guard the same norm_type"
         )
 
 
 class Monitor(Policy):
     """Measure and record only: never clips, never skips (watch a run before guarding it)."""
 
-    def decide(self, stats: GradStats, params: Sequence[Tensor]) -> Decision:
-        require_grads(stats, self)
-        return Decision()
+    def update(self, state: Any, inputs: StepInputs, xp: Ops) -> tuple[Decision, Any]:
+        return Decision(), state
 
 
 class ClipNorm(Policy):
@@ -38,54 +38,52 @@ class ClipNorm(Policy):
     """
 
     def __init__(self, max_norm: float, norm_type: float | str = 2.0) -> None:
-        self.max_norm = check.non_negative("max_norm", max_norm)
+        self.max_norm = check.non_negative("max_norm", max_norm, float32=True)
         self.norm_type = check.norm_type(norm_type)
 
     def _config(self):
         return {"max_norm": self.max_norm, "norm_type": self.norm_type}
 
-    def decide(self, stats: GradStats, params: Sequence[Tensor]) -> Decision:
-        require_grads(stats, self)
-        _check_norm_type(self, self.norm_type, stats)
-        total = stats.total_norm
-        return Decision(
-            scale=clip_coefficient(self.max_norm, total),
-            threshold=torch.full_like(total, self.max_norm, dtype=torch.float32),
+    def update(self, state: Any, inputs: StepInputs, xp: Ops) -> tuple[Decision, Any]:
+        _check_norm_type(self, self.norm_type, inputs)
+        total = inputs.total_norm
+        decision = Decision(
+            scale=clip_coefficient(xp, self.max_norm, total),
+            threshold=xp.scalar(self.max_norm, total),
         )
+        return decision, state
 
 
 class ClipValue(Policy):
     """Clamp every gradient element to ``[-clip_value, clip_value]`` (may change direction)."""
 
     def __init__(self, clip_value: float) -> None:
-        self.clip_value = check.non_negative("clip_value", clip_value)
+        self.clip_value = check.non_negative("clip_value", clip_value, float32=True)
 
     def _config(self):
         return {"clip_value": self.clip_value}
 
-    def decide(self, stats: GradStats, params: Sequence[Tensor]) -> Decision:
-        require_grads(stats, self)
+    def update(self, state: Any, inputs: StepInputs, xp: Ops) -> tuple[Decision, Any]:
         limit = self.clip_value
 
         def clamp(_params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
             for group in _foreach.groups(grads):
                 _foreach.clamp_(group, -limit, limit)
 
-        return Decision(transforms=[clamp])
+        return Decision(transforms=[clamp]), state
 
 
 class ClipTensorNorm(Policy):
     """Clip each gradient tensor to norm ``max_norm`` on its own (Paddle's ``ClipGradByNorm``)."""
 
     def __init__(self, max_norm: float) -> None:
-        self.max_norm = check.non_negative("max_norm", max_norm)
+        self.max_norm = check.non_negative("max_norm", max_norm, float32=True)
 
     def _config(self):
         return {"max_norm": self.max_norm}
 
-    def decide(self, stats: GradStats, params: Sequence[Tensor]) -> Decision:
-        require_grads(stats, self)
-        return Decision(tensor_scale=clip_coefficient(self.max_norm, stats.norms))
+    def update(self, state: Any, inputs: StepInputs, xp: Ops) -> tuple[Decision, Any]:
+        return Decision(tensor_scale=clip_coefficient(xp, self.max_norm, inputs.norms)), state
 
 
 class AGC(Policy):
@@ -99,22 +97,26 @@ class AGC(Policy):
     def __init__(
         self, clip_factor: float = 0.01, eps: float = 1e-3, exclude: Sequence[str] = ()
     ) -> None:
-        self.clip_factor = check.positive("clip_factor", clip_factor)
-        self.eps = check.non_negative("eps", eps)
+        self.clip_factor = check.positive("clip_factor", clip_factor, float32=True)
+        self.eps = check.non_negative("eps", eps, float32=True)
         self.exclude = tuple(exclude)
 
     def _config(self):
         return {"clip_factor": self.clip_factor, "eps": self.eps, "exclude": self.exclude}
 
-    def decide(self, stats: GradStats, params: Sequence[Tensor]) -> Decision:
-        require_grads(stats, self)
-        keep = [
-            not (stats.names and stats.names[i].startswith(self.exclude)) for i in range(len(stats))
-        ]
+    def update(self, state: Any, inputs: StepInputs, xp: Ops) -> tuple[Decision, Any]:
+        keep = _kept(inputs.names, inputs.count, self.exclude)
 
         def agc(params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
             chosen = [p for p, k in zip(params, keep) if k]
             if chosen:
                 adaptive_clip_grad_(chosen, self.clip_factor, self.eps)
 
-        return Decision(transforms=[agc])
+        return Decision(transforms=[agc]), state
+
+
+@functools.lru_cache(maxsize=16)
+def _kept(names: tuple[str, ...] | None, count: int, exclude: tuple[str, ...]) -> tuple[bool, ...]:
+    if not names or not exclude:
+        return (True,) * count
+    return tuple(not name.startswith(exclude) for name in names)

@@ -18,8 +18,8 @@ from torch import Tensor
 from .. import _foreach
 from .. import _validate as check
 from .._rng import DeviceGenerators, check_seed
-from ..stats import GradStats
-from .base import Decision, Policy, require_grads
+from ..ops import Ops
+from .base import Decision, Policy, StepInputs
 
 
 class GradientNoise(Policy):
@@ -40,11 +40,9 @@ class GradientNoise(Policy):
         seed: seed of the noise generators; ``None`` draws one from torch's global RNG.
     """
 
-    _state_names = ("step",)
-
     def __init__(self, eta: float = 0.01, gamma: float = 0.55, seed: int | None = None) -> None:
-        self.eta = check.positive("eta", eta)
-        self.gamma = check.non_negative("gamma", gamma)
+        self.eta = check.positive("eta", eta, float32=True)
+        self.gamma = check.non_negative("gamma", gamma, float32=True)
         self._rng = DeviceGenerators(check_seed(seed))
         self.step = 0
 
@@ -56,11 +54,15 @@ class GradientNoise(Policy):
         return self._rng.seed
 
     def std(self, step: int) -> float:
-        """The noise standard deviation at ``step``: ``sqrt(eta / (1 + step) ** gamma)``."""
-        return math.sqrt(self.eta / (1.0 + step) ** self.gamma)
+        """The noise standard deviation at ``step``: ``sqrt(eta / (1 + step) ** gamma)``.
 
-    def decide(self, stats: GradStats, params: Sequence[Tensor]) -> Decision:
-        require_grads(stats, self)
+        Taken in logarithms, so a large ``gamma`` decays to 0 instead of overflowing.
+        """
+        return math.sqrt(self.eta * math.exp(-self.gamma * math.log1p(step)))
+
+    def update(self, state: Any, inputs: StepInputs, xp: Ops) -> tuple[Decision, Any]:
+        if xp.traced:
+            raise TypeError("GradientNoise draws from torch generators: it runs with torch only")
         sigma = self.std(self.step)
         self.step += 1
 
@@ -68,7 +70,7 @@ class GradientNoise(Policy):
             for group in _foreach.groups(grads):
                 self._add(group, sigma)
 
-        return Decision(transforms=[add_noise])
+        return Decision(transforms=[add_noise]), state
 
     def _add(self, group: _foreach.Group, sigma: float) -> None:
         """One draw for the whole (device, dtype) group, split into per-tensor views."""
@@ -97,5 +99,5 @@ class GradientNoise(Policy):
                 f"state_dict for GradientNoise lacks {sorted(missing)}; was it saved from "
                 "another policy?"
             )
-        self.step = int(state["step"])
+        self.step = check.positive_int("step", state["step"], minimum=0)
         self._rng.load_state_dict(state["rng"])

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-
-import torch
-from torch import Tensor
+from typing import Any, NamedTuple
 
 from .. import _validate as check
+from ..ops import Array, Ops
 from ..schema import SkipReason
-from ..stats import GradStats
-from .base import Decision, Policy, finite_or, reason_tensor, require_grads
+from .base import Decision, Policy, StepInputs, finite_or
+
+_NONFINITE, _POLICY = int(SkipReason.NONFINITE), int(SkipReason.POLICY)
 
 
 class SkipNonFinite(Policy):
@@ -21,10 +20,16 @@ class SkipNonFinite(Policy):
     offending parameter names can be read from the step's statistics.
     """
 
-    def decide(self, stats: GradStats, params: Sequence[Tensor]) -> Decision:
-        require_grads(stats, self)
-        bad = stats.any_nonfinite
-        return Decision(skip=bad, reason=reason_tensor(SkipReason.NONFINITE, bad))
+    def update(self, state: Any, inputs: StepInputs, xp: Ops) -> tuple[Decision, Any]:
+        total = inputs.total_norm
+        return Decision(skip=~xp.isfinite(total), reason=xp.code(_NONFINITE, total)), state
+
+
+class SkipSpikeState(NamedTuple):
+    """The last ``window`` finite norms (NaN where empty) and the number of steps seen."""
+
+    window: Array
+    count: Any
 
 
 class SkipSpike(Policy):
@@ -40,12 +45,12 @@ class SkipSpike(Policy):
     (default ``max(20, window // 2)``) are in.
     """
 
-    _state_names = ("_window", "_count")
+    State = SkipSpikeState
 
     def __init__(
         self, sigma: float = 6.0, window: int = 128, min_history: int | None = None
     ) -> None:
-        self.sigma = check.positive("sigma", sigma)
+        self.sigma = check.positive("sigma", sigma, float32=True)
         self.window = check.positive_int("window", window, minimum=2)
         default = max(min(20, self.window), self.window // 2)
         self.min_history = (
@@ -55,25 +60,26 @@ class SkipSpike(Policy):
             raise ValueError(
                 f"min_history must be <= window ({self.window}), got {self.min_history}"
             )
-        self._window: Tensor | None = None
-        self._count = 0
 
     def _config(self):
         return {"sigma": self.sigma, "window": self.window, "min_history": self.min_history}
 
-    def decide(self, stats: GradStats, params: Sequence[Tensor]) -> Decision:
-        require_grads(stats, self)
-        g = stats.total_norm.float()
-        if self._window is None:
-            self._window = torch.full((self.window,), math.nan, device=g.device)
-        history = self._window
-        valid = ~torch.isnan(history)
-        n = valid.sum()
-        mean = torch.where(valid, history, 0.0).sum() / n.clamp(min=1)
-        var = torch.where(valid, (history - mean) ** 2, 0.0).sum() / n.clamp(min=1)
-        limit = mean + self.sigma * var.sqrt()
-        spike = (n >= self.min_history) & torch.isfinite(g) & (g > limit)
-        entry = torch.where(spike, limit, g)
-        history[self._count % self.window] = finite_or(entry, torch.full_like(g, math.nan))
-        self._count += 1
-        return Decision(skip=spike, reason=reason_tensor(SkipReason.POLICY, g))
+    def init(self, inputs: StepInputs, xp: Ops) -> SkipSpikeState:
+        return SkipSpikeState(xp.full(self.window, math.nan, inputs.total_norm), xp.counter(0))
+
+    def update(
+        self, state: SkipSpikeState, inputs: StepInputs, xp: Ops
+    ) -> tuple[Decision, SkipSpikeState]:
+        g = inputs.total_norm
+        history = state.window
+        valid = ~xp.isnan(history)
+        n = xp.f32(xp.sum(valid))
+        mean = xp.sum(xp.where(valid, history, 0.0)) / xp.maximum(n, 1.0)
+        deviation = history - mean
+        var = xp.sum(xp.where(valid, deviation * deviation, 0.0)) / xp.maximum(n, 1.0)
+        limit = mean + self.sigma * xp.sqrt(var)
+        spike = (n >= self.min_history) & xp.isfinite(g) & (g > limit)
+        entry = finite_or(xp, xp.where(spike, limit, g), math.nan)
+        window = xp.set_at(history, state.count % self.window, entry)
+        decision = Decision(skip=spike, reason=xp.code(_POLICY, g))
+        return decision, SkipSpikeState(window, state.count + 1)

@@ -8,13 +8,14 @@ the device, whose rows' norms are the per-example norms DP-SGD clips.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from .errors import check_model
+from .errors import PrivacyModelError
+from .model_check import type_problems
 
 DEFAULT_QUANTILES: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 
@@ -30,6 +31,16 @@ class PerSampleNorms:
 
     layer: Tensor
     names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        layer = self.layer
+        if not isinstance(layer, Tensor) or layer.dim() != 2 or layer.is_complex():
+            raise TypeError("layer must be a real (examples, tensors) tensor of norms")
+        if not layer.is_floating_point():
+            raise TypeError(f"layer must hold floating-point norms, got {layer.dtype}")
+        self.names = tuple(self.names)
+        if self.names and len(self.names) != layer.shape[1]:
+            raise ValueError(f"names: {len(self.names)} names for {layer.shape[1]} tensors")
 
     @property
     def total(self) -> Tensor:
@@ -59,6 +70,10 @@ class PerSampleNorms:
         """Stack the examples of several micro-batches of one step."""
         if not parts:
             raise ValueError("parts: nothing to concatenate")
+        width = parts[0].layer.shape[1]
+        for i, part in enumerate(parts):
+            if part.layer.shape[1] != width or part.names != parts[0].names:
+                raise ValueError(f"parts[{i}] holds other tensors than parts[0]")
         return PerSampleNorms(torch.cat([p.layer for p in parts]), parts[0].names)
 
 
@@ -71,6 +86,8 @@ def norms_of(
     grads = list(per_sample_grads)
     if not grads:
         raise ValueError("per_sample_grads: no per-example gradients given")
+    if names and len(names) != len(grads):
+        raise ValueError(f"names: {len(names)} names for {len(grads)} per-example gradients")
     n = grads[0].shape[0]
     for i, g in enumerate(grads):
         if g.shape[0] != n:
@@ -97,8 +114,10 @@ def from_grad_sample(model: nn.Module | Sequence[Tensor]) -> PerSampleNorms:
     if isinstance(model, nn.Module):
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         named = [(n.removeprefix("_module."), p) for n, p in named]
-    else:
+    elif isinstance(model, (Sequence, Iterator)) and not isinstance(model, (str, bytes)):
         named = [(f"parameters[{i}]", p) for i, p in enumerate(model)]
+    else:
+        raise TypeError(f"model must be an nn.Module or its parameters, got {type(model).__name__}")
     grads, names = [], []
     for name, p in named:
         sample = getattr(p, "grad_sample", None)
@@ -132,7 +151,22 @@ def from_functional(
     """
     from torch.func import functional_call, grad, vmap
 
-    check_model(model, opacus=False)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
+    for name, value in (("inputs", inputs), ("targets", targets)):
+        if not isinstance(value, Tensor) or value.dim() == 0:
+            raise TypeError(f"{name} must be a batch tensor (examples first)")
+    if inputs.shape[0] != targets.shape[0]:
+        raise ValueError(f"inputs hold {inputs.shape[0]} examples but targets {targets.shape[0]}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    problems = type_problems(model, training_only=True)
+    if problems:
+        raise PrivacyModelError(problems)
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     if not params:
         raise ValueError("model: no parameter requires grad")

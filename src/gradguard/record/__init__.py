@@ -11,7 +11,7 @@ from typing import Any
 
 from ..schema import STEP_COLUMNS, Event, HostBatch, Sink, SkipReason
 from .recorder import Recorder
-from .store import SCHEMA_VERSION, RunStore, StoreError
+from .store import SCHEMA_VERSION, RunInfo, RunStore, StoreError
 
 _LAZY_SINKS = ("TensorBoardSink", "WandbSink", "MLflowSink", "ConsoleSink")
 
@@ -23,6 +23,7 @@ __all__ = [
     "HostBatch",
     "MLflowSink",
     "Recorder",
+    "RunInfo",
     "RunStore",
     "Sink",
     "SkipReason",

@@ -1,20 +1,31 @@
-"""Fault isolation: a sink that raises is disabled with one warning; training goes on."""
+"""Fault isolation: a failing sink or listener is disabled with one warning; training goes on."""
 
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable
 from typing import Any
 
+from .._warn import warn as _warn
+
 
 class Guarded:
-    """Wraps a sink (or listener); the first exception disables it with one RuntimeWarning."""
+    """Wraps a sink (or listener); the first exception disables it with one warning.
 
-    def __init__(self, target: Any, label: str | None = None) -> None:
+    ``warn(message)`` reports the fault; the recorder passes one that defers warnings
+    decided on its writer thread to the training thread (see :class:`~gradguard._warn.Deferred`).
+    """
+
+    def __init__(
+        self,
+        target: Any,
+        label: str | None = None,
+        warn: Callable[[str], None] = _warn,
+    ) -> None:
         self.target = target
         self.label = label or _describe(target)
         self.failed: BaseException | None = None
+        self._warn = warn
 
     @property
     def alive(self) -> bool:
@@ -34,11 +45,9 @@ class Guarded:
     def _disable(self, method: str, error: Exception) -> None:
         self.failed = error
         where = f" in {method}()" if method else ""
-        warnings.warn(
+        self._warn(
             f"gradguard: {self.label} failed{where} and is disabled for the rest of the run "
-            f"({type(error).__name__}: {error}); training goes on",
-            RuntimeWarning,
-            stacklevel=4,
+            f"({type(error).__name__}: {error}); training goes on"
         )
         close = getattr(self.target, "close", None)
         if method != "close" and callable(close):

@@ -1,4 +1,10 @@
-"""Where a flushed batch gets written: on a background thread, or inline."""
+"""Where a flushed batch gets written: on a background thread, or inline.
+
+Both keep a ``durable`` flag: cleared when a job is handed over, set once the job's
+run-store transaction has committed (the job calls :meth:`mark_durable`, or finishes).
+The recorder waits for it before buffering the next interval, which bounds what a
+SIGKILL can lose to one ``log_every`` interval.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,15 @@ class InlineWriter:
 
     def submit(self, *job: Any) -> None:
         self._work(*job)
+
+    def mark_durable(self) -> None:
+        """Nothing waits: a job is written before ``submit`` returns."""
+
+    def wait_durable(self) -> None:
+        """Nothing is ever pending."""
+
+    def on_writer_thread(self) -> bool:
+        return False
 
     def drain(self) -> None:
         """Nothing is ever pending."""
@@ -39,18 +54,33 @@ class BackgroundWriter:
         self._jobs: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._durable = threading.Event()
+        self._durable.set()
 
     def submit(self, *job: Any) -> None:
-        if threading.current_thread() is self._thread:
+        if self.on_writer_thread():
             self._work(*job)  # a flush from inside the writer (e.g. a listener): no deadlock
             return
         self._ensure_thread()
         self._jobs.join()
+        self._durable.clear()
         self._jobs.put(job)
+
+    def mark_durable(self) -> None:
+        """Called by the job once what must survive a crash is committed."""
+        self._durable.set()
+
+    def wait_durable(self) -> None:
+        """Wait until the job in flight has committed its durable part."""
+        if not self._durable.is_set() and not self.on_writer_thread():
+            self._durable.wait()
+
+    def on_writer_thread(self) -> bool:
+        return threading.current_thread() is self._thread
 
     def drain(self) -> None:
         """Wait until every submitted job is written."""
-        if self._thread is not None and threading.current_thread() is not self._thread:
+        if self._thread is not None and not self.on_writer_thread():
             self._jobs.join()
 
     def stop(self) -> None:
@@ -78,4 +108,5 @@ class BackgroundWriter:
                     return
                 self._work(*job)
             finally:
+                self._durable.set()
                 self._jobs.task_done()

@@ -7,6 +7,16 @@ per-tensor snapshots) is concatenated into one tensor and copied to the host in 
 transfer, turned into a :class:`HostBatch`, shown to listeners (whose events are
 recorded), and written to the run store and every sink. A sink that raises is disabled
 with one warning; training goes on.
+
+Given every step's ``GradStats``, the recorder keeps (a reference to) each step's
+per-tensor norms until the flush, and snapshots them at every step whose total norm
+was non-finite, besides the regular snapshots: the health rules need them to locate
+where a NaN began. This costs no host sync; intervals with such a step pay one more
+device→host copy.
+
+Durability: the run store's transaction for an interval commits before the next
+interval starts buffering, so a SIGKILL loses at most ``log_every`` steps (the
+interval being written, or the steps buffered since the last flush).
 """
 
 from __future__ import annotations
@@ -21,19 +31,19 @@ from torch import Tensor
 
 from .. import _validate as check
 from .._warn import Deferred
+from .._warn import warn as _warn
 from ..schema import STEP_COLUMNS, Event, HostBatch, Sink
 from ..stats import GradStats
 from ._lifecycle import ExitHooks
 from ._safe import Guarded
+from ._transfer import Row, RowBuffer, Snapshot, Transfer, stack, to_host
 from ._writer import BackgroundWriter, InlineWriter
 from .store import RunStore
 
 Scalar = Tensor | float | int | bool
 Listener = Callable[[HostBatch], Sequence[Event]]
 
-_INDEX = {c: i for i, c in enumerate(STEP_COLUMNS)}
 _NCOL = len(STEP_COLUMNS)
-_CLIPPED, _CLIP_COEF = _INDEX["clipped"], _INDEX["clip_coef"]
 _NAN = float("nan")
 
 
@@ -58,6 +68,9 @@ class Recorder:
         config: run configuration stored in the run's meta.
         background: write (sinks, health listeners) on a background thread; ``False``
             writes inside ``flush`` on the caller's thread.
+        resume: ``None`` records a new run into the store; a run id (see
+            :meth:`RunStore.runs`) or ``"latest"`` continues that run, e.g. after
+            loading a checkpoint (its rows from the first step recorded on are replaced).
 
     Use as a context manager, or call :meth:`close`; a SIGTERM or interpreter exit
     flushes too.
@@ -72,6 +85,7 @@ class Recorder:
         rank: int | None = None,
         config: dict | None = None,
         background: bool = True,
+        resume: int | str | None = None,
     ) -> None:
         self.log_every = check.positive_int("log_every", log_every)
         self.tensor_every = (
@@ -86,30 +100,54 @@ class Recorder:
         if self.active and store is not False:
             if isinstance(store, RunStore):
                 self.store = store
+                if resume is not None:
+                    self.store.resume = RunStore(store.path, resume=resume).resume
             elif store is None or store is True:
-                self.store = RunStore()
+                self.store = RunStore(resume=resume)
             else:
-                self.store = RunStore(store)
-        targets: list[Any] = ([self.store] if self.store is not None else []) + list(sinks)
-        self._sinks = [Guarded(t) for t in targets]
+                self.store = RunStore(store, resume=resume)
+        #: warnings decided on the writer thread, emitted at the next ``record()`` call
+        self.deferred = Deferred()
+        self._writer = BackgroundWriter(self._write) if background else InlineWriter(self._write)
+        self._store = self._guard(self.store) if self.store is not None else None
+        self._sinks = [self._guard(s) for s in sinks]
         self._listeners: list[Guarded] = []
         self._names: tuple[str, ...] = ()
         self._shapes: list[tuple[int, ...]] | None = None
         self._started = False
         self._closed = False
-        # buffer rows: (step, host values, tensor slots, stacked device values, given mask)
-        self._rows: list[tuple[int, list[float], tuple[int, ...], Tensor | None, int]] = []
-        self._snaps: list[tuple[int, Tensor, tuple[str, ...] | None]] = []
+        self._rows: list[Row] = []
+        self._snaps: list[Snapshot] = []  # scheduled per-tensor snapshots
+        self._others: list[Snapshot] = []  # other steps' norms, kept for non-finite steps
         self._events: list[Event] = []
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the buffers
+        self._flush_lock = threading.RLock()  # one flush at a time, in order
         self._flushing = False
         self._pending_signal: int | None = None
         self._hooks: ExitHooks | None = None
-        self._pinned: Tensor | None = None
-        self.transfers = 0  #: device→host transfers made so far (one per flush with data)
-        #: warnings decided on the writer thread, emitted at the next ``record()`` call
-        self.deferred = Deferred()
-        self._writer = BackgroundWriter(self._write) if background else InlineWriter(self._write)
+        self._transfer = Transfer()
+        self._buffer = RowBuffer(self.log_every)
+
+    @property
+    def transfers(self) -> int:
+        """Device→host copies made so far (one per flush with data, two in intervals
+        that had a non-finite step)."""
+        return self._transfer.count
+
+    @property
+    def run(self) -> int | None:
+        """The id of the run being recorded in the store (``None`` before it starts)."""
+        return self.store.run if self.store is not None else None
+
+    def _guard(self, target: Any) -> Guarded:
+        return Guarded(target, warn=self._fault)
+
+    def _fault(self, message: str) -> None:
+        """A sink or listener failed: warn now, or at the next step if on the writer thread."""
+        if self._writer.on_writer_thread():
+            self.deferred.add(message)
+        else:
+            _warn(message)
 
     # ---------------------------------------------------------------- set-up
     def start(
@@ -127,23 +165,22 @@ class Recorder:
         if config:
             self.config.update(config)
         run_config = {**self.config, "log_every": self.log_every, "tensor_every": self.tensor_every}
+        if self._store is not None:
+            self._store.call("start", self._names, run_config, self._shapes)
         for s in self._sinks:
-            if isinstance(s.target, RunStore):
-                s.call("start", self._names, run_config, self._shapes)
-            else:
-                s.call("start", self._names, run_config)
+            s.call("start", self._names, run_config)
         self._hooks = ExitHooks(self._on_signal, self.close)
 
     def add_sink(self, sink: Sink) -> None:
         """Add a sink (started at once if the run already started)."""
-        guarded = Guarded(sink)
+        guarded = self._guard(sink)
         self._sinks.append(guarded)
         if self._started:
             guarded.call("start", self._names, dict(self.config))
 
     def add_listener(self, fn: Listener) -> None:
         """Call ``fn(batch)`` at every flush; the events it returns are recorded."""
-        self._listeners.append(Guarded(fn))
+        self._listeners.append(self._guard(fn))
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -173,12 +210,16 @@ class Recorder:
         """Buffer one step; at every ``log_every``-th call flush and return the batch.
 
         Values may be device tensors (0-d or one element) or Python numbers. ``clipped``
-        defaults to ``clip_coef < 1``. ``stats`` is kept only at snapshot steps
-        (:meth:`wants_tensor_norms`). No host sync happens except at a flush.
+        defaults to ``clip_coef < 1``. Pass ``stats`` at every step: its per-tensor norms
+        are snapshotted at :meth:`wants_tensor_norms` steps and at steps whose total norm
+        is non-finite (a reference is kept until the flush: don't modify ``stats.norms``
+        in place). No host sync happens except at a flush.
         """
         if not self.active or self._closed:
             return None
         self.deferred.emit()
+        if not self._rows:  # a new interval: the previous one must be on disk first
+            self._writer.wait_durable()
         if not self._started:
             names = stats.labels() if stats is not None else ()
             self.start(names, [tuple(s) for s in stats.shapes] if stats is not None else None)
@@ -207,11 +248,20 @@ class Recorder:
                 slots.append(i)
             else:
                 host[i] = float(v)
-        row = _stack(tensors) if tensors else None
+        step = int(step)
         with self._lock:
-            self._rows.append((int(step), host, tuple(slots), row, mask))
-            if stats is not None and self.wants_tensor_norms(step):
-                self._snaps.append((int(step), stats.norms.detach().reshape(-1), stats.names))
+            row: int | Tensor | None = None
+            if tensors:
+                row = self._buffer.put(tensors, slots)
+                if row is None:
+                    row = stack(tensors)
+            self._rows.append((step, host, tuple(slots), row, mask))
+            if stats is not None:
+                kept = (step, stats.norms, stats.names)
+                if step % self.tensor_every == 0:
+                    self._snaps.append(kept)
+                else:
+                    self._others.append(kept)
             full = len(self._rows) >= self.log_every
         return self.flush() if full else None
 
@@ -227,21 +277,28 @@ class Recorder:
 
         The transfer happens here; listeners (health rules) and sinks run on the
         background writer thread, so slow I/O (a remote MLflow server, a busy disk)
-        never stalls training. One batch is in the writer at a time: a flush waits for
-        the previous batch to be written, so a crash loses at most the batch being
-        written and the steps buffered since. Returns the batch, or ``None``.
+        never stalls training. One batch is in the writer at a time, and the next
+        interval starts only once its run-store transaction has committed, so a crash
+        loses at most one interval. Returns the batch, or ``None``.
         """
         if not self.active:
             return None
-        with self._lock:
-            rows, self._rows = self._rows, []
-            snaps, self._snaps = self._snaps, []
-            events, self._events = self._events, []
-            if not rows and not snaps and not events:
-                return None
-            self._flushing = True
+        with self._flush_lock:  # flushes in order; record()/event() stay free meanwhile
+            with self._lock:
+                rows, self._rows = self._rows, []
+                snaps, self._snaps = self._snaps, []
+                others, self._others = self._others, []
+                events, self._events = self._events, []
+                block = self._buffer.take()
+                if not rows and not snaps and not events:
+                    return None
+                self._flushing = True
             try:
-                batch = self._to_host(rows, snaps) if rows or snaps else None
+                batch = (
+                    to_host(rows, block, snaps, others, self._names, self._transfer)
+                    if rows or snaps
+                    else None
+                )
                 self._writer.submit(batch, events)
             finally:
                 self._flushing = False
@@ -255,83 +312,34 @@ class Recorder:
         self._writer.drain()
 
     def _write(self, batch: HostBatch | None, events: list[Event]) -> None:
-        """Run listeners and sinks on one batch (on the writer thread)."""
+        """Store, then listeners and sinks, for one batch (on the writer thread).
+
+        The run store commits the batch with the events recorded during the interval
+        first, and only that is waited for (see :meth:`record`); the health listeners'
+        events follow in a second transaction.
+        """
+        store = self._store
+        try:
+            if store is not None:
+                if batch is not None:
+                    store.call("write", batch, events)
+                elif events:
+                    store.call("write_events", events)
+        finally:
+            self._writer.mark_durable()
+        found: list[Event] = []
         if batch is not None:
             for listener in self._listeners:
-                found = listener.call("", batch)
-                if found:
-                    events.extend(found)
+                more = listener.call("", batch)
+                if more:
+                    found.extend(more)
             for s in self._sinks:
                 s.call("write", batch)
-        if events:
+        if events or found:
             for s in self._sinks:
-                s.call("write_events", events)
-
-    def _to_host(
-        self,
-        rows: list[tuple[int, list[float], tuple[int, ...], Tensor | None, int]],
-        snaps: list[tuple[int, Tensor, tuple[str, ...] | None]],
-    ) -> HostBatch:
-        parts = [r[3] for r in rows if r[3] is not None] + [s[1] for s in snaps]
-        flat = self._transfer(parts) if parts else []
-        columns = [[_NAN] * len(rows) for _ in range(_NCOL)]
-        pos = 0
-        given = 0
-        for j, (_, host, slots, row, mask) in enumerate(rows):
-            given |= mask
-            for i, v in enumerate(host):
-                columns[i][j] = v
-            if row is not None:
-                for i in slots:
-                    columns[i][j] = flat[pos]
-                    pos += 1
-            if not mask >> _CLIPPED & 1:
-                coef = columns[_CLIP_COEF][j]
-                columns[_CLIPPED][j] = 1.0 if coef < 1.0 else 0.0
-        given |= 1 << _CLIPPED
-        tensor_steps, tensor_norms = [], []
-        for step, norms, names in snaps:
-            n = norms.numel()
-            values = flat[pos : pos + n]
-            pos += n
-            tensor_steps.append(step)
-            tensor_norms.append(self._align(values, names))
-        absent = frozenset(c for i, c in enumerate(STEP_COLUMNS) if not given >> i & 1)
-        return HostBatch(
-            steps=[r[0] for r in rows],
-            columns={c: columns[i] for i, c in enumerate(STEP_COLUMNS)},
-            names=self._names,
-            tensor_steps=tensor_steps,
-            tensor_norms=tensor_norms,
-            absent=absent,
-        )
-
-    def _align(self, values: list[float], names: tuple[str, ...] | None) -> list[float]:
-        """Put snapshot values in the run's name order (NaN for names not measured)."""
-        if names is None or names == self._names:
-            if len(values) == len(self._names) or not self._names:
-                return values
-            return (values + [_NAN] * len(self._names))[: len(self._names)]
-        where = {n: i for i, n in enumerate(names)}
-        return [values[where[n]] if n in where else _NAN for n in self._names]
-
-    def _transfer(self, parts: list[Tensor]) -> list[float]:
-        """Concatenate ``parts`` on their device and copy to the host once."""
-        device = parts[0].device
-        flat = torch.cat([p.reshape(-1).to(device) for p in parts])
-        if flat.dtype not in (torch.float32, torch.float64):
-            flat = flat.float()
-        self.transfers += 1
-        if device.type == "cuda":
-            pinned = self._pinned
-            if pinned is None or pinned.numel() < flat.numel() or pinned.dtype != flat.dtype:
-                pinned = torch.empty(max(flat.numel(), 256), dtype=flat.dtype, pin_memory=True)
-                self._pinned = pinned
-            host = pinned[: flat.numel()]
-            host.copy_(flat, non_blocking=True)
-            torch.cuda.current_stream(device).synchronize()
-            return host.tolist()
-        return flat.cpu().tolist()
+                s.call("write_events", [*events, *found])
+        if found and store is not None:
+            store.call("write_events", found)
 
     # ---------------------------------------------------------------- shutdown
     def close(self) -> None:
@@ -344,7 +352,7 @@ class Recorder:
         finally:
             self._closed = True
             self._writer.stop()
-            for s in self._sinks:
+            for s in [*self._sinks, *([self._store] if self._store is not None else [])]:
                 s.call("close")
             self.deferred.emit()
             if self._hooks is not None:
@@ -375,14 +383,3 @@ class Recorder:
             f"Recorder(store={self.store!r}, sinks={len(self._sinks)}, "
             f"log_every={self.log_every}, rank={self.rank})"
         )
-
-
-def _stack(tensors: list[Tensor]) -> Tensor:
-    """One device tensor holding this step's values (a copy: later in-place ops can't alter it)."""
-    device = next((t.device for t in tensors if t.device.type != "cpu"), tensors[0].device)
-    if any(t.device != device for t in tensors):
-        tensors = [t.to(device, non_blocking=True) for t in tensors]
-    row = torch.stack(tensors)
-    if row.dtype != torch.float64 and row.dtype != torch.float32:
-        row = row.float()
-    return row.detach()

@@ -3,7 +3,10 @@
 :class:`gradguard.privacy.PerSampleMonitor` records one event per observed step whose
 data holds quantiles of the per-example norms (keyed by labels such as ``"0.5"``), the
 clip norm and the share of examples above it. This module turns those events into
-bounded series and draws them; it imports neither torch nor the privacy package.
+series on the report's step grid and summary cards; it imports neither torch nor
+the privacy package. Fields the privacy monitor lists in an event's ``data["exact"]``
+were computed from the raw per-example norms, outside the DP mechanism: the page
+labels them "not private".
 """
 
 from __future__ import annotations
@@ -12,12 +15,14 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
+from typing import Any
 
 import numpy as np
 
 from ..schema import Event, EventKind
-from .sample import BUCKETS, Envelope, envelope
-from .svg import Frame, envelope_paths, fmt, log_bounds, series_line, svg
+from .sample import Bucketed, Grid
+from .series import floats
+from .text import fmt
 
 #: The event kind written by :class:`gradguard.privacy.PerSampleMonitor`.
 KIND = EventKind.PER_SAMPLE
@@ -34,8 +39,13 @@ class PerSampleSeries:
         labels: recorded quantile labels, lowest quantile first.
         quantiles: ``(steps, labels)`` per-example norm quantiles (NaN where missing).
         clip_norm: the clip norm of each step (NaN where none was given).
-        fraction_clipped: share of examples above the clip norm (NaN where unknown).
-        examples: examples per step.
+        fraction_clipped: share of examples above the clip norm (NaN where unknown);
+            the noised share the DP mechanism released when the exact one was not.
+        examples: examples per step (the expected batch size when the realised one was
+            not released).
+        exact: payload fields marked exact (not covered by the privacy guarantee).
+        released: series shown from DP-released stand-ins (``"fraction_clipped"``,
+            ``"n"``), labelled as such.
     """
 
     steps: np.ndarray
@@ -44,6 +54,8 @@ class PerSampleSeries:
     clip_norm: np.ndarray
     fraction_clipped: np.ndarray
     examples: np.ndarray
+    exact: frozenset[str] = frozenset()
+    released: frozenset[str] = frozenset()
 
     def __len__(self) -> int:
         return int(self.steps.size)
@@ -56,6 +68,15 @@ class PerSampleSeries:
 def _number(value: object) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
+    return math.nan
+
+
+def _first(data: dict[str, Any], keys: tuple[str, ...]) -> float:
+    """The first of ``keys`` that holds a number (exact fields first, then released ones)."""
+    for key in keys:
+        value = _number(data.get(key))
+        if math.isfinite(value):
+            return value
     return math.nan
 
 
@@ -96,88 +117,91 @@ def per_sample_series(events: Sequence[Event]) -> PerSampleSeries | None:
         labels=labels,
         quantiles=quantiles,
         clip_norm=np.array([_number(e.data.get("clip_norm")) for e in rows]),
-        fraction_clipped=np.array([_number(e.data.get("fraction_clipped")) for e in rows]),
-        examples=np.array([_number(e.data.get("n")) for e in rows]),
+        fraction_clipped=np.array([_first(e.data, _FRACTION) for e in rows]),
+        examples=np.array([_first(e.data, _EXAMPLES) for e in rows]),
+        exact=frozenset(_exact_fields(rows)),
+        released=frozenset(_released(rows)),
     )
 
 
-def _band(series: PerSampleSeries, low: str, high: str, buckets: int) -> Envelope:
-    """Per bucket: lowest value of quantile ``low`` to highest of quantile ``high``."""
-    a = envelope(series.steps, series.column(low), buckets)  # type: ignore[arg-type]
-    b = envelope(series.steps, series.column(high), buckets)  # type: ignore[arg-type]
-    ok = np.isfinite(a.low) & np.isfinite(b.high)
-    return Envelope(
-        a.start,
-        a.end,
-        np.where(ok, a.low, np.nan),
-        np.where(ok, b.high, np.nan),
-        np.full(len(a), np.nan),
-        a.nonfinite | b.nonfinite,
-    )
+#: Where each series is read from: the exact field when it was released (marked "not
+#: private"), else what the DP mechanism released (the private monitor's default).
+_FRACTION = ("fraction_clipped", "noised_fraction_clipped")
+_EXAMPLES = ("n", "expected_n")
 
 
-def _sw(colour: str, text: str) -> str:
-    return f'<span><i class="sw" style="background:{colour}"></i>{escape(text)}</span>'
+def _released(rows: Sequence[Event]) -> set[str]:
+    """Series shown from DP-released stand-ins: the events lacked the exact field."""
+    out = set()
+    for name, (exact, stand_in) in {"fraction_clipped": _FRACTION, "n": _EXAMPLES}.items():
+        if any(exact not in e.data and stand_in in e.data for e in rows):
+            out.add(name)
+    return out
 
 
-def norm_band_chart(series: PerSampleSeries, buckets: int = BUCKETS) -> str:
-    """Quantile bands of the per-example norms on a log scale, median and clip norm on top."""
-    if not series.labels:
-        return '<p class="empty">The events record no quantiles.</p>'
-    lowest, highest = series.labels[0], series.labels[-1]
-    outer = _band(series, lowest, highest, buckets)
-    clip = envelope(series.steps, series.clip_norm, buckets)
-    lo, hi = log_bounds(outer.low, outer.high, clip.high)
-    frame = Frame(float(outer.start[0]), float(outer.end[-1]), lo, hi, log=True)
-    body = frame.axes("per-example grad norm (log)")
-    body += envelope_paths(frame, outer, "dp", mean=False)
-    legend = [_sw("#c9b6ea", f"q{lowest}–q{highest} per bucket")]
-    if (
-        "0.25" in series.labels
-        and "0.75" in series.labels
-        and (lowest, highest)
-        != (
-            "0.25",
-            "0.75",
-        )
-    ):
-        body += envelope_paths(frame, _band(series, "0.25", "0.75", buckets), "dpiqr", mean=False)
-        legend.append(_sw("#8a63c9", "q0.25–q0.75"))
+def _exact_fields(rows: Sequence[Event]) -> set[str]:
+    fields: set[str] = set()
+    for e in rows:
+        exact = e.data.get("exact")
+        if isinstance(exact, list):
+            fields.update(f for f in exact[:MAX_LABELS] if isinstance(f, str) and len(f) < 40)
+    return fields
+
+
+def per_sample_payload(series: PerSampleSeries, grid: Grid) -> dict[str, Any]:
+    """Chart series on ``grid``: the outer and inner quantile bands (lowest to highest
+    per bucket), the median, the clip norm and the fraction clipped."""
+    at = Bucketed.place(grid, series.steps)
+    out: dict[str, Any] = {"labels": list(series.labels), "exact": sorted(series.exact)}
+    if series.labels:
+        lowest, highest = series.labels[0], series.labels[-1]
+        out["outer"] = [lowest, highest]
+        out["outer_low"] = floats(at.reduce(series.column(lowest), "min"))
+        out["outer_high"] = floats(at.reduce(series.column(highest), "max"))
+        if {"0.25", "0.75"} <= set(series.labels) and (lowest, highest) != ("0.25", "0.75"):
+            out["inner_low"] = floats(at.reduce(series.column("0.25"), "min"))
+            out["inner_high"] = floats(at.reduce(series.column("0.75"), "max"))
     median = series.column("0.5")
     if median is not None:
-        med = envelope(series.steps, median, buckets)
-        body += series_line(frame, med, med.mean, "dp-median", "median per-example norm")
-        legend.append(_sw("#3d1f73", "median"))
-    if np.isfinite(clip.mean).any():
-        body += series_line(frame, clip, clip.mean, "dp-clip", "clip norm")
-        legend.append(
-            _sw(
-                "#e3001b", f"clip norm (latest {fmt(float(clip.mean[np.isfinite(clip.mean)][-1]))})"
-            )
+        out["median"] = floats(at.reduce(median, "mean"))
+    if np.isfinite(series.clip_norm).any():
+        out["clip_norm"] = floats(at.reduce(series.clip_norm, "mean"))
+    if np.isfinite(series.fraction_clipped).any():
+        out["fraction_clipped"] = floats(at.reduce(series.fraction_clipped, "mean"))
+        out["fraction_clipped_max"] = floats(at.reduce(series.fraction_clipped, "max"))
+    return out
+
+
+#: What each card shows, by payload field (for the "not private" labels).
+_FIELDS = {
+    "quantiles": "quantiles",
+    "examples per step": "n",
+    "latest median norm": "quantiles",
+    "latest clip norm": "clip_norm",
+    "mean fraction clipped": "fraction_clipped",
+}
+
+
+def not_private(field: str, series: PerSampleSeries) -> str:
+    """The label of a card: "not private" for an exact field, "noised" or "expected" for
+    a DP-released stand-in, else nothing."""
+    if field in series.released:
+        word = "noised" if field == "fraction_clipped" else "expected"
+        return (
+            f'<span class="released" title="released through the DP mechanism (covered by '
+            f'epsilon)">{word}</span>'
         )
-    legend.append(f"<span>{len(series)} observed steps in {len(outer)} buckets</span>")
+    if field not in series.exact:
+        return ""
     return (
-        svg(frame, body, "per-example gradient norm quantiles over steps")
-        + '<div class="legend">'
-        + "".join(legend)
-        + "</div>"
+        '<span class="exact" title="computed from the raw per-example norms, outside the '
+        'DP mechanism: not covered by epsilon">not private</span>'
     )
 
 
-def fraction_chart(series: PerSampleSeries, buckets: int = BUCKETS) -> str:
-    """Share of examples whose norm exceeded the clip norm, per observed step."""
-    if not np.isfinite(series.fraction_clipped).any():
-        return '<p class="empty">No clip norm was recorded, so no fraction clipped.</p>'
-    env = envelope(series.steps, series.fraction_clipped, buckets)
-    frame = Frame(float(env.start[0]), float(env.end[-1]), 0.0, 1.0, log=False, height=200)
-    body = frame.axes("fraction clipped") + envelope_paths(frame, env, "rate")
-    return svg(frame, body, "fraction of examples clipped over steps") + (
-        '<p class="sub">Share of the examples in each observed step whose gradient norm '
-        "exceeded the clip norm (min–max band and mean per bucket).</p>"
-    )
+def per_sample_summary(series: PerSampleSeries) -> str:
+    """Summary cards of the section."""
 
-
-def _summary(series: PerSampleSeries) -> str:
     def last(values: np.ndarray) -> str:
         ok = values[np.isfinite(values)]
         return fmt(float(ok[-1])) if ok.size else "–"
@@ -193,19 +217,17 @@ def _summary(series: PerSampleSeries) -> str:
         ("latest clip norm", last(series.clip_norm)),
         ("mean fraction clipped", f"{100 * float(frac.mean()):.1f}%" if frac.size else "–"),
     ]
-    return (
-        '<div class="cards">'
-        + "".join(f'<div class="card">{escape(k)}<b>{escape(v)}</b></div>' for k, v in cards)
-        + "</div>"
+    html = "".join(
+        f'<div class="card">{escape(k)}{not_private(_FIELDS.get(k, ""), series)}'
+        f"<b>{escape(v)}</b></div>"
+        for k, v in cards
     )
-
-
-def per_sample_section(series: PerSampleSeries, buckets: int = BUCKETS) -> str:
-    """Summary cards, the quantile band chart and the fraction clipped chart."""
-    return (
-        _summary(series)
-        + "<h3>Per-example norm quantiles</h3>"
-        + norm_band_chart(series, buckets)
-        + "<h3>Fraction of examples clipped</h3>"
-        + fraction_chart(series, buckets)
-    )
+    note = ""
+    if series.exact:
+        listed = ", ".join(escape(f) for f in sorted(series.exact))
+        note = (
+            f'<p class="sub">Marked <span class="exact">not private</span>: {listed} — '
+            "computed from the raw per-example norms, outside the DP mechanism, so not "
+            "covered by the privacy guarantee (epsilon). Do not publish them.</p>"
+        )
+    return f'<div class="cards">{html}</div>{note}'

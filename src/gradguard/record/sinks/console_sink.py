@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from ...schema import Event, HostBatch
+from ._episodes import EpisodeLog, describe, step_of
 
 
 def _fmt(x: float) -> str:
@@ -35,10 +36,11 @@ def summarize(batch: HostBatch) -> str:
 
 
 class ConsoleSink:
-    """Prints one line per flush and one per event."""
+    """Prints one line per flush, one per event, and two per episode (opened, closed)."""
 
     def __init__(self, file: TextIO | None = None, use_rich: bool | None = None) -> None:
         self.file = file
+        self._episodes = EpisodeLog()
         self._console: Any = None
         if use_rich is not False:
             try:
@@ -64,8 +66,9 @@ class ConsoleSink:
         self._print(summarize(batch))
 
     def write_events(self, events: Sequence[Event]) -> None:
-        for e in events:
-            self._print(f"gradguard | step {e.step} | {e.kind}: {e.message}", style="yellow")
+        for e, phase in self._episodes.select(events):
+            step = step_of(e, phase)
+            self._print(f"gradguard | step {step} | {e.kind}: {describe(e, phase)}", style="yellow")
 
     def close(self) -> None:
         return None

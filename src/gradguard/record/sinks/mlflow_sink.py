@@ -6,6 +6,7 @@ import time
 from collections.abc import Sequence
 
 from ...schema import Event, HostBatch
+from ._episodes import EpisodeLog, describe, step_of
 from ._naming import missing, sanitize_mlflow, step_metrics
 
 _MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch call
@@ -43,6 +44,7 @@ class MLflowSink:
         self._experiment_name = experiment_name
         self._run_name = run_name
         self._keys: dict[str, str] = {}
+        self._episodes = EpisodeLog()
 
     def _key(self, name: str) -> str:
         key = self._keys.get(name)
@@ -77,10 +79,9 @@ class MLflowSink:
             self.client.log_batch(self.run_id, metrics=metrics[i : i + _MAX_BATCH])
 
     def write_events(self, events: Sequence[Event]) -> None:
-        for e in events:
-            self.client.set_tag(
-                self.run_id, self._key(f"gradguard.event.{e.kind}"), f"step {e.step}: {e.message}"
-            )
+        for e, phase in self._episodes.select(events):
+            text = f"step {step_of(e, phase)}: {describe(e, phase)}"
+            self.client.set_tag(self.run_id, self._key(f"gradguard.event.{e.kind}"), text)
 
     def close(self) -> None:
         if self._owns and self.run_id is not None:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ...schema import Event, HostBatch
+from ._episodes import EpisodeLog, describe, step_of
 from ._naming import missing, sanitize_tensorboard, step_metrics
 
 
@@ -45,6 +46,7 @@ class TensorBoardSink:
         self.writer = writer
         self.histograms_every = histograms_every
         self._keys: dict[str, str] = {}
+        self._episodes = EpisodeLog()
 
     def _key(self, name: str) -> str:
         key = self._keys.get(name)
@@ -72,8 +74,10 @@ class TensorBoardSink:
         self.writer.flush()
 
     def write_events(self, events: Sequence[Event]) -> None:
-        for e in events:
-            self.writer.add_text(self._key(f"events/{e.kind}"), e.message, e.step)
+        for e, phase in self._episodes.select(events):
+            self.writer.add_text(
+                self._key(f"events/{e.kind}"), describe(e, phase), step_of(e, phase)
+            )
         self.writer.flush()
 
     def close(self) -> None:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ...schema import Event, HostBatch
+from ._episodes import CLOSED, OPENED, EpisodeLog, describe, step_of
 from ._naming import missing, sanitize_wandb, step_metrics
 
 
@@ -28,6 +29,8 @@ class WandbSink:
         self._owns = run is None
         self._keys: dict[str, str] = {}
         self._counts: dict[str, int] = {}
+        self._episodes = EpisodeLog()
+        self._counted: set[str | None] = set()  # keys of episodes counted when they opened
 
     def _key(self, name: str) -> str:
         key = self._keys.get(name)
@@ -46,11 +49,16 @@ class WandbSink:
             self.run.log({self._key(k): v for k, v in metrics.items()}, step=step)
 
     def write_events(self, events: Sequence[Event]) -> None:
-        for e in events:
+        for e, phase in self._episodes.select(events):
             kind = self._key(e.kind)
-            self._counts[kind] = self._counts.get(kind, 0) + 1
+            if phase == OPENED:
+                self._counted.add(e.key)
+            if phase != CLOSED or e.key not in self._counted:  # each episode counts once
+                self._counts[kind] = self._counts.get(kind, 0) + 1
             self.run.summary[f"events/{kind}/count"] = self._counts[kind]
-            self.run.summary[f"events/{kind}/last"] = f"step {e.step}: {e.message}"
+            self.run.summary[f"events/{kind}/last"] = (
+                f"step {step_of(e, phase)}: {describe(e, phase)}"
+            )
 
     def close(self) -> None:
         if self._owns and self.run is not None:
