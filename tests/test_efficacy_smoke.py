@@ -111,8 +111,9 @@ def test_lr_jump_multiplies_the_learning_rate_at_its_step():
     seen = []
 
     class Spy(NoClip):
-        def observe(self, loss, lr):
-            seen.append(lr)
+        def update(self, state, inputs, xp):
+            seen.append(inputs.lr)
+            return super().update(state, inputs, xp)
 
     cnn.train(config, "spy", Spy, seed=0)
     assert seen == pytest.approx([0.05] * 3 + [1.0] * 3)

@@ -2,8 +2,8 @@
 
 ``python -m benchmarks.efficacy --rows "FeedbackClip,fb:spike=3;persist=2"`` compares
 settings of :class:`~gradguard.policies.feedback.FeedbackConfig` (after
-``SkipNonFinite``, as in the ``FeedbackClip`` row). The loop gives the policy the step's
-loss and LR through ``observe``.
+``SkipNonFinite``, as in the ``FeedbackClip`` row). The policy reads the step's loss
+and LR from the guard.
 """
 
 from __future__ import annotations

@@ -140,7 +140,6 @@ def measure_one(bench: Bench, rounds: int, calls: int) -> list[str]:
     bench.optimizer.zero_grad()
     loss.backward()
     value = loss.detach()
-    lr = bench.optimizer.param_groups[0]["lr"]
     today = gg.Guard(bench.model, gg.default_policy())
     feedback = FeedbackClip()
     new = gg.Guard(bench.model, gg.chain(gg.SkipNonFinite(), feedback))
@@ -149,14 +148,12 @@ def measure_one(bench: Bench, rounds: int, calls: int) -> list[str]:
         today.step(bench.optimizer, loss=value)
 
     def new_step() -> None:
-        feedback.observe(value, lr)
         new.step(bench.optimizer, loss=value)
 
     def train_step() -> None:
         step_loss = bench.loss()
         bench.optimizer.zero_grad()
         step_loss.backward()
-        feedback.observe(step_loss.detach(), lr)
         new.step(bench.optimizer, loss=step_loss.detach())
 
     every_step = gg.Rewind(bench.model, bench.optimizer, guard=new, every=1, check_every=1)

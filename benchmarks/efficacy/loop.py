@@ -3,8 +3,8 @@
 A task builds its model, optimizer and (optional) scheduler for a seed and hands the
 loop a ``forward(step)`` closure that returns the loss to back-propagate and the
 value to record. The loop calls ``guard.step(optimizer, scaler, loss=...)`` like a
-user would, and gives the policy the step's loss and learning rate through
-:func:`feed` (the prototype seam: a policy that wants them defines ``observe``).
+user would: the policies see the step's loss, and the learning rate the guard reads
+from the optimizer (:class:`gradguard.policies.StepInputs`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,21 +102,6 @@ def result(trace: Trace, policy: str, seed: int, final: float, **kwargs: Any) ->
     )
 
 
-def walk(policy: gg.Policy) -> Iterator[gg.Policy]:
-    """A policy and, for a chain, every policy inside it."""
-    yield policy
-    for inner in getattr(policy, "policies", ()):
-        yield from walk(inner)
-
-
-def feed(policy: gg.Policy, loss: Tensor, lr: float) -> None:
-    """Give the step's loss and LR to every policy that asks for them (``observe``)."""
-    for p in walk(policy):
-        observe = getattr(p, "observe", None)
-        if observe is not None:
-            observe(loss, lr)
-
-
 def run(
     setup: Setup,
     policy: gg.Policy,
@@ -157,7 +142,6 @@ def run(
             loss, value, clean = forward(step)
         optimizer.zero_grad(set_to_none=True)
         (scaler.scale(loss) if scaler is not None else loss).backward()
-        feed(policy, loss.detach().float(), float(optimizer.param_groups[0]["lr"]))
         result = guard.step(optimizer, scaler, loss=loss.detach())
         assert result is not None
         if scaler is not None:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-
-from torch import Tensor
+from typing import Any
 
 import gradguard as gg
-from gradguard.policies import Decision
+from gradguard.ops import Ops
+from gradguard.policies import Decision, StepInputs
 from gradguard.policies.feedback import FeedbackClip
 
 PolicyFactory = Callable[[], gg.Policy]
@@ -27,8 +27,8 @@ REWIND_SETTINGS: dict = {}
 class NoClip(gg.Policy):
     """Measure through the guard but change nothing: the unguarded baseline."""
 
-    def decide(self, stats: gg.GradStats, params: Sequence[Tensor]) -> Decision:
-        return Decision()
+    def update(self, state: Any, inputs: StepInputs, xp: Ops) -> tuple[Decision, Any]:
+        return Decision(), state
 
 
 def fixed_name(threshold: float) -> str:

@@ -4,30 +4,43 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 import gradguard as gg
-from gradguard.policies.feedback import (
-    FeedbackClip,
-    FeedbackConfig,
-    FeedbackState,
-    feedback_clip,
-    initial_state,
-)
+from gradguard.ops import NUMPY, TORCH
+from gradguard.policies import StepInputs
+from gradguard.policies.feedback import FeedbackClip, FeedbackConfig, FeedbackState, initial_state
 from tests.conftest import forbid_host_sync
 
 
-def drive(norms, losses=None, lrs=None, config=None, state=None):
+def inputs(xp, norm, loss=None, lr=None, step=0):
+    """One step's inputs in ``xp``'s library, as the guard builds them."""
+    if xp is NUMPY:
+        total = np.float32(norm)
+        loss = None if loss is None else np.float32(loss)
+    else:
+        total = torch.tensor(float(norm))
+        loss = None if loss is None else torch.tensor(float(loss))
+    return StepInputs(
+        total, xp.ravel(total) if xp is TORCH else np.array([total]), xp, step, loss, lr
+    )
+
+
+def drive(norms, losses=None, lrs=None, config=None, xp=NUMPY, policy=None):
     """Run the pure update over a sequence; return (thresholds, states)."""
-    config = FeedbackConfig() if config is None else config
-    state = initial_state() if state is None else state
+    policy = FeedbackClip(**({} if config is None else vars(config))) if policy is None else policy
+    state = None
     thresholds, states = [], []
     for i, norm in enumerate(norms):
-        loss = None if losses is None else torch.tensor(float(losses[i]))
-        lr = None if lrs is None else lrs[i]
-        state, threshold = feedback_clip(state, torch.tensor(float(norm)), loss, lr, config)
-        thresholds.append(float(threshold))
+        step = inputs(
+            xp, norm, None if losses is None else losses[i], None if lrs is None else lrs[i], i
+        )
+        if state is None:
+            state = policy.init(step, xp)
+        decision, state = policy.update(state, step, xp)
+        thresholds.append(float(decision.threshold))
         states.append(state)
     return thresholds, states
 
@@ -161,8 +174,8 @@ def _decisions(policy, norms, losses, lr=0.1):
     for norm, loss in zip(norms, losses):
         p = torch.nn.Parameter(torch.zeros(1))
         p.grad = torch.tensor([float(norm)])
-        policy.observe(torch.tensor(float(loss)), lr)
-        out.append(float(policy.decide(gg.measure([p]), [p]).scale))
+        decision = policy.decide(gg.measure([p]), [p], loss=torch.tensor(float(loss)), lr=lr)
+        out.append(float(decision.scale))
     return out
 
 
@@ -206,9 +219,8 @@ def test_decide_makes_no_host_sync():
     p.grad = torch.ones(3)
     stats = gg.measure([p])
     with forbid_host_sync():
-        for _ in range(5):
-            policy.policies[1].observe(torch.tensor(1.0), 0.1)
-            policy.decide(stats, [p])
+        for _ in range(5):  # a tensor LR, as a fused optimizer on a device keeps it
+            policy.decide(stats, [p], loss=torch.tensor(1.0), lr=torch.tensor(0.1))
 
 
 @pytest.mark.parametrize(
@@ -233,6 +245,49 @@ def test_unknown_setting_is_a_type_error():
 
 
 def test_state_fields_are_zero_dim_float32():
-    state = initial_state()
+    state = initial_state(TORCH, torch.zeros(()))
     assert all(t.shape == () and t.dtype == torch.float32 for t in state)
+    state = initial_state(NUMPY, np.float32(0.0))
+    assert all(np.asarray(v).dtype == np.float32 for v in state)
     assert FeedbackState._fields[0] == "count"
+
+
+def _sequence():
+    norms, losses = healthy(120, seed=5)
+    norms[50:53] = [30.0, 90.0, 270.0]
+    losses[50:56] = [20.0, 40.0, 80.0, 160.0, 320.0, 640.0]
+    norms[90] = math.nan
+    lrs = [0.1] * 70 + [1.0] * 50  # an LR jump
+    return norms, losses, lrs
+
+
+def test_host_and_device_decide_alike():
+    norms, losses, lrs = _sequence()
+    host, host_states = drive(norms, losses, lrs, xp=NUMPY)
+    device, device_states = drive(norms, losses, lrs, xp=TORCH)
+    np.testing.assert_allclose(device, host, rtol=1e-5)
+    assert float(host_states[-1].episodes) == float(device_states[-1].episodes) >= 1
+    # a tensor LR (on the device) gives the same decisions as a number
+    tensor_lr, _ = drive(norms, losses, [torch.tensor(v) for v in lrs], xp=TORCH)
+    np.testing.assert_allclose(tensor_lr, host, rtol=1e-5)
+
+
+def test_runs_jitted_in_jax_with_the_same_decisions():
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    import jax.numpy as jnp
+
+    from gradguard.frontends import jax as ggj
+
+    norms, losses, _ = _sequence()
+    expected, _ = drive(norms, losses)  # no LR: the optax guard gives none
+    tx = ggj.guard(optax.sgd(0.0), FeedbackClip())
+    params = {"w": jnp.zeros(1, jnp.float32)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    thresholds = []
+    for norm, loss in zip(norms, losses):
+        grads = {"w": jnp.asarray([norm], jnp.float32)}
+        _, state = update(grads, state, params, value=jnp.asarray(loss, jnp.float32))
+        thresholds.append(float(state.stats.threshold))
+    np.testing.assert_allclose(thresholds, expected, rtol=1e-4)

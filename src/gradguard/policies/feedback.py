@@ -17,14 +17,16 @@ a jump shows as a jump; the bare norm when no LR is given):
   to ``min(backoff × ceiling, first × typical size)``; after ``interval`` healthy steps
   it grows ×``growth``.
 
-The update is one pure function, :func:`feedback_clip`, over an explicit
-:class:`FeedbackState` of 0-d tensors: no host sync, the whole state in ``state_dict()``.
+The update is pure, over an explicit :class:`FeedbackState` of 0-d float32 arrays,
+written once over :mod:`gradguard.ops`: it runs on the device (no host sync), on host
+NumPy and under ``jax.jit``, and the whole state is in ``state_dict()``. The loss and
+learning rate come from the step's :class:`~gradguard.policies.StepInputs`
+(``guard.step(optimizer, loss=loss)``; the guard reads the LR from the optimizer).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, NamedTuple
 
@@ -32,9 +34,10 @@ import torch
 from torch import Tensor
 
 from .. import _validate as check
-from ..functional import clip_coefficient
-from ..stats import GradStats
-from .base import Decision, Policy, require_grads
+from ..ops import Array, Ops, clip_coefficient
+from .base import Decision, Policy, StepInputs
+
+_LN10 = math.log(10.0)
 
 
 @dataclass(frozen=True)
@@ -70,120 +73,140 @@ class FeedbackConfig:
 
 
 class FeedbackState(NamedTuple):
-    """The controller's state: 0-d float32 tensors, logs of sizes where noted."""
+    """The controller's state: 0-d float32 arrays, natural logs of sizes where noted."""
 
-    count: Tensor  # finite norms seen
-    level: Tensor  # EMA of the log size applied
-    lr_level: Tensor  # EMA of the log learning rate
-    ceiling: Tensor  # log ceiling on the size (+inf: none yet)
-    healthy: Tensor  # steps since the last divergence or growth
-    seen: Tensor  # finite losses seen
-    start: Tensor  # the first finite loss
-    slow: Tensor  # slow EMA of the (clamped) loss: the reference
-    dev: Tensor  # EMA of the absolute deviation of the clamped loss from the reference
-    prev1: Tensor  # the last loss (+inf when non-finite)
-    prev2: Tensor  # the loss before it
-    streak: Tensor  # consecutive steps with an elevated filtered loss
-    episodes: Tensor  # divergences detected so far
+    count: Array  # finite norms seen
+    level: Array  # EMA of the log size applied
+    lr_level: Array  # EMA of the log learning rate
+    ceiling: Array  # log ceiling on the size (+inf: none yet)
+    healthy: Array  # steps since the last divergence or growth
+    seen: Array  # finite losses seen
+    start: Array  # the first finite loss
+    slow: Array  # slow EMA of the (clamped) loss: the reference
+    dev: Array  # EMA of the absolute deviation of the clamped loss from the reference
+    prev1: Array  # the last loss (+inf when non-finite)
+    prev2: Array  # the loss before it
+    streak: Array  # consecutive steps with an elevated filtered loss
+    episodes: Array  # divergences detected so far
 
 
-def initial_state(device: torch.device | str | None = None) -> FeedbackState:
-    """The state before the first step."""
-    zero = torch.zeros((), dtype=torch.float32, device=device)
-    inf = torch.full((), math.inf, dtype=torch.float32, device=device)
+def initial_state(xp: Ops, like: Array) -> FeedbackState:
+    """The state before the first step, where ``like`` lives."""
+    zero, inf = xp.scalar(0.0, like), xp.scalar(math.inf, like)
     return FeedbackState(zero, zero, zero, inf, *([zero] * 9))
 
 
-def _median3(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-    return torch.maximum(torch.minimum(a, b), torch.minimum(torch.maximum(a, b), c))
+def _ln(xp: Ops, x: Array) -> Array:
+    return xp.log10(x) * _LN10  # the ops have log10 only
 
 
-def _loss_feedback(state: FeedbackState, loss: Tensor, config: FeedbackConfig) -> FeedbackState:
+def _exp(x: Array) -> Array:
+    return 10.0 ** (x * (1.0 / _LN10))
+
+
+def _median3(xp: Ops, a: Array, b: Array, c: Array) -> Array:
+    return xp.maximum(xp.minimum(a, b), xp.minimum(xp.maximum(a, b), c))
+
+
+def _loss_feedback(
+    xp: Ops, state: FeedbackState, value: Array, config: FeedbackConfig
+) -> FeedbackState:
     """Update the loss statistics; lower the ceiling when a divergence begins."""
-    value = loss.detach().float().reshape(())
-    ok = torch.isfinite(value)
-    raw = torch.where(ok, value, math.inf)
+    ok = xp.isfinite(value)
+    raw = xp.where(ok, value, math.inf)
     has1, has2 = state.seen > 0, state.seen > 1
-    last, before = torch.where(has1, state.prev1, raw), torch.where(has2, state.prev2, raw)
-    filtered = _median3(raw, last, before)
-    scale = torch.maximum(state.dev, 0.02 * state.slow.abs())
-    tolerance = torch.maximum(config.loss_z * scale, config.progress * (state.start - state.slow))
+    last, before = xp.where(has1, state.prev1, raw), xp.where(has2, state.prev2, raw)
+    filtered = _median3(xp, raw, last, before)
+    scale = xp.maximum(state.dev, 0.02 * abs(state.slow))
+    tolerance = xp.maximum(config.loss_z * scale, config.progress * (state.start - state.slow))
     elevated = has1 & (filtered - state.slow > tolerance)
-    streak = torch.where(elevated, state.streak + 1, 0.0)
+    streak = xp.where(elevated, state.streak + 1.0, 0.0)
     diverging = streak >= config.persist
     begins = streak == config.persist
-    typical = torch.where(state.count > 0, state.level + math.log(config.first), math.inf)
-    lowered = torch.minimum(state.ceiling + math.log(config.backoff), typical)
-    ceiling = torch.where(begins, lowered, state.ceiling)
-    healthy = torch.where(diverging, 0.0, state.healthy + 1)
+    typical = xp.where(state.count > 0, state.level + math.log(config.first), math.inf)
+    lowered = xp.minimum(state.ceiling + math.log(config.backoff), typical)
+    ceiling = xp.where(begins, lowered, state.ceiling)
+    healthy = xp.where(diverging, 0.0, state.healthy + 1.0)
     grow = healthy >= config.interval
-    ceiling = torch.where(grow, ceiling + math.log(config.growth), ceiling)
-    healthy = torch.where(grow, 0.0, healthy)
+    ceiling = xp.where(grow, ceiling + math.log(config.growth), ceiling)
+    healthy = xp.where(grow, 0.0, healthy)
     # the reference takes clamped losses, so a divergence cannot drag it upward
-    clamped = torch.minimum(torch.where(ok, value, state.slow), state.slow + config.loss_z * scale)
+    clamped = xp.minimum(xp.where(ok, value, state.slow), state.slow + config.loss_z * scale)
     b = config.loss_beta
     first = ~has1
-    slow = torch.where(first, torch.where(ok, value, 0.0), b * state.slow + (1 - b) * clamped)
+    slow = xp.where(first, xp.where(ok, value, 0.0), b * state.slow + (1 - b) * clamped)
     # the noise scale learns from healthy steps only: a divergence cannot blind the test
-    noise = b * state.dev + (1 - b) * (clamped - state.slow).abs()
-    dev = torch.where(first, 0.0, torch.where(elevated, state.dev, noise))
+    noise = b * state.dev + (1 - b) * abs(clamped - state.slow)
+    dev = xp.where(first, 0.0, xp.where(elevated, state.dev, noise))
+    moved = ok | has1  # a non-finite loss before any finite one changes nothing
     return state._replace(
         ceiling=ceiling,
         healthy=healthy,
-        seen=state.seen + ok.float(),
-        start=torch.where(first & ok, value, state.start),
-        slow=torch.where(ok | has1, slow, state.slow),
-        dev=torch.where(ok | has1, dev, state.dev),
-        prev1=torch.where(ok | has1, raw, state.prev1),
-        prev2=torch.where(ok | has1, torch.where(has1, state.prev1, raw), state.prev2),
+        seen=state.seen + xp.where(ok, 1.0, 0.0),
+        start=xp.where(first & ok, value, state.start),
+        slow=xp.where(moved, slow, state.slow),
+        dev=xp.where(moved, dev, state.dev),
+        prev1=xp.where(moved, raw, state.prev1),
+        prev2=xp.where(moved, xp.where(has1, state.prev1, raw), state.prev2),
         streak=streak,
-        episodes=state.episodes + begins.float(),
+        episodes=state.episodes + xp.where(begins, 1.0, 0.0),
     )
 
 
-def feedback_clip(
-    state: FeedbackState,
-    norm: Tensor,
-    loss: Tensor | None = None,
-    lr: float | None = None,
-    config: FeedbackConfig = FeedbackConfig(),
-) -> tuple[FeedbackState, Tensor]:
+def _lr_shift(
+    xp: Ops, state: FeedbackState, lr: Any, config: FeedbackConfig
+) -> tuple[FeedbackState, Array | float]:
+    """The log LR relative to its recent level, and the level updated (0 without an LR)."""
+    if lr is None:
+        return state, 0.0
+    c = config.lr_beta
+    if isinstance(lr, (int, float)):  # a host number: its log on the host
+        if not lr > 0:
+            return state, 0.0
+        log_lr: Array = math.log(lr)
+        lr_level = xp.where(state.count > 0, state.lr_level, log_lr)
+        return state._replace(lr_level=c * lr_level + (1 - c) * log_lr), log_lr - lr_level
+    value = xp.f32(lr)  # an array (a tensor LR on the device, or traced)
+    positive = value > 0
+    log_lr = _ln(xp, xp.where(positive, value, 1.0))
+    lr_level = xp.where(state.count > 0, state.lr_level, log_lr)
+    level = xp.where(positive, c * lr_level + (1 - c) * log_lr, state.lr_level)
+    return state._replace(lr_level=level), xp.where(positive, log_lr - lr_level, 0.0)
+
+
+def feedback_update(
+    xp: Ops, state: FeedbackState, inputs: StepInputs, config: FeedbackConfig
+) -> tuple[FeedbackState, Array]:
     """One decision: the new state and this step's threshold on the norm (``inf``: none).
 
-    Pure: reads ``state``, the step's gradient ``norm``, its ``loss`` (optional) and the
-    optimizer's ``lr`` (optional, a host number), and returns new tensors.
+    Pure: reads ``state``, the step's global norm, its loss and learning rate (either
+    may be ``None``), and returns new arrays.
     """
-    g = norm.detach().float()
-    finite = torch.isfinite(g) & (g > 0)
+    g = inputs.total_norm
+    finite = xp.isfinite(g) & (g > 0)
     # the size is the norm times the LR relative to its recent level: a schedule's smooth
     # changes cancel out, a jump shows as a jump
-    shift: Tensor | float = 0.0
-    if lr is not None and lr > 0:
-        log_lr = math.log(lr)
-        lr_level = torch.where(state.count > 0, state.lr_level, log_lr)
-        shift = log_lr - lr_level
-        c = config.lr_beta
-        state = state._replace(lr_level=c * lr_level + (1 - c) * log_lr)
-    if loss is not None:
-        state = _loss_feedback(state, loss, config)
-    size = torch.where(finite, g, 1.0).log() + shift
+    state, shift = _lr_shift(xp, state, inputs.lr, config)
+    if inputs.loss is not None:
+        state = _loss_feedback(xp, state, xp.f32(inputs.loss), config)
+    size = _ln(xp, xp.where(finite, g, 1.0)) + shift
     ready = state.count > 0
     # spike rule (in log space, after ZClip): a size `excess` above the level beyond
     # t = log(spike) is clipped to level + t²/excess: the larger the outlier, the harder
     t = math.log(config.spike)
-    excess = (size - state.level).clamp(min=t)
-    spike = torch.where(ready, state.level + t * t / excess, math.inf)
-    bound = torch.minimum(spike, state.ceiling)
-    applied = torch.minimum(size, bound)
+    excess = xp.maximum(size - state.level, t)
+    spike = xp.where(ready, state.level + xp.div(t * t, excess), math.inf)
+    bound = xp.minimum(spike, state.ceiling)
+    applied = xp.minimum(size, bound)
     b = config.beta
-    level = torch.where(ready, b * state.level + (1 - b) * applied, applied)
+    level = xp.where(ready, b * state.level + (1 - b) * applied, applied)
     # the level is held while the loss is elevated: it never chases a divergence
     update = finite & (state.streak == 0)
     state = state._replace(
-        count=state.count + finite.float(),
-        level=torch.where(update, level, state.level),
+        count=state.count + xp.where(finite, 1.0, 0.0),
+        level=xp.where(update, level, state.level),
     )
-    return state, (bound - shift).exp()
+    return state, _exp(bound - shift)
 
 
 class FeedbackClip(Policy):
@@ -192,8 +215,8 @@ class FeedbackClip(Policy):
     Clips a step whose size jumps above 4× the run's typical size (harder the larger
     the jump; an LR jump counts), and, once the loss diverges, caps the size at twice
     the typical one, halving that cap at each new divergence and doubling it after 200
-    healthy steps. Give it each step's loss and learning rate with :meth:`observe` before
-    the guard decides; without them it only clips spikes of the bare norm. Works with
+    healthy steps. It reads each step's loss (``guard.step(optimizer, loss=loss)``) and
+    learning rate; without a loss it only clips spikes of the update size. Works with
     :class:`~gradguard.Rewind`: a divergence it detects makes the rewinder restore the
     last snapshot, and its ceiling stays tightened (:meth:`rewound`).
 
@@ -201,64 +224,53 @@ class FeedbackClip(Policy):
     (``benchmarks/efficacy``).
     """
 
+    State = FeedbackState
+    finite_fields = ("count", "level", "lr_level", "healthy", "seen", "start", "streak")
+
     def __init__(self, **settings: Any) -> None:
         self.config = FeedbackConfig(**settings)
-        self._state: FeedbackState | None = None
-        self._loss: Tensor | None = None
-        self._lr: float | None = None
 
     def _config(self) -> dict[str, Any]:
         return asdict(self.config)
 
-    def observe(self, loss: Tensor | float | None = None, lr: float | None = None) -> None:
-        """Give the loss and learning rate of the step about to be decided."""
-        self._loss = None if loss is None else torch.as_tensor(loss)
-        self._lr = None if lr is None else float(lr)
+    def init(self, inputs: StepInputs, xp: Ops) -> FeedbackState:
+        return initial_state(xp, inputs.total_norm)
 
-    def decide(self, stats: GradStats, params: Sequence[Tensor]) -> Decision:
-        require_grads(stats, self)
-        norm = stats.total_norm
-        state = self._state if self._state is not None else initial_state(norm.device)
-        loss = None if self._loss is None else self._loss.to(norm.device)
-        self._state, threshold = feedback_clip(state, norm, loss, self._lr, self.config)
-        self._loss = None  # a loss is evidence about one step only
-        return Decision(scale=clip_coefficient(threshold, norm.float()), threshold=threshold)
+    def update(
+        self, state: FeedbackState, inputs: StepInputs, xp: Ops
+    ) -> tuple[Decision, FeedbackState]:
+        state, threshold = feedback_update(xp, state, inputs, self.config)
+        scale = clip_coefficient(xp, threshold, inputs.total_norm)
+        return Decision(scale=scale, threshold=threshold), state
 
     @property
     def divergences(self) -> Tensor:
         """Loss divergences detected so far (0-d tensor; :class:`~gradguard.Rewind` reads it)."""
-        return self._state.episodes if self._state is not None else torch.zeros(())
+        saved = self.state_dict().get("episodes")
+        return saved if isinstance(saved, Tensor) else torch.zeros(())
 
     def rewound(self, previous: dict[str, Any]) -> None:
-        """After a rewind: keep the lesson, a ceiling ``backoff`` × tighter than before it."""
-        if not previous:
+        """After a rewind: keep the lesson, a ceiling ``backoff`` × tighter than before it.
+
+        ``previous`` is the :meth:`state_dict` from just before the rewind; the current
+        state is the restored snapshot's.
+        """
+        if not previous or previous.get("ceiling") is None:
             return
-        before = FeedbackState(**previous)
+        before = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in previous.items()}
         base = torch.where(
-            torch.isfinite(before.ceiling),
-            before.ceiling,
-            torch.where(before.count > 0, before.level + math.log(self.config.first), math.inf),
+            torch.isfinite(before["ceiling"]),
+            before["ceiling"],
+            torch.where(
+                before["count"] > 0, before["level"] + math.log(self.config.first), math.inf
+            ),
         )
         lowered = base + math.log(self.config.backoff)
-        state = self._state if self._state is not None else initial_state(before.ceiling.device)
-        self._state = state._replace(
-            ceiling=torch.minimum(state.ceiling, lowered), episodes=before.episodes.clone()
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        if self._state is None:
-            return {}
-        return {k: v.detach().clone() for k, v in self._state._asdict().items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if not state:
-            self._state = None
-            return
-        missing = set(FeedbackState._fields) - set(state)
-        if missing:
-            raise KeyError(
-                f"state_dict for FeedbackClip lacks {sorted(missing)}; was it saved from "
-                "another policy?"
-            )
-        values = {k: torch.as_tensor(state[k], dtype=torch.float32) for k in FeedbackState._fields}
-        self._state = FeedbackState(**{k: v.clone() for k, v in values.items()})
+        current = self.state_dict()
+        if current.get("ceiling") is None:  # rewound to before the first step
+            current = {k: torch.zeros(()) for k in FeedbackState._fields}
+            current["ceiling"] = torch.full((), math.inf)
+        ceiling = torch.as_tensor(current["ceiling"], dtype=torch.float32)
+        current["ceiling"] = torch.minimum(ceiling.to(lowered.device), lowered)
+        current["episodes"] = before["episodes"].clone()
+        self.load_state_dict(current)
