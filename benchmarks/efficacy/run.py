@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 import time
 import warnings
@@ -85,13 +86,16 @@ def run_all(
     steps: int | None = None,
     rows: list[str] | None = None,
     judged: list[str] | None = None,
+    save: str | None = None,
 ) -> str:
     """Run the tasks and return their markdown tables, then the summaries.
 
     ``only`` picks task keys (default: all); ``rows`` restricts the policies run (a row
     ``"fb:knob=value;..."`` is FeedbackClip with other settings); ``judged`` names the
     rows compared with the best fixed threshold and with unclipped runs (default: the
-    two defaults, and FeedbackClip with rewind).
+    two defaults, and FeedbackClip with rewind). ``save`` names a folder where each
+    task's results are pickled as soon as they are done (:func:`render_saved` reads
+    them back), so a long run interrupted loses only the task in progress.
     """
     all_tasks = suite.tasks(quick, steps)
     known = suite.by_key(all_tasks)
@@ -107,15 +111,48 @@ def run_all(
         for seed in range(seed_base, seed_base + seeds)
     ]
     start = time.perf_counter()
-    if jobs > 1:
-        with ProcessPoolExecutor(jobs, mp_context=get_context("fork")) as pool:
-            results = list(pool.map(_job, *zip(*specs)))
-    else:
-        results = [_job(*spec) for spec in specs]
-    wall = time.perf_counter() - start
     grouped: dict[str, dict[str, list]] = {}
-    for (key, _, _, name, _), result in zip(specs, results):
-        grouped.setdefault(key, {}).setdefault(name, []).append(result)
+    pool = ProcessPoolExecutor(jobs, mp_context=get_context("fork")) if jobs > 1 else None
+    try:
+        for key in todo:  # task by task, so each can be saved when done
+            mine = [spec for spec in specs if spec[0] == key]
+            began = time.perf_counter()
+            if pool is not None:
+                results = list(pool.map(_job, *zip(*mine)))
+            else:
+                results = [_job(*spec) for spec in mine]
+            for (_, _, _, name, _), result in zip(mine, results):
+                grouped.setdefault(key, {}).setdefault(name, []).append(result)
+            if save is not None:
+                _save(save, key, grouped[key], time.perf_counter() - began)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    wall = time.perf_counter() - start
+    return render(selected, grouped, seeds, seed_base, judged, wall)
+
+
+def _save(folder: str, key: str, rows: dict[str, list], wall: float) -> None:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{key}.pkl"), "wb") as handle:
+        pickle.dump({"rows": rows, "wall": wall}, handle)
+
+
+def render_saved(
+    folders: list[str], seeds: int, seed_base: int = 0, judged: list[str] | None = None
+) -> str:
+    """The tables of results saved by ``run_all(save=...)`` in ``folders`` (later folders
+    add rows to a task, or replace rows of the same name)."""
+    grouped: dict[str, dict[str, list]] = {}
+    wall = 0.0
+    for folder in folders:
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".pkl"):
+                with open(os.path.join(folder, name), "rb") as handle:
+                    saved = pickle.load(handle)
+                grouped.setdefault(name[:-4], {}).update(saved["rows"])
+                wall += saved["wall"]
+    selected = [t for t in suite.tasks() if t.key in grouped]
     return render(selected, grouped, seeds, seed_base, judged, wall)
 
 
@@ -193,8 +230,16 @@ def main(argv: list[str] | None = None) -> None:
         "--rows", help=f"comma-separated policy rows (default: all); '<row>{REWIND}' adds rewind"
     )
     parser.add_argument("--judged", help="rows compared with the best fixed threshold")
+    parser.add_argument("--save", help="folder: pickle each task's results when done")
+    parser.add_argument(
+        "--render", help="comma-separated folders of saved results: print their tables, run nothing"
+    )
     args = parser.parse_args(argv)
     split = lambda text: text.split(",") if text else None  # noqa: E731
+    if args.render:
+        folders = split(args.render)
+        print(render_saved(folders, args.seeds, args.seed_base, split(args.judged)))
+        return
     text = run_all(
         args.quick,
         args.seeds,
@@ -204,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
         steps=args.steps,
         rows=split(args.rows),
         judged=split(args.judged),
+        save=args.save,
     )
     print(text)
 
