@@ -1,9 +1,12 @@
 """What the self-tuning default and rewind cost per step, on the suite's models.
 
 ``python -m benchmarks.efficacy.cost [--rounds R] [--calls N]``: for each model of the
-suite, the cost of ``guard.step`` beyond a bare ``optimizer.step()`` under today's
-default policy and under ``chain(SkipNonFinite(), FeedbackClip())`` (same gradients),
-a full training step, the time of one ``Rewind.step`` that snapshots and checks, and
+suite, the cost of ``guard.step(optimizer, loss=...)`` beyond a bare
+``optimizer.step()`` under today's default policy and under ``chain(SkipNonFinite(),
+FeedbackClip())`` (same gradients; host math, the CPU default, and device math,
+``host_math=False``, the accelerator's path), each as a ratio to the cost of
+``torch.nn.utils.clip_grad_norm_(params, 1.0)`` measured in the same rounds; a full
+training step; the time of one ``Rewind.step`` that snapshots and checks; and
 ``Rewind(every=100)``'s cost per step as a fraction of the training step. Medians of
 interleaved rounds, one thread. Memory is one snapshot's bytes.
 """
@@ -124,59 +127,91 @@ def _lm_loss(model: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     return nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
 
 
-def _per_call(fn: Callable[[], object], calls: int) -> float:
-    """Seconds per call of ``fn`` (after two warm-up calls)."""
-    fn()
+def _per_call(fn: Callable[[], object], calls: int, budget: float = 0.25) -> float:
+    """Seconds per call of ``fn`` (after two warm-up calls): ``calls`` calls, or fewer (at
+    least 3) when they would take longer than ``budget`` seconds."""
     fn()
     start = time.perf_counter()
-    for _ in range(calls):
+    fn()
+    one = time.perf_counter() - start
+    n = max(3, min(calls, int(budget / max(one, 1e-9))))
+    start = time.perf_counter()
+    for _ in range(n):
         fn()
-    return (time.perf_counter() - start) / calls
+    return (time.perf_counter() - start) / n
+
+
+def _fresh(params: list[torch.Tensor]) -> None:
+    """Stand in for ``backward()``: new gradient tensors (same values), so the guard sees
+    a new step (it refuses the gradients of the last one); the same cost in every case."""
+    for p in params:
+        p.grad = p.grad.detach()
 
 
 def measure_one(bench: Bench, rounds: int, calls: int) -> list[str]:
-    """One model: guard overhead of each default, full step, rewind cost, snapshot memory."""
+    """One model: the guard's cost per step beyond a bare step under today's default and
+    FeedbackClip (host and device math), against ``clip_grad_norm_``'s in the same
+    rounds; a full training step; rewind's snapshot cost and memory."""
     loss = bench.loss()
     bench.optimizer.zero_grad()
     loss.backward()
     value = loss.detach()
-    today = gg.Guard(bench.model, gg.default_policy())
-    feedback = FeedbackClip()
-    new = gg.Guard(bench.model, gg.chain(gg.SkipNonFinite(), feedback))
+    params = [p for p in bench.model.parameters() if p.grad is not None]
+    opt = bench.optimizer
 
-    def today_step() -> None:
-        today.step(bench.optimizer, loss=value)
+    def feedback() -> gg.Policy:
+        return gg.chain(gg.SkipNonFinite(), FeedbackClip())
 
-    def new_step() -> None:
-        new.step(bench.optimizer, loss=value)
+    guards = {
+        "today": gg.Guard(bench.model, gg.default_policy()),
+        "new": gg.Guard(bench.model, feedback()),
+        "today, device": gg.Guard(bench.model, gg.default_policy(), host_math=False),
+        "new, device": gg.Guard(bench.model, feedback(), host_math=False),
+    }
+    trained = gg.Guard(bench.model, feedback())
 
     def train_step() -> None:
         step_loss = bench.loss()
-        bench.optimizer.zero_grad()
+        opt.zero_grad()
         step_loss.backward()
-        new.step(bench.optimizer, loss=step_loss.detach())
+        trained.step(opt, loss=step_loss.detach())
 
-    every_step = gg.Rewind(bench.model, bench.optimizer, guard=new, every=1, check_every=1)
-    every_100 = gg.Rewind(bench.model, bench.optimizer, guard=new, every=100)
-    few = max(calls // 10, 5)
-    cases = {
-        "bare": (bench.optimizer.step, calls),
-        "today": (today_step, calls),
-        "new": (new_step, calls),
-        "train": (train_step, few),
-        "snapshot": (lambda: every_step.step(value), few),
-        "rewind100": (lambda: every_100.step(value), calls),
+    every_step = gg.Rewind(bench.model, opt, guard=trained, every=1, check_every=1)
+    every_100 = gg.Rewind(bench.model, opt, guard=trained, every=100)
+    cases: dict[str, Callable[[], object]] = {
+        "bare": lambda: (_fresh(params), opt.step()),
+        "torch": lambda: (
+            _fresh(params),
+            torch.nn.utils.clip_grad_norm_(params, 1.0),
+            opt.step(),
+        ),
     }
+    for name, guard in guards.items():
+        cases[name] = lambda guard=guard: (_fresh(params), guard.step(opt, loss=value))
+    cases["train"] = train_step
+    cases["snapshot"] = lambda: every_step.step(value)
+    cases["rewind100"] = lambda: every_100.step(value)
     timings: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(rounds):
-        for name, (fn, n) in cases.items():
-            timings[name].append(_per_call(fn, n))
+        for name, fn in cases.items():
+            n = calls if name != "rewind100" else max(calls, 100)  # take its snapshots too
+            budget = 0.25 if name != "rewind100" else 5.0
+            timings[name].append(_per_call(fn, n, budget))
     med = {k: statistics.median(v) for k, v in timings.items()}
-    today_cost, new_cost = med["today"] - med["bare"], med["new"] - med["bare"]
+    torch_cost = med["torch"] - med["bare"]
+    cost = {name: med[name] - med["bare"] for name in guards}
+
+    def versus(name: str) -> str:
+        return f"{cost[name] * 1e6:.0f} µs ({cost[name] / torch_cost:.2f}x)"
+
     return [
         bench.name,
-        f"{today_cost * 1e6:.0f} µs",
-        f"{new_cost * 1e6:.0f} µs ({new_cost / today_cost:.2f}x)",
+        f"{torch_cost * 1e6:.0f} µs",
+        versus("today"),
+        versus("new"),
+        f"{cost['new'] / cost['today']:.2f}x",
+        versus("today, device"),
+        versus("new, device"),
         f"{med['train'] * 1e3:.2f} ms",
         f"{med['snapshot'] * 1e3:.2f} ms",
         f"{med['rewind100'] / med['train']:.2%}",
@@ -193,8 +228,12 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", "gradguard:")
     header = [
         "model",
-        "guard.step cost, today's default",
-        "guard.step cost, FeedbackClip",
+        "clip_grad_norm_ cost",
+        "guard cost, today's default (x torch)",
+        "guard cost, FeedbackClip (x torch)",
+        "FeedbackClip / today",
+        "today, device math",
+        "FeedbackClip, device math",
         "training step",
         "one snapshot + check",
         "Rewind(every=100), per step",
