@@ -35,12 +35,14 @@ def _batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
 class _Run:
     """A small training run: model, fused AdamW, step-decay scheduler, ZClip guard."""
 
-    def __init__(self, *, fused: bool = False, scaler: bool = False, **rewind) -> None:
+    def __init__(self, *, fused: bool = False, scaler: bool = False, policy=None, **rewind) -> None:
         self.model = _model()
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-2, fused=fused)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=3, gamma=0.7)
         self.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if scaler else None
-        self.guard = gg.Guard(self.model, gg.chain(gg.SkipNonFinite(), gg.ZClip(warmup_steps=2)))
+        if policy is None:
+            policy = gg.chain(gg.SkipNonFinite(), gg.ZClip(warmup_steps=2))
+        self.guard = gg.Guard(self.model, policy)
         self.rewind = Rewind(
             self.model,
             self.optimizer,
@@ -125,6 +127,28 @@ def test_restore_is_bit_exact_and_replays_like_a_twin(fused):
         run.step(step)
         twin.step(step)
     _assert_same(run.state(), twin.state())
+
+
+def test_feedback_clip_state_is_restored_but_keeps_its_lesson():
+    feedback = gg.FeedbackClip()
+    run = _Run(every=5, check_every=1, policy=gg.chain(gg.SkipNonFinite(), feedback))
+    for step in range(5):
+        assert run.step(step) is None
+    at_snapshot = run.state()
+    for step in range(5, 8):
+        assert run.step(step) is None
+    level = float(run.state()["policy"]["1"]["level"])  # held through the NaN step
+    assert run.step(8, poison=math.nan) is not None
+    restored = run.state()
+    policy, saved = restored.pop("policy")["1"], at_snapshot.pop("policy")["1"]
+    _assert_same(restored, at_snapshot)  # model, optimizer, scheduler: bit for bit
+    assert not math.isfinite(float(saved["ceiling"]))
+    # the policy's state is the snapshot's, but for a ceiling: half of twice the typical
+    # size the run had reached before the rewind
+    expected = level + math.log(2.0) + math.log(0.5)
+    assert float(policy.pop("ceiling")) == pytest.approx(expected, abs=1e-6)
+    saved.pop("ceiling")
+    _assert_same(policy, saved)
 
 
 def test_restores_gradscaler_state_under_amp():
