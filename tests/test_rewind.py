@@ -224,6 +224,25 @@ def test_nonfinite_weights_rewind_at_the_next_snapshot():
     assert torch.equal(model.weight, saved)
 
 
+def test_a_buffer_holding_inf_on_purpose_is_not_a_divergence():
+    class Masked(nn.Module):  # a causal attention mask: -inf above the diagonal
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3, 1)
+            mask = torch.triu(torch.full((4, 4), -math.inf), diagonal=1)
+            self.register_buffer("mask", mask, persistent=False)
+
+    model = Masked()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rewind = Rewind(model, optimizer, every=5, check_every=1)
+    assert all(rewind.step(1.0) is None for _ in range(20))  # snapshots at 5, 10, 15, 20
+    assert not rewind.events
+    with torch.no_grad():
+        model.linear.weight[0, 0] = math.nan  # a non-finite parameter still rewinds
+    events = [rewind.step(1.0) for _ in range(5)]
+    assert events[-1] is not None and events[-1].data["reason"] == "nonfinite"
+
+
 def test_diverging_again_goes_further_back_and_gives_up_with_a_warning():
     model = nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

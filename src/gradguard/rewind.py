@@ -111,8 +111,12 @@ class Rewind:
         self.guard = guard
         if isinstance(model, torch.nn.Module):
             self._tensors = [*model.parameters(), *model.buffers()]
+            # only parameters are checked for NaN/inf: a buffer may hold -inf on purpose
+            # (an attention mask), and a non-finite running statistic shows in the loss
+            self._checked = [p for p in model.parameters() if p.is_floating_point()]
         else:
             self._tensors = list(model)
+            self._checked = [t for t in self._tensors if t.is_floating_point()]
         if not self._tensors:
             raise ValueError("model: there are no parameters to save")
         self.events: list[Event] = []
@@ -208,7 +212,7 @@ class Rewind:
         return total
 
     def _params(self) -> list[Tensor]:
-        return [t for t in self._tensors if t.is_floating_point()]
+        return self._checked
 
     # -- rewinding ----------------------------------------------------------------------
 
