@@ -4,10 +4,11 @@
 ``every`` optimizer steps: parameters and buffers, the optimizer's state and
 hyper-parameters, and, when given, an LR scheduler's, a ``GradScaler``'s and the
 guard's policy state. Call :meth:`Rewind.step` with the step's loss once per optimizer
-step (after ``scheduler.step()``). When the run diverges — a non-finite loss or weights,
-the median loss of the last ``window`` steps above ``rise`` times the median before
-the snapshot *and* above the largest loss seen then, or a divergence that one of the
-guard's policies detected (the ``divergences`` counter of
+step (after ``scheduler.step()``). When the run diverges — a non-finite loss or
+parameters (buffers are not checked: an attention mask may hold ``-inf``), the median
+loss of the last ``window`` steps above ``rise`` times the median before the snapshot
+*and* above the largest loss seen then, or a divergence that one of the guard's
+policies detected (the ``divergences`` counter of
 :class:`~gradguard.policies.feedback.FeedbackClip`) —
 it restores the newest snapshot (an older one when the run diverged again before a new
 snapshot was taken), lets every policy of the guard that can tighten do so (a
