@@ -1,4 +1,4 @@
-"""Smoke test of the efficacy experiments (benchmarks/efficacy): tiny runs, real training."""
+"""Smoke test of the efficacy suite (benchmarks/efficacy): tiny runs, real training."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import gradguard as gg
-from benchmarks.efficacy import lm, rnn, run_all, tables
-from benchmarks.efficacy.policies import DEFAULT, NONE, NoClip, roster
+from benchmarks.efficacy import cnn, lm, loop, rnn, run_all, suite, tables
+from benchmarks.efficacy.policies import DEFAULT, NONE, REWIND, NoClip, resolve, roster
+from benchmarks.efficacy.suite import SWEEP
 
 
 @pytest.fixture(autouse=True)
@@ -22,48 +23,77 @@ def _one_thread():
 
 def _tables(text: str) -> list[list[list[str]]]:
     """Markdown tables in ``text`` as lists of rows of cells (header first)."""
-    tables, current = [], []
+    found, current = [], []
     for line in text.splitlines():
         if line.startswith("|"):
             current.append([c.strip() for c in line.strip("|").split("|")])
         elif current:
-            tables.append(current)
+            found.append(current)
             current = []
     if current:
-        tables.append(current)
-    return tables
+        found.append(current)
+    return found
 
 
-def test_run_all_quick_prints_every_table():
-    text = run_all(quick=True, seeds=1, steps=4)
-    tables = _tables(text)
-    # addition at two LRs, multiplication, LM bad batches, LM high LR, tuning burden
-    assert len(tables) == 6
-    for table in tables:
+def test_run_all_quick_prints_a_table_per_task_and_the_summaries():
+    keys = ["add-0.1", "lm-bad", "cnn-jump", "cnn"]
+    text = run_all(quick=True, seeds=1, steps=4, only=keys, rows=[NONE, "clip 1", DEFAULT])
+    found = _tables(text)
+    assert len(found) == len(keys) + 3  # one per task, tuning burden, healthy runs, runs lost
+    for table in found:
         assert set(table[1]) == {"---"}
         assert all(len(row) == len(table[0]) for row in table)
-    rnn_rows = [row[0] for row in tables[0][2:]]
-    assert rnn_rows == list(roster((0.1, 0.3, 1.0, 3.0, 10.0)))
-    lm_rows = [row[0] for row in tables[3][2:]]
-    assert lm_rows == list(roster((0.3, 1.0, 3.0)))
-    burden = tables[5]
-    assert [row[0] for row in burden[2:]] == [
-        "addition T=20 lr 0.05",
-        "addition T=20 lr 0.1",
-        "multiplication T=20 lr 0.2",
-        "LM, bad batches",
-        "LM, high LR",
-    ]
+    assert [row[0] for row in found[0][2:]] == [NONE, "clip 1", DEFAULT]
+    burden = found[-3]
+    assert [row[0] for row in burden[2:]] == ["add-0.1", "lm-bad", "cnn-jump"]
     assert all(row[4] in {"beats", "matches", "worse"} for row in burden[2:])
+    healthy = found[-2]
+    assert [row[:2] for row in healthy[2:]] == [["cnn", DEFAULT]]
+    lost = found[-1]
+    assert [row[0] for row in lost[2:]] == keys
+    # four steps teach the RNN nothing: every add-0.1 run is lost (no better than the mean)
+    assert lost[2][1:3] == ["1/1", "1/1"] and lost[2][3:5] == ["—", "—"]
+    assert "seeds 0–0" in text
+
+
+def test_every_task_trains_a_step_under_every_kind_of_row():
+    for task in suite.tasks(quick=True, steps=2):
+        result = task.train(task.config, DEFAULT, gg.default_policy, 0, None)
+        assert result.steps == 2 and not result.diverged
+        assert math.isfinite(result.final)
+
+
+def test_rows_resolve_with_and_without_rewind():
+    factory, rewind = resolve(DEFAULT, SWEEP)
+    assert rewind is None and isinstance(factory(), gg.Policy)
+    factory, rewind = resolve(DEFAULT + REWIND, SWEEP)
+    assert rewind == {} and isinstance(factory(), gg.Policy)
+    with pytest.raises(ValueError, match="unknown policy"):
+        resolve("no such policy", SWEEP)
+    assert list(roster(SWEEP))[:6] == [NONE, "clip 0.1", "clip 0.3", "clip 1", "clip 3", "clip 10"]
+
+
+def test_run_all_rejects_unknown_rows_and_tasks():
+    with pytest.raises(ValueError, match="unknown policy"):
+        run_all(quick=True, seeds=1, only=["add-0.1"], steps=2, rows=["no such policy"])
+    with pytest.raises(ValueError, match="tasks: unknown"):
+        run_all(quick=True, seeds=1, only=["no-such-task"], steps=2)
 
 
 def test_guard_keeps_exploding_rnn_finite():
     config = rnn.RNNConfig(task="addition", length=20, lr=0.3, steps=60, eval_every=10)
     unguarded = rnn.train(config, NONE, NoClip, seed=0)
-    assert unguarded.diverged and math.isnan(unguarded.test_mse)
+    assert unguarded.diverged and math.isnan(unguarded.final)
     guarded = rnn.train(config, DEFAULT, gg.default_policy, seed=0)
-    assert not guarded.diverged and math.isfinite(guarded.test_mse)
+    assert not guarded.diverged and math.isfinite(guarded.final)
     assert guarded.clipped > 0
+
+
+def test_rewind_rows_record_each_rewind():
+    config = rnn.RNNConfig(task="addition", length=20, lr=0.3, steps=60, eval_every=10)
+    result = rnn.train(config, NONE + REWIND, NoClip, seed=0, rewind={"every": 10})
+    assert result.rewinds  # unclipped SGD at this LR turns non-finite, again and again
+    assert all(e["to_step"] % 10 == 0 and e["steps_lost"] > 0 for e in result.rewinds)
 
 
 def test_bad_batches_stall_unclipped_adam_and_clipping_recovers():
@@ -72,13 +102,26 @@ def test_bad_batches_stall_unclipped_adam_and_clipping_recovers():
     unclipped = lm.train(config, NONE, NoClip, 0)
     clipped = lm.train(config, "clip 1", lambda: gg.ClipNorm(1.0), 0)
     assert len(unclipped.curve) == 38  # bad batches are left out of the curve
-    assert clipped.final_loss < unclipped.final_loss
+    assert clipped.final < unclipped.final
     assert lm.steps_lost(clipped, reference) < lm.steps_lost(unclipped, reference)
 
 
+def test_lr_jump_multiplies_the_learning_rate_at_its_step():
+    config = cnn.CNNConfig(steps=6, jump_at=3, jump=20.0)
+    seen = []
+
+    class Spy(NoClip):
+        def update(self, state, inputs, xp):
+            seen.append(inputs.lr)
+            return super().update(state, inputs, xp)
+
+    cnn.train(config, "spy", Spy, seed=0)
+    assert seen == pytest.approx([0.05] * 3 + [1.0] * 3)
+
+
 def test_steps_lost_reads_the_reference_curve():
-    def result(final: float, curve: list[float], diverged: bool = False) -> lm.LMResult:
-        return lm.LMResult("x", 0, diverged, final, 0.0, curve, 0.0, 0, 0.0)
+    def result(final: float, curve: list[float], diverged: bool = False) -> loop.Result:
+        return loop.Result("x", 0, diverged, final, curve, 0.0, 0, len(curve), 0.0)
 
     reference = result(1.0, [4.0] * 10 + [1.0] * 90)
     assert lm.steps_lost(result(0.5, []), reference) == 0
@@ -89,16 +132,23 @@ def test_steps_lost_reads_the_reference_curve():
     assert lm.steps_lost(result(2.0, []), reference) == 99 - first
 
 
-def test_run_all_rejects_unknown_rows():
-    with pytest.raises(ValueError, match="rows: unknown"):
-        run_all(quick=True, seeds=1, only="rnn", steps=2, rows=["no such policy"])
+def _runs(finals, solved=0, diverged=0):
+    return [
+        loop.Result("x", i, i < diverged, f, [], 0.0, 0, 10, 0.0, solved=i < solved)
+        for i, f in enumerate(finals)
+    ]
 
 
-def test_rnn_verdict_counts_solves_then_compares_error():
-    def runs(solved: int, mse: float) -> list[rnn.RNNResult]:
-        return [rnn.RNNResult("x", i, i < solved, False, 10, mse, 0.0, 0, 0.0) for i in range(3)]
+def test_solve_verdict_counts_solves_then_compares_error():
+    assert tables.solve_verdict(_runs([0.1] * 3, solved=2), _runs([0.1] * 3, solved=3)) == "worse"
+    assert tables.solve_verdict(_runs([0.5] * 3, 3), _runs([0.1] * 3, 3)) == "matches"
+    assert tables.solve_verdict(_runs([1e4] * 3), _runs([0.1] * 3)) == "worse"
+    assert tables.solve_verdict(_runs([0.105] * 3), _runs([0.1] * 3)) == "matches"
 
-    assert tables.rnn_verdict(runs(2, 0.1), runs(3, 0.1)) == "worse"
-    assert tables.rnn_verdict(runs(3, 0.5), runs(3, 0.1)) == "matches"
-    assert tables.rnn_verdict(runs(0, 1e4), runs(0, 0.1)) == "worse"
-    assert tables.rnn_verdict(runs(0, 0.105), runs(0, 0.1)) == "matches"
+
+def test_loss_verdict_is_within_the_seeds_noise():
+    best = _runs([2.0, 2.1, 2.2])  # standard deviation 0.1
+    assert tables.loss_verdict(_runs([2.15, 2.2, 2.25]), best) == "matches"
+    assert tables.loss_verdict(_runs([2.3, 2.35, 2.4]), best) == "worse"
+    assert tables.loss_verdict(_runs([1.8, 1.85, 1.9]), best) == "beats"
+    assert tables.loss_verdict(_runs([1.0, 1.0, 1.0], diverged=1), best) == "worse"

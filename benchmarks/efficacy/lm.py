@@ -23,14 +23,12 @@ held-out), reported as excess over the entropy floor, so 0 is perfect.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-import gradguard as gg
-
+from . import loop
 from .policies import PolicyFactory
 
 
@@ -50,25 +48,15 @@ class LMConfig:
     bad_batches: tuple[int, ...] = (150, 151, 152, 250)
     bad_scale: float = 1000.0
     concentration: float = 0.1  # Dirichlet concentration: smaller is a sparser chain
+    norm_first: bool = True  # pre-LN blocks (False: the original post-LN)
 
     @property
     def label(self) -> str:
         return self.name
 
-
-@dataclass
-class LMResult:
-    """What one (scenario, policy, seed) run did."""
-
-    policy: str
-    seed: int
-    diverged: bool
-    final_loss: float  # mean loss of the last 50 clean batches (nan when diverged)
-    floor: float  # the chain's entropy rate: the best loss possible
-    curve: list[float]  # loss of every clean batch
-    clipped: float
-    skipped: int
-    seconds: float
+    def lost(self, result: loop.Result) -> bool:
+        """Diverged, or an excess loss above 1 nat (unclipped Adam after bad batches: ~1.9)."""
+        return result.diverged or not result.excess < 1.0
 
 
 class MarkovChain:
@@ -112,7 +100,7 @@ class TinyLM(nn.Module):
             4 * config.width,
             dropout=0.0,
             batch_first=True,
-            norm_first=True,
+            norm_first=config.norm_first,
         )
         self.blocks = nn.TransformerEncoder(block, config.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(config.width)
@@ -136,33 +124,33 @@ def smooth(losses: list[float], beta: float = 0.95) -> list[float]:
     return out
 
 
-def steps_lost(result: LMResult, reference: LMResult) -> int:
+def steps_lost(result: loop.Result, reference: loop.Result) -> int:
     """Steps the reference still trained after first reaching ``result``'s final loss."""
     total = len(reference.curve)
-    if result.diverged or not math.isfinite(result.final_loss):
+    if result.diverged or not math.isfinite(result.final):
         return total
     for step, value in enumerate(smooth(reference.curve)):
-        if value <= result.final_loss:
+        if value <= result.final:
             return max(total - 1 - step, 0)
     return 0
 
 
-def train(config: LMConfig, name: str, factory: PolicyFactory, seed: int) -> LMResult:
-    """Train one seed under one policy; the chain, data and weights depend on the seed only."""
-    start = time.perf_counter()
+def train(
+    config: LMConfig, name: str, factory: PolicyFactory, seed: int, rewind: dict | None = None
+) -> loop.Result:
+    """Train one seed under one policy; the chain, data and weights depend on the seed only.
+
+    ``final`` is the mean loss of the last 50 clean batches; ``floor`` the chain's
+    entropy rate.
+    """
     data = torch.Generator().manual_seed(2000 + seed)
     chain = MarkovChain(config.vocab, config.concentration, data)
     torch.manual_seed(seed)
     model = TinyLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
-    guard = gg.Guard(model, factory())
-    clipped = torch.zeros(())
-    skipped = torch.zeros((), dtype=torch.long)
-    losses: list[float] = []
     bad = set(config.bad_batches)
-    diverged = False
-    step = 0
-    for step in range(config.steps):
+
+    def forward(step: int):
         tokens = chain.sample(config.batch, config.context, data)
         scale = 1.0
         if step in bad:
@@ -170,28 +158,9 @@ def train(config: LMConfig, name: str, factory: PolicyFactory, seed: int) -> LMR
             scale = config.bad_scale
         logits = model(tokens[:, :-1])
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
-        optimizer.zero_grad(set_to_none=True)
-        (loss * scale).backward()
-        result = guard.step(optimizer)
-        assert result is not None
-        clipped += (result.clip_coef < 0.999) & ~result.skipped
-        skipped += result.skipped
-        value = loss.item()
-        if step not in bad:
-            losses.append(value)
-        if not math.isfinite(value):  # non-finite weights show here one step later
-            diverged = True
-            break
-    tail = losses[-50:]
-    final = math.nan if diverged else sum(tail) / len(tail)
-    return LMResult(
-        name,
-        seed,
-        diverged,
-        final,
-        chain.entropy,
-        losses,
-        clipped.item() / (step + 1),
-        int(skipped),
-        time.perf_counter() - start,
-    )
+        return loss * scale, loss.detach(), step not in bad
+
+    trace = loop.run(loop.Setup(model, optimizer), factory(), config.steps, forward, rewind=rewind)
+    tail = trace.curve[-50:]
+    final = sum(tail) / len(tail) if tail else math.nan
+    return loop.result(trace, name, seed, final, floor=chain.entropy)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-
-from torch import Tensor
+from typing import Any
 
 import gradguard as gg
-from gradguard.policies import Decision
+from gradguard.ops import Ops
+from gradguard.policies import Decision, StepInputs
+from gradguard.policies.feedback import FeedbackClip
 
 PolicyFactory = Callable[[], gg.Policy]
 
@@ -15,13 +16,19 @@ PolicyFactory = Callable[[], gg.Policy]
 NONE = "none"
 #: Name of the row for ``gradguard.default_policy()``.
 DEFAULT = "default"
+#: Name of the row for the self-tuning policy: ``chain(SkipNonFinite(), FeedbackClip())``.
+FEEDBACK = "FeedbackClip"
+#: A row named ``"<row> + rewind"`` trains ``<row>``'s policy with :class:`gradguard.Rewind`.
+REWIND = " + rewind"
+#: The rewinder's settings in the ``+ rewind`` rows.
+REWIND_SETTINGS: dict = {}
 
 
 class NoClip(gg.Policy):
     """Measure through the guard but change nothing: the unguarded baseline."""
 
-    def decide(self, stats: gg.GradStats, params: Sequence[Tensor]) -> Decision:
-        return Decision()
+    def update(self, state: Any, inputs: StepInputs, xp: Ops) -> tuple[Decision, Any]:
+        return Decision(), state
 
 
 def fixed_name(threshold: float) -> str:
@@ -34,39 +41,39 @@ def adaptive() -> dict[str, PolicyFactory]:
     return {
         "AutoClip": lambda: gg.AutoClip(),
         "ZClip": lambda: gg.ZClip(),
-        "AdaptiveTensorClip": lambda: gg.AdaptiveTensorClip(),
-        "SkipSpike": lambda: gg.SkipSpike(),
         "SkipSpike+clip 1": lambda: gg.chain(gg.SkipSpike(), gg.ClipNorm(1.0)),
         DEFAULT: gg.default_policy,
+        FEEDBACK: lambda: gg.chain(gg.SkipNonFinite(), FeedbackClip()),
     }
 
 
-def candidates() -> dict[str, PolicyFactory]:
-    """Possible future defaults, measured on request (``--candidates``), not yet the library's."""
-    return {
-        "cand: default + cap 1": lambda: gg.chain(
-            gg.SkipNonFinite(), gg.ZClip(warmup_max_norm=10.0, max_norm=1.0)
-        ),
-        "cand: default + cap 10": lambda: gg.chain(
-            gg.SkipNonFinite(), gg.ZClip(warmup_max_norm=10.0, max_norm=10.0)
-        ),
-        "cand: SkipNonFinite + AutoClip p90": lambda: gg.chain(
-            gg.SkipNonFinite(), gg.AutoClip(percentile=90.0)
-        ),
-    }
-
-
-def roster(thresholds: Sequence[float], with_candidates: bool = False) -> dict[str, PolicyFactory]:
+def roster(thresholds: Sequence[float]) -> dict[str, PolicyFactory]:
     """No clipping, fixed clipping at every threshold of the sweep, then the adaptive rows."""
     rows: dict[str, PolicyFactory] = {NONE: NoClip}
     for t in thresholds:
         rows[fixed_name(t)] = lambda t=t: gg.ClipNorm(t)
     rows.update(adaptive())
-    if with_candidates:
-        rows.update(candidates())
     return rows
+
+
+def row_names(thresholds: Sequence[float]) -> list[str]:
+    """The rows of a hard task: the roster, then the self-tuning default with rewind."""
+    return [*roster(thresholds), FEEDBACK + REWIND]
 
 
 def is_fixed(name: str) -> bool:
     """Whether a row is one threshold of the fixed sweep."""
-    return name.startswith("clip ")
+    return name.startswith("clip ") and not name.endswith(REWIND)
+
+
+def resolve(name: str, thresholds: Sequence[float]) -> tuple[PolicyFactory, dict | None]:
+    """The policy factory of a row and its rewinder settings (``None``: no rewind)."""
+    base = name.removesuffix(REWIND)
+    if base.startswith("fb:"):  # a prototype with knobs: "fb:spike=3;interval=30"
+        from .candidates import parse
+
+        return parse(base), (dict(REWIND_SETTINGS) if name.endswith(REWIND) else None)
+    rows = roster(thresholds)
+    if base not in rows:
+        raise ValueError(f"rows: unknown policy {name!r}; known: {list(rows)}")
+    return rows[base], (dict(REWIND_SETTINGS) if name.endswith(REWIND) else None)

@@ -14,14 +14,12 @@ training stops there, at a non-finite loss (*diverged*), or after ``steps``.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-import gradguard as gg
-
+from . import loop
 from .policies import PolicyFactory
 
 
@@ -50,20 +48,9 @@ class RNNConfig:
     def label(self) -> str:
         return f"{self.task} T={self.length} lr {self.lr:g}"
 
-
-@dataclass
-class RNNResult:
-    """What one (task, policy, seed) run did."""
-
-    policy: str
-    seed: int
-    solved: bool
-    diverged: bool
-    steps: int  # steps taken (to solving, divergence, or the budget)
-    test_mse: float  # last held-out MSE (nan when diverged)
-    clipped: float  # fraction of steps whose gradient was scaled down
-    skipped: int
-    seconds: float
+    def lost(self, result: loop.Result) -> bool:
+        """Diverged, or no better than predicting the mean (test MSE ≥ target variance)."""
+        return result.diverged or not result.final < self.solve_mse / 0.05
 
 
 def batch(config: RNNConfig, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,46 +83,34 @@ class TanhRNN(nn.Module):
         return self.out(states[:, -1])
 
 
-def train(config: RNNConfig, name: str, factory: PolicyFactory, seed: int) -> RNNResult:
-    """Train one seed under one policy; data and initial weights depend on the seed only."""
-    start = time.perf_counter()
+def train(
+    config: RNNConfig, name: str, factory: PolicyFactory, seed: int, rewind: dict | None = None
+) -> loop.Result:
+    """Train one seed under one policy; data and initial weights depend on the seed only.
+
+    ``final`` is the last held-out MSE; ``solved`` whether it fell below ``solve_mse``.
+    """
     torch.manual_seed(seed)
     model = TanhRNN(config.hidden, config.recurrent_gain)
     data = torch.Generator().manual_seed(1000 + seed)
     test_x, test_y = batch(config, config.eval_batch, torch.Generator().manual_seed(-1 - seed))
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
-    guard = gg.Guard(model, factory())
-    clipped = torch.zeros(())
-    skipped = torch.zeros((), dtype=torch.long)
-    solved = diverged = False
-    mse = math.nan
-    step = 0
-    for step in range(1, config.steps + 1):
+    state = {"mse": math.nan, "solved": False}
+
+    def forward(step: int):
         x, y = batch(config, config.batch, data)
         loss = nn.functional.mse_loss(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        result = guard.step(optimizer)
-        assert result is not None
-        clipped += (result.clip_coef < 0.999) & ~result.skipped
-        skipped += result.skipped
-        if step % config.eval_every == 0 or step == config.steps:
-            with torch.no_grad():
-                mse = nn.functional.mse_loss(model(test_x), test_y).item()
-            if not math.isfinite(mse):
-                diverged, mse = True, math.nan
-                break
-            if mse < config.solve_mse:
-                solved = True
-                break
-    return RNNResult(
-        name,
-        seed,
-        solved,
-        diverged,
-        step,
-        mse,
-        clipped.item() / step,
-        int(skipped),
-        time.perf_counter() - start,
+        return loss, loss.detach(), True
+
+    def check(step: int) -> bool:
+        if step % config.eval_every and step != config.steps:
+            return False
+        with torch.no_grad():
+            state["mse"] = nn.functional.mse_loss(model(test_x), test_y).item()
+        state["solved"] = state["mse"] < config.solve_mse
+        return bool(state["solved"])
+
+    trace = loop.run(
+        loop.Setup(model, optimizer), factory(), config.steps, forward, check=check, rewind=rewind
     )
+    return loop.result(trace, name, seed, state["mse"], solved=state["solved"])

@@ -1,21 +1,21 @@
-"""Run the efficacy experiments and print markdown tables.
+"""Run the efficacy suite and print markdown tables.
 
-``python -m benchmarks.efficacy [--quick] [--seeds N] [--only rnn|lm] [--jobs J]``
-(or ``python benchmarks/efficacy/run.py ...``) from the repository root. Every run
-trains through :class:`gradguard.Guard` with the policy of its row plugged in; the
-row ``none`` measures through the guard but never changes a gradient.
+``python -m benchmarks.efficacy [--quick] [--seeds N] [--seed-base S] [--tasks a,b]
+[--rows r1,r2] [--jobs J]`` from the repository root. Every run trains
+through :class:`gradguard.Guard` with the policy of its row plugged in; the row ``none``
+measures through the guard but never changes a gradient. Seeds ``seed-base`` to
+``seed-base + seeds - 1`` are used (the reported tables use 0–4; develop on others).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import sys
 import time
 import warnings
-from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, replace
 from multiprocessing import get_context
 from typing import Any
 
@@ -25,198 +25,193 @@ if __package__ in (None, ""):  # run as a script: make the package importable
 
 import torch
 
-from . import lm, rnn, tables
-from .policies import NONE, roster
+from . import suite, tables
+from .policies import DEFAULT, FEEDBACK, NONE, REWIND, resolve, row_names
+from .suite import SWEEP, Task
 
 
-@dataclass(frozen=True)
-class Experiment:
-    """A set of tasks, the fixed thresholds swept on them, and how to train and tabulate."""
-
-    key: str
-    title: str
-    tasks: tuple[Any, ...]
-    thresholds: tuple[float, ...]
-    train: Callable[..., Any]
-
-
-def experiments(quick: bool, steps: int | None = None) -> list[Experiment]:
-    """The experiments at full size, or a quick configuration; ``steps`` overrides both."""
-    rnn_tasks = (
-        rnn.RNNConfig(task="addition", length=20, lr=0.05),
-        rnn.RNNConfig(task="addition", length=20, lr=0.1),
-        rnn.RNNConfig(task="multiplication", length=20, lr=0.2),
-    )
-    lm_tasks = (
-        lm.LMConfig(name="reference", bad_batches=()),
-        lm.LMConfig(name="bad batches"),
-        lm.LMConfig(name="high LR", lr=3e-2, bad_batches=()),
-    )
-    if quick:
-        rnn_tasks = tuple(replace(t, steps=200, eval_every=20) for t in rnn_tasks)
-        lm_tasks = tuple(
-            replace(t, steps=60, bad_batches=(20, 21, 40) if t.bad_batches else ())
-            for t in lm_tasks
-        )
-    if steps is not None:
-        rnn_tasks = tuple(
-            replace(t, steps=steps, eval_every=min(t.eval_every, steps)) for t in rnn_tasks
-        )
-        lm_tasks = tuple(replace(t, steps=steps) for t in lm_tasks)
-    return [
-        Experiment(
-            "rnn",
-            "Long-range tasks, vanilla tanh RNN, SGD (Pascanu et al. 2013)",
-            rnn_tasks,
-            (0.1, 0.3, 1.0, 3.0, 10.0),
-            rnn.train,
-        ),
-        Experiment(
-            "lm",
-            "Loss-spike recovery, 2-layer transformer LM, AdamW",
-            lm_tasks,
-            (0.3, 1.0, 3.0),
-            lm.train,
-        ),
-    ]
-
-
-def _job(key: str, quick: bool, steps: int | None, task_index: int, name: str, seed: int) -> Any:
+def _job(key: str, quick: bool, steps: int | None, name: str, seed: int) -> Any:
     torch.set_num_threads(1)
-    # Skips are counted in the tables; the guard's one-time warning per run is noise here.
-    warnings.filterwarnings("ignore", "gradguard: step", RuntimeWarning)
-    experiment = next(e for e in experiments(quick, steps) if e.key == key)
-    config = experiment.tasks[task_index]
-    factory = roster(experiment.thresholds, with_candidates=True)[name]
-    return experiment.train(config, name, factory, seed)
+    # Skips and rewinds are counted in the tables; the guard's warnings are noise here.
+    warnings.filterwarnings("ignore", "gradguard:", RuntimeWarning)
+    warnings.filterwarnings("ignore", "gradguard:", UserWarning)
+    task = suite.by_key(suite.tasks(quick, steps))[key]
+    factory, rewind = resolve(name, SWEEP)
+    return task.train(task.config, name, factory, seed, rewind)
 
 
-def _rows_for(
-    experiment: Experiment, config: Any, rows: list[str] | None, with_candidates: bool
-) -> list[str]:
-    if experiment.key == "lm" and config.name == "reference":
-        return [NONE]
-    names = list(roster(experiment.thresholds, with_candidates))
+#: Rows of the healthy tasks: does a default stay out of the way?
+HEALTHY_ROWS = (NONE, DEFAULT, FEEDBACK, FEEDBACK + REWIND)
+
+
+def rows_for(task: Task, rows: list[str] | None) -> list[str]:
+    """The rows a task runs: the requested ones, else its own list or the full roster."""
     if rows is not None:
-        unknown = sorted(set(rows) - set(names))
-        if unknown:
-            raise ValueError(f"rows: unknown policies {unknown}; known: {names}")
-        names = [n for n in names if n in rows]
+        names = list(rows)
+    elif task.healthy:
+        names = list(HEALTHY_ROWS)
+    elif task.rows is not None:
+        names = list(task.rows)
+    else:
+        names = row_names(SWEEP)
+    for name in names:
+        resolve(name, SWEEP)  # unknown rows fail before anything runs
     return names
 
 
-def run_experiment(
-    experiment: Experiment,
-    quick: bool,
-    seeds: int,
-    jobs: int = 1,
-    steps: int | None = None,
-    rows: list[str] | None = None,
-    with_candidates: bool = False,
-) -> dict:
-    """Train every (task, policy, seed); returns ``{task index: {policy: [results]}}``."""
-    specs = [
-        (experiment.key, quick, steps, i, name, seed)
-        for i, config in enumerate(experiment.tasks)
-        for name in _rows_for(experiment, config, rows, with_candidates)
-        for seed in range(seeds)
-    ]
-    if jobs > 1:
-        with ProcessPoolExecutor(jobs, mp_context=get_context("fork")) as pool:
-            results = list(pool.map(_job, *zip(*specs)))
-    else:
-        torch.set_num_threads(1)
-        results = [_job(*spec) for spec in specs]
-    grouped: dict[int, dict[str, list]] = {}
-    for (_, _, _, i, name, _), result in zip(specs, results):
-        grouped.setdefault(i, {}).setdefault(name, []).append(result)
-    return grouped
-
-
-def render(experiment: Experiment, grouped: dict, seeds: int) -> tuple[str, list[list[str]]]:
-    """Markdown for one experiment, and its rows of the tuning-burden table."""
-    parts = [f"## {experiment.title}", ""]
-    burden = []
-    if experiment.key == "rnn":
-        for i, config in enumerate(experiment.tasks):
-            rows = grouped[i]
-            parts += [
-                f"### {config.label}, {config.steps} steps, {seeds} seeds, "
-                f"solved = test MSE < {config.solve_mse:.2g}",
-                "",
-                tables.rnn_table(rows),
-                "",
-                "`S` solved, `.` not solved, `X` diverged (non-finite loss), one per seed.",
-                "",
-            ]
-            burden.append(
-                tables.burden_row(
-                    config.label, rows, tables.rnn_score, tables.rnn_verdict, tables.describe_rnn
-                )
-            )
-    else:
-        index = {c.name: i for i, c in enumerate(experiment.tasks)}
-        reference = {r.seed: r for r in grouped[index["reference"]][NONE]}
-        ref_excess = [r.final_loss - r.floor for r in reference.values()]
-        parts.append(
-            "Reference (no clipping, no bad batches, base LR): final excess loss "
-            + ", ".join(f"{v:.3f}" for v in ref_excess)
-            + " per seed."
-        )
-        parts.append("")
-        for i, config in enumerate(experiment.tasks):
-            if config.name == "reference":
-                continue
-            rows = grouped[i]
-            bad = f", bad batches at steps {list(config.bad_batches)} (loss ×{config.bad_scale:g})"
-            parts += [
-                f"### {config.label}: AdamW lr {config.lr:g}, {config.steps} steps, "
-                f"{seeds} seeds{bad if config.bad_batches else ''}",
-                "",
-                tables.lm_table(rows, reference),
-                "",
-            ]
-            burden.append(
-                tables.burden_row(
-                    f"LM, {config.label}",
-                    rows,
-                    tables.lm_score,
-                    tables.lm_verdict,
-                    tables.describe_lm,
-                )
-            )
-    return "\n".join(parts), burden
+def plan(
+    selected: list[Task], known: dict[str, Task], rows: list[str] | None
+) -> dict[str, list[str]]:
+    """Rows per task key, with the unclipped rows of every reference a task needs."""
+    out = {t.key: rows_for(t, rows) for t in selected}
+    for task in selected:
+        if task.healthy and NONE not in out[task.key]:
+            out[task.key].insert(0, NONE)
+        if task.reference is not None:
+            if task.reference not in known:
+                raise ValueError(f"task {task.key}: unknown reference {task.reference!r}")
+            ref = out.setdefault(task.reference, [])
+            if NONE not in ref:
+                ref.insert(0, NONE)
+    return out
 
 
 def run_all(
     quick: bool = False,
     seeds: int = 3,
     *,
-    only: str | None = None,
+    seed_base: int = 0,
+    only: list[str] | None = None,
     jobs: int = 1,
     steps: int | None = None,
     rows: list[str] | None = None,
-    candidates: bool = False,
+    judged: list[str] | None = None,
+    save: str | None = None,
 ) -> str:
-    """Run the experiments and return their markdown tables, tuning burden last.
+    """Run the tasks and return their markdown tables, then the summaries.
 
-    ``quick`` picks the small configuration; ``only`` one experiment (``"rnn"`` or
-    ``"lm"``); ``jobs`` worker processes (one thread each); ``steps`` overrides the
-    number of training steps of every task (for smoke tests); ``rows`` restricts the
-    policies run; ``candidates`` adds the proposed future defaults.
+    ``only`` picks task keys (default: all); ``rows`` restricts the policies run (a row
+    ``"fb:knob=value;..."`` is FeedbackClip with other settings); ``judged`` names the
+    rows compared with the best fixed threshold and with unclipped runs (default: the
+    two defaults, and FeedbackClip with rewind). ``save`` names a folder where each
+    task's results are pickled as soon as they are done (:func:`render_saved` reads
+    them back), so a long run interrupted loses only the task in progress.
     """
-    out, burden = [], []
-    for experiment in experiments(quick, steps):
-        if only is not None and experiment.key != only:
-            continue
-        start = time.perf_counter()
-        grouped = run_experiment(experiment, quick, seeds, jobs, steps, rows, candidates)
-        text, lines = render(experiment, grouped, seeds)
-        out += [text, f"_{experiment.key}: {time.perf_counter() - start:.0f} s wall._", ""]
-        burden += lines
-    out += ["## Tuning burden: the untuned default against the best swept fixed threshold", ""]
-    out.append(tables.burden_table(burden))
-    return "\n".join(out) + "\n"
+    all_tasks = suite.tasks(quick, steps)
+    known = suite.by_key(all_tasks)
+    unknown = sorted(set(only or ()) - set(known))
+    if unknown:
+        raise ValueError(f"tasks: unknown {unknown}; known: {list(known)}")
+    selected = [t for t in all_tasks if only is None or t.key in only]
+    todo = plan(selected, known, rows)
+    specs = [
+        (key, quick, steps, name, seed)
+        for key, names in todo.items()
+        for name in names
+        for seed in range(seed_base, seed_base + seeds)
+    ]
+    start = time.perf_counter()
+    grouped: dict[str, dict[str, list]] = {}
+    pool = ProcessPoolExecutor(jobs, mp_context=get_context("fork")) if jobs > 1 else None
+    try:
+        for key in todo:  # task by task, so each can be saved when done
+            mine = [spec for spec in specs if spec[0] == key]
+            began = time.perf_counter()
+            if pool is not None:
+                results = list(pool.map(_job, *zip(*mine)))
+            else:
+                results = [_job(*spec) for spec in mine]
+            for (_, _, _, name, _), result in zip(mine, results):
+                grouped.setdefault(key, {}).setdefault(name, []).append(result)
+            if save is not None:
+                _save(save, key, grouped[key], time.perf_counter() - began)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    wall = time.perf_counter() - start
+    return render(selected, grouped, seeds, seed_base, judged, wall)
+
+
+def _save(folder: str, key: str, rows: dict[str, list], wall: float) -> None:
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{key}.pkl"), "wb") as handle:
+        pickle.dump({"rows": rows, "wall": wall}, handle)
+
+
+def render_saved(
+    folders: list[str], seeds: int, seed_base: int = 0, judged: list[str] | None = None
+) -> str:
+    """The tables of results saved by ``run_all(save=...)`` in ``folders`` (later folders
+    add rows to a task, or replace rows of the same name)."""
+    grouped: dict[str, dict[str, list]] = {}
+    wall = 0.0
+    for folder in folders:
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".pkl"):
+                with open(os.path.join(folder, name), "rb") as handle:
+                    saved = pickle.load(handle)
+                grouped.setdefault(name[:-4], {}).update(saved["rows"])
+                wall += saved["wall"]
+    selected = [t for t in suite.tasks() if t.key in grouped]
+    return render(selected, grouped, seeds, seed_base, judged, wall)
+
+
+def render(
+    selected: list[Task],
+    grouped: dict[str, dict[str, list]],
+    seeds: int,
+    seed_base: int,
+    judged: list[str] | None,
+    wall: float,
+) -> str:
+    """Markdown: one table per task, then the tuning-burden and healthy-run summaries."""
+    run_names = {n for rows in grouped.values() for n in rows}
+    if judged is None:
+        judged = [n for n in (DEFAULT, FEEDBACK, FEEDBACK + REWIND) if n in run_names]
+    seed_text = f"seeds {seed_base}–{seed_base + seeds - 1}"
+    parts: list[str] = []
+    burden: dict[str, list[list[str]]] = {j: [] for j in judged}
+    healthy: list[list[str]] = []
+    safety: list[list[str]] = []
+    for task in selected:
+        rows = grouped[task.key]
+        steps = getattr(task.config, "steps", "")
+        runs = [r for results in rows.values() for r in results]
+        seconds = sum(r.seconds for r in runs)
+        parts += [
+            f"### {task.label} (`{task.key}`), {steps} steps, {seed_text}",
+            "",
+            f"_{len(runs)} runs, {seconds:.0f} s of training in all._",
+            "",
+        ]
+        if task.kind == "solve":
+            parts += [
+                f"Solved = test MSE < {task.config.solve_mse:.2g}. `S` solved, `.` not "
+                "solved, `X` diverged (non-finite loss), one per seed.",
+                "",
+                tables.solve_table(rows),
+                "",
+            ]
+        else:
+            ref = None
+            if task.reference is not None and NONE in grouped.get(task.reference, {}):
+                ref = {r.seed: r for r in grouped[task.reference][NONE]}
+            parts += [tables.loss_table(rows, ref), ""]
+        safety.append(tables.safety_row(task.key, rows, task.config.lost))
+        if task.healthy:
+            healthy += tables.healthy_row(task.key, task.kind, rows, judged)
+        else:
+            for name in judged:
+                burden[name].append(tables.burden_row(task.key, task.kind, rows, name))
+    for name, lines in burden.items():
+        if any(lines):
+            title = f"### Tuning burden: `{name}`, untuned, against the best swept fixed threshold"
+            parts += [title, "", tables.burden_table(lines, name), ""]
+    if healthy:
+        parts += ["### Healthy runs", "", tables.healthy_table(healthy), ""]
+    parts += ["### Runs lost", "", tables.safety_table(safety), ""]
+    parts.append(f"_{len(selected)} tasks, {seed_text}: {wall:.0f} s wall._")
+    return "\n".join(parts) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -224,24 +219,37 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="tiny configuration (under a minute): checks the machinery, too short for results",
+        help="tiny configuration (a minute or two): checks the machinery, too short for results",
     )
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--only", choices=("rnn", "lm"))
+    parser.add_argument("--seed-base", type=int, default=0, help="first seed (reported: 0)")
+    parser.add_argument("--tasks", help="comma-separated task keys (default: all)")
     parser.add_argument("--jobs", type=int, default=1, help="worker processes (1 thread each)")
     parser.add_argument("--steps", type=int, help="override every task's number of steps")
-    parser.add_argument("--rows", help="comma-separated policy rows to run (default: all)")
-    parser.add_argument("--candidates", action="store_true", help="add candidate defaults")
+    parser.add_argument(
+        "--rows", help=f"comma-separated policy rows (default: all); '<row>{REWIND}' adds rewind"
+    )
+    parser.add_argument("--judged", help="rows compared with the best fixed threshold")
+    parser.add_argument("--save", help="folder: pickle each task's results when done")
+    parser.add_argument(
+        "--render", help="comma-separated folders of saved results: print their tables, run nothing"
+    )
     args = parser.parse_args(argv)
-    rows = args.rows.split(",") if args.rows else None
+    split = lambda text: text.split(",") if text else None  # noqa: E731
+    if args.render:
+        folders = split(args.render)
+        print(render_saved(folders, args.seeds, args.seed_base, split(args.judged)))
+        return
     text = run_all(
         args.quick,
         args.seeds,
-        only=args.only,
+        seed_base=args.seed_base,
+        only=split(args.tasks),
         jobs=args.jobs,
         steps=args.steps,
-        rows=rows,
-        candidates=args.candidates,
+        rows=split(args.rows),
+        judged=split(args.judged),
+        save=args.save,
     )
     print(text)
 

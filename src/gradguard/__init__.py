@@ -37,6 +37,7 @@ _EXPORTS = {
             "ClipNorm",
             "ClipTensorNorm",
             "ClipValue",
+            "FeedbackClip",
             "GradientNoise",
             "Monitor",
             "Policy",
@@ -49,6 +50,7 @@ _EXPORTS = {
         "policies",
     ),
     "Recorder": "record",
+    "Rewind": "rewind",
     "RunStore": "record",
     "StoreError": "record",
     **dict.fromkeys(("GradStats", "HostStats", "LayerNorms", "measure"), "stats"),
@@ -61,6 +63,7 @@ __all__ = [
     "ClipNorm",
     "ClipTensorNorm",
     "ClipValue",
+    "FeedbackClip",
     "GradStats",
     "GradientNoise",
     "Guard",
@@ -70,6 +73,7 @@ __all__ = [
     "Monitor",
     "Policy",
     "Recorder",
+    "Rewind",
     "RunStore",
     "SkipNonFinite",
     "SkipSpike",
@@ -128,6 +132,7 @@ if TYPE_CHECKING:
         ClipNorm,
         ClipTensorNorm,
         ClipValue,
+        FeedbackClip,
         GradientNoise,
         Monitor,
         Policy,
@@ -138,4 +143,5 @@ if TYPE_CHECKING:
         default_policy,
     )
     from .record import Recorder, RunStore, StoreError
+    from .rewind import Rewind
     from .stats import GradStats, HostStats, LayerNorms, measure

@@ -47,7 +47,7 @@ class EventKind:
 
     SKIP = "skip"  #: a skipped optimizer step; data: :class:`SkipData`
     PER_SAMPLE = "per_sample"  #: per-example norm statistics (DP runs); :class:`PerSampleData`
-    REWIND = "rewind"  #: parameters and optimizer state restored to an earlier step
+    REWIND = "rewind"  #: training state restored to an earlier step; data: :class:`RewindData`
     FINDING_PREFIX = "health."  #: ``health.<finding kind>``; data: :class:`FindingData`
 
     @staticmethod
@@ -105,6 +105,41 @@ class PerSampleData(TypedDict, total=False):
     mean: float  #: exact mean per-example norm
     max: float  #: exact largest per-example norm
     layers: dict[str, dict[str, float]]  #: exact quantiles per tensor (``by_layer=True``)
+
+
+class RewindData(TypedDict, total=False):
+    """Payload of a :attr:`EventKind.REWIND` event (see :class:`gradguard.Rewind`)."""
+
+    from_step: int  #: step at which the divergence was confirmed
+    to_step: int  #: step of the snapshot restored
+    steps_lost: int  #: ``from_step - to_step``: optimizer steps undone
+    reason: str  #: ``nonfinite`` (a NaN/inf loss or weights) or ``loss`` (the loss diverged)
+    loss: float | None  #: median loss of the recent window when detected
+    reference: float | None  #: median loss of the window before the snapshot restored
+
+
+def rewind_event(
+    from_step: int,
+    to_step: int,
+    reason: str,
+    loss: float | None = None,
+    reference: float | None = None,
+) -> Event:
+    """The one way to describe a rewind: same message and :class:`RewindData` payload."""
+    lost = int(from_step) - int(to_step)
+    detail = "a non-finite loss or weights" if reason == "nonfinite" else "the loss diverged"
+    if reason == "loss" and loss is not None and reference is not None:
+        detail += f" (median {loss:.4g} against {reference:.4g} before the snapshot)"
+    data: RewindData = {
+        "from_step": int(from_step),
+        "to_step": int(to_step),
+        "steps_lost": lost,
+        "reason": reason,
+        "loss": loss,
+        "reference": reference,
+    }
+    message = f"step {from_step}: {detail}; rewound to step {to_step} ({lost} steps lost)"
+    return Event(int(from_step), EventKind.REWIND, message, dict(data))
 
 
 def skip_event(

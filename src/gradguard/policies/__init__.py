@@ -3,6 +3,7 @@
 from .adaptive import AdaptiveTensorClip, AutoClip, ZClip
 from .base import Decision, Policy, StepInputs
 from .chain import Chain, chain, default_policy
+from .feedback import FeedbackClip
 from .fixed import AGC, ClipNorm, ClipTensorNorm, ClipValue, Monitor
 from .noise import GradientNoise
 from .skip import SkipNonFinite, SkipSpike
@@ -16,6 +17,7 @@ __all__ = [
     "ClipTensorNorm",
     "ClipValue",
     "Decision",
+    "FeedbackClip",
     "GradientNoise",
     "Monitor",
     "Policy",

@@ -1,0 +1,276 @@
+"""FeedbackClip: a clip threshold that tunes itself from the gradient norm and the loss.
+
+Two rules, both on the log of the step's *size*: the gradient norm times the learning
+rate relative to its own recent level (so a schedule's smooth changes cancel out and
+a jump shows as a jump; the bare norm when no LR is given):
+
+* **Spike rule** (after ZClip, in log space). A size more than ``spike`` × the running
+  typical size (an EMA of the log sizes applied) is clipped, the harder the larger it
+  is: an excess ``e`` over the typical size beyond ``t = log(spike)`` is cut to
+  ``t²/e``. The typical size learns from the clipped sizes and is held while the loss
+  is elevated, so it never chases a divergence.
+* **Loss feedback** (GradScaler's back-off and growth, with the loss in the role of the
+  overflow check). The loss, filtered by a median of the last three, is compared with a
+  slow EMA of clamped losses; a *divergence* is a filtered loss above that reference by
+  more than ``loss_z`` noise deviations and ``progress`` of the progress made since the
+  first loss, ``persist`` steps in a row. When one begins, a ceiling on the size drops
+  to ``min(backoff × ceiling, first × typical size)``; after ``interval`` healthy steps
+  it grows ×``growth``.
+
+The update is pure, over an explicit :class:`FeedbackState` of 0-d float32 arrays,
+written once over :mod:`gradguard.ops`: it runs on the device (no host sync), on host
+NumPy and under ``jax.jit``, and the whole state is in ``state_dict()``. The loss and
+learning rate come from the step's :class:`~gradguard.policies.StepInputs`
+(``guard.step(optimizer, loss=loss)``; the guard reads the LR from the optimizer).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .. import _validate as check
+from ..ops import Array, Ops, clip_coefficient
+from .base import Decision, Policy, StepInputs
+
+_LN10 = math.log(10.0)
+
+
+@dataclass(frozen=True)
+class FeedbackConfig:
+    """Settings of :class:`FeedbackClip` (the rules: :mod:`gradguard.policies.feedback`)."""
+
+    spike: float = 4.0  #: a size above spike × the typical size is a spike
+    beta: float = 0.95  #: EMA factor of the typical (log) size
+    backoff: float = 0.5  #: each new divergence multiplies the ceiling by this
+    first: float = 2.0  #: ... but puts it at most at first × the typical size
+    growth: float = 2.0  #: the ceiling grows by this factor ...
+    interval: int = 200  #: ... after this many healthy steps
+    loss_beta: float = 0.95  #: EMA factor of the loss reference and its noise
+    loss_z: float = 3.0  #: a divergence is this many noise deviations above the reference
+    progress: float = 0.05  #: ... and at least this share of the progress since the start
+    persist: int = 3  #: ... on this many steps in a row (of the median of three losses)
+    lr_beta: float = 0.9  #: EMA factor of the (log) learning rate's recent level
+
+    def __post_init__(self) -> None:
+        if not self.spike > 1.0:
+            raise ValueError(f"spike must be > 1, got {self.spike}")
+        check.in_open_unit("beta", self.beta)
+        check.in_open_unit("backoff", self.backoff)
+        check.positive("first", self.first)
+        if not self.growth >= 1.0 or not math.isfinite(self.growth):
+            raise ValueError(f"growth must be a finite number >= 1, got {self.growth}")
+        check.positive_int("interval", self.interval)
+        check.in_open_unit("loss_beta", self.loss_beta)
+        check.positive("loss_z", self.loss_z)
+        check.non_negative("progress", self.progress)
+        check.positive_int("persist", self.persist)
+        check.in_open_unit("lr_beta", self.lr_beta)
+
+
+class FeedbackState(NamedTuple):
+    """The controller's state: 0-d float32 arrays, natural logs of sizes where noted."""
+
+    count: Array  # finite norms seen
+    level: Array  # EMA of the log size applied
+    lr_level: Array  # EMA of the log learning rate
+    ceiling: Array  # log ceiling on the size (+inf: none yet)
+    healthy: Array  # steps since the last divergence or growth
+    seen: Array  # finite losses seen
+    start: Array  # the first finite loss
+    slow: Array  # slow EMA of the (clamped) loss: the reference
+    dev: Array  # EMA of the absolute deviation of the clamped loss from the reference
+    prev1: Array  # the last loss (+inf when non-finite)
+    prev2: Array  # the loss before it
+    streak: Array  # consecutive steps with an elevated filtered loss
+    episodes: Array  # divergences detected so far
+
+
+def initial_state(xp: Ops, like: Array) -> FeedbackState:
+    """The state before the first step, where ``like`` lives."""
+    zero, inf = xp.scalar(0.0, like), xp.scalar(math.inf, like)
+    return FeedbackState(zero, zero, zero, inf, *([zero] * 9))
+
+
+def _ln(xp: Ops, x: Array) -> Array:
+    return xp.log10(x) * _LN10  # the ops have log10 only
+
+
+def _exp(x: Array) -> Array:
+    return 10.0 ** (x * (1.0 / _LN10))
+
+
+def _median3(xp: Ops, a: Array, b: Array, c: Array) -> Array:
+    return xp.maximum(xp.minimum(a, b), xp.minimum(xp.maximum(a, b), c))
+
+
+def _loss_feedback(
+    xp: Ops, state: FeedbackState, value: Array, config: FeedbackConfig
+) -> FeedbackState:
+    """Update the loss statistics; lower the ceiling when a divergence begins."""
+    ok = xp.isfinite(value)
+    raw = xp.where(ok, value, math.inf)
+    has1, has2 = state.seen > 0, state.seen > 1
+    last, before = xp.where(has1, state.prev1, raw), xp.where(has2, state.prev2, raw)
+    filtered = _median3(xp, raw, last, before)
+    scale = xp.maximum(state.dev, 0.02 * abs(state.slow))
+    tolerance = xp.maximum(config.loss_z * scale, config.progress * (state.start - state.slow))
+    elevated = has1 & (filtered - state.slow > tolerance)
+    streak = xp.where(elevated, state.streak + 1.0, 0.0)
+    diverging = streak >= config.persist
+    begins = streak == config.persist
+    typical = xp.where(state.count > 0, state.level + math.log(config.first), math.inf)
+    lowered = xp.minimum(state.ceiling + math.log(config.backoff), typical)
+    ceiling = xp.where(begins, lowered, state.ceiling)
+    healthy = xp.where(diverging, 0.0, state.healthy + 1.0)
+    grow = healthy >= config.interval
+    ceiling = xp.where(grow, ceiling + math.log(config.growth), ceiling)
+    healthy = xp.where(grow, 0.0, healthy)
+    # the reference takes clamped losses, so a divergence cannot drag it upward
+    clamped = xp.minimum(xp.where(ok, value, state.slow), state.slow + config.loss_z * scale)
+    b = config.loss_beta
+    first = ~has1
+    slow = xp.where(first, xp.where(ok, value, 0.0), b * state.slow + (1 - b) * clamped)
+    # the noise scale learns from healthy steps only: a divergence cannot blind the test
+    noise = b * state.dev + (1 - b) * abs(clamped - state.slow)
+    dev = xp.where(first, 0.0, xp.where(elevated, state.dev, noise))
+    moved = ok | has1  # a non-finite loss before any finite one changes nothing
+    return state._replace(
+        ceiling=ceiling,
+        healthy=healthy,
+        seen=state.seen + xp.where(ok, 1.0, 0.0),
+        start=xp.where(first & ok, value, state.start),
+        slow=xp.where(moved, slow, state.slow),
+        dev=xp.where(moved, dev, state.dev),
+        prev1=xp.where(moved, raw, state.prev1),
+        prev2=xp.where(moved, xp.where(has1, state.prev1, raw), state.prev2),
+        streak=streak,
+        episodes=state.episodes + xp.where(begins, 1.0, 0.0),
+    )
+
+
+def _lr_shift(
+    xp: Ops, state: FeedbackState, lr: Any, config: FeedbackConfig
+) -> tuple[FeedbackState, Array | float]:
+    """The log LR relative to its recent level, and the level updated (0 without an LR)."""
+    if lr is None:
+        return state, 0.0
+    c = config.lr_beta
+    if isinstance(lr, (int, float)):  # a host number: its log on the host
+        if not lr > 0:
+            return state, 0.0
+        log_lr: Array = math.log(lr)
+        lr_level = xp.where(state.count > 0, state.lr_level, log_lr)
+        return state._replace(lr_level=c * lr_level + (1 - c) * log_lr), log_lr - lr_level
+    value = xp.f32(lr)  # an array (a tensor LR on the device, or traced)
+    positive = value > 0
+    log_lr = _ln(xp, xp.where(positive, value, 1.0))
+    lr_level = xp.where(state.count > 0, state.lr_level, log_lr)
+    level = xp.where(positive, c * lr_level + (1 - c) * log_lr, state.lr_level)
+    return state._replace(lr_level=level), xp.where(positive, log_lr - lr_level, 0.0)
+
+
+def feedback_update(
+    xp: Ops, state: FeedbackState, inputs: StepInputs, config: FeedbackConfig
+) -> tuple[FeedbackState, Array]:
+    """One decision: the new state and this step's threshold on the norm (``inf``: none).
+
+    Pure: reads ``state``, the step's global norm, its loss and learning rate (either
+    may be ``None``), and returns new arrays.
+    """
+    g = inputs.total_norm
+    finite = xp.isfinite(g) & (g > 0)
+    # the size is the norm times the LR relative to its recent level: a schedule's smooth
+    # changes cancel out, a jump shows as a jump
+    state, shift = _lr_shift(xp, state, inputs.lr, config)
+    if inputs.loss is not None:
+        state = _loss_feedback(xp, state, xp.f32(inputs.loss), config)
+    size = _ln(xp, xp.where(finite, g, 1.0)) + shift
+    ready = state.count > 0
+    # spike rule (in log space, after ZClip): a size `excess` above the level beyond
+    # t = log(spike) is clipped to level + t²/excess: the larger the outlier, the harder
+    t = math.log(config.spike)
+    excess = xp.maximum(size - state.level, t)
+    spike = xp.where(ready, state.level + xp.div(t * t, excess), math.inf)
+    bound = xp.minimum(spike, state.ceiling)
+    applied = xp.minimum(size, bound)
+    b = config.beta
+    level = xp.where(ready, b * state.level + (1 - b) * applied, applied)
+    # the level is held while the loss is elevated: it never chases a divergence
+    update = finite & (state.streak == 0)
+    state = state._replace(
+        count=state.count + xp.where(finite, 1.0, 0.0),
+        level=xp.where(update, level, state.level),
+    )
+    return state, _exp(bound - shift)
+
+
+class FeedbackClip(Policy):
+    """Self-tuning clipping: no threshold to choose (the rules: :mod:`.feedback`).
+
+    Clips a step whose size jumps above 4× the run's typical size (harder the larger
+    the jump; an LR jump counts), and, once the loss diverges, caps the size at twice
+    the typical one, halving that cap at each new divergence and doubling it after 200
+    healthy steps. It reads each step's loss (``guard.step(optimizer, loss=loss)``) and
+    learning rate; without a loss it only clips spikes of the update size. Works with
+    :class:`~gradguard.Rewind`: a divergence it detects makes the rewinder restore the
+    last snapshot, and its ceiling stays tightened (:meth:`rewound`).
+
+    Args: the fields of :class:`FeedbackConfig`; the defaults are the measured ones
+    (``benchmarks/efficacy``).
+    """
+
+    State = FeedbackState
+    finite_fields = ("count", "level", "lr_level", "healthy", "seen", "start", "streak")
+
+    def __init__(self, **settings: Any) -> None:
+        self.config = FeedbackConfig(**settings)
+
+    def _config(self) -> dict[str, Any]:
+        return asdict(self.config)
+
+    def init(self, inputs: StepInputs, xp: Ops) -> FeedbackState:
+        return initial_state(xp, inputs.total_norm)
+
+    def update(
+        self, state: FeedbackState, inputs: StepInputs, xp: Ops
+    ) -> tuple[Decision, FeedbackState]:
+        state, threshold = feedback_update(xp, state, inputs, self.config)
+        scale = clip_coefficient(xp, threshold, inputs.total_norm)
+        return Decision(scale=scale, threshold=threshold), state
+
+    @property
+    def divergences(self) -> Tensor:
+        """Loss divergences detected so far (0-d tensor; :class:`~gradguard.Rewind` reads it)."""
+        saved = self.state_dict().get("episodes")
+        return saved if isinstance(saved, Tensor) else torch.zeros(())
+
+    def rewound(self, previous: dict[str, Any]) -> None:
+        """After a rewind: keep the lesson, a ceiling ``backoff`` × tighter than before it.
+
+        ``previous`` is the :meth:`state_dict` from just before the rewind; the current
+        state is the restored snapshot's.
+        """
+        if not previous or previous.get("ceiling") is None:
+            return
+        before = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in previous.items()}
+        base = torch.where(
+            torch.isfinite(before["ceiling"]),
+            before["ceiling"],
+            torch.where(
+                before["count"] > 0, before["level"] + math.log(self.config.first), math.inf
+            ),
+        )
+        lowered = base + math.log(self.config.backoff)
+        current = self.state_dict()
+        if current.get("ceiling") is None:  # rewound to before the first step
+            current = {k: torch.zeros(()) for k in FeedbackState._fields}
+            current["ceiling"] = torch.full((), math.inf)
+        ceiling = torch.as_tensor(current["ceiling"], dtype=torch.float32)
+        current["ceiling"] = torch.minimum(ceiling.to(lowered.device), lowered)
+        current["episodes"] = before["episodes"].clone()
+        self.load_state_dict(current)

@@ -1,0 +1,293 @@
+"""FeedbackClip on hand-built norm, loss and LR sequences: what it clips, and when it tightens."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import gradguard as gg
+from gradguard.ops import NUMPY, TORCH
+from gradguard.policies import StepInputs
+from gradguard.policies.feedback import FeedbackClip, FeedbackConfig, FeedbackState, initial_state
+from tests.conftest import forbid_host_sync
+
+
+def inputs(xp, norm, loss=None, lr=None, step=0):
+    """One step's inputs in ``xp``'s library, as the guard builds them."""
+    if xp is NUMPY:
+        total = np.float32(norm)
+        loss = None if loss is None else np.float32(loss)
+    else:
+        total = torch.tensor(float(norm))
+        loss = None if loss is None else torch.tensor(float(loss))
+    return StepInputs(
+        total, xp.ravel(total) if xp is TORCH else np.array([total]), xp, step, loss, lr
+    )
+
+
+def drive(norms, losses=None, lrs=None, config=None, xp=NUMPY, policy=None):
+    """Run the pure update over a sequence; return (thresholds, states)."""
+    policy = FeedbackClip(**({} if config is None else vars(config))) if policy is None else policy
+    state = None
+    thresholds, states = [], []
+    for i, norm in enumerate(norms):
+        step = inputs(
+            xp, norm, None if losses is None else losses[i], None if lrs is None else lrs[i], i
+        )
+        if state is None:
+            state = policy.init(step, xp)
+        decision, state = policy.update(state, step, xp)
+        thresholds.append(float(decision.threshold))
+        states.append(state)
+    return thresholds, states
+
+
+def healthy(n: int, seed: int = 0):
+    """Norms around 1 (log-normal, σ 0.3) and a loss falling from 2 to 1 with 5% noise."""
+    gen = torch.Generator().manual_seed(seed)
+    norms = torch.exp(0.3 * torch.randn(n, generator=gen)).tolist()
+    losses = [
+        (1 + math.exp(-i / 30)) * (1 + 0.05 * float(torch.randn((), generator=gen)))
+        for i in range(n)
+    ]
+    return norms, losses
+
+
+def test_healthy_run_is_never_clipped_and_never_tightened():
+    norms, losses = healthy(600)
+    thresholds, states = drive(norms, losses, [0.1] * 600)
+    clipped = sum(n > t for n, t in zip(norms, thresholds))
+    assert clipped <= 3  # log-normal norms beyond 4x the running level: almost never
+    assert math.isinf(float(states[-1].ceiling))
+    assert float(states[-1].episodes) == 0
+
+
+T = math.log(4.0)  # log of the default spike factor
+
+
+def test_a_spike_is_clipped_harder_the_larger_it_is_and_leaves_the_level():
+    thresholds, states = drive([1.0] * 40 + [100.0] + [1.0] * 5)
+    assert math.isinf(thresholds[0])  # no history: no clip at the first step
+    assert thresholds[39] == pytest.approx(4.0, rel=1e-5)  # the bound for ordinary steps
+    # 100x the level: clipped to level + t²/log(100), about 1.5x the typical norm
+    assert thresholds[40] == pytest.approx(math.exp(T * T / math.log(100.0)), rel=1e-5)
+    assert float(states[40].level) == pytest.approx(0.05 * T * T / math.log(100.0), rel=1e-4)
+    assert thresholds[41] < 4.3  # the level moved by (1 - beta) × the clipped excess only
+    _, big = drive([1.0] * 40 + [1e4])
+    assert float(big[-1].level) < float(states[40].level)  # a bigger outlier, a harder clip
+
+
+def test_an_lr_jump_holds_the_update_size_for_a_few_steps():
+    lrs = [0.05] * 30 + [1.0] * 30
+    thresholds, _ = drive([1.0] * 60, lrs=lrs)
+    assert thresholds[29] == pytest.approx(4.0, rel=1e-5)
+    # the size (norm × LR against its recent level) jumps 20x: the norm is clipped so the
+    # step stays near the size taken before
+    assert thresholds[30] == pytest.approx(math.exp(T * T / math.log(20.0)) / 20, rel=1e-4)
+    after = thresholds[30:]
+    assert all(t < 1.0 for t in after[:5])  # held while the LR's level catches up
+    assert all(t > 1.0 for t in after[15:])  # then the new LR is the run's own
+
+
+def test_a_smooth_warmup_is_never_clipped():
+    lrs = [1e-3 * min(1.0, (i + 1) / 40) for i in range(100)]  # linear warm-up from 1/40
+    thresholds, _ = drive([1.5] * 100, lrs=lrs)
+    assert all(t > 1.5 for t in thresholds[1:])
+
+
+def test_loss_divergence_caps_the_size_at_twice_the_typical_one():
+    norms = [1.0] * 60 + [3.0, 9.0, 27.0, 81.0, 243.0]
+    losses = [2.0 - i / 60 for i in range(60)] + [3.0, 10.0, 30.0, 100.0, 300.0]
+    thresholds, states = drive(norms, losses, [0.1] * 65)
+    # filtered (median of three) losses: 1.0.., 3, 10, 30, 100: elevated from step 61 on,
+    # a divergence once three in a row are
+    assert [float(s.streak) for s in states[60:]] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert [float(s.episodes) for s in states[60:]] == [0.0, 0.0, 0.0, 1.0, 1.0]
+    # the level is held from the first elevated step, so the ceiling is twice the size
+    # the run took before the loss rose
+    level = float(states[60].level)
+    assert [float(s.level) for s in states[61:]] == [level] * 4
+    assert float(states[63].ceiling) == pytest.approx(level + math.log(2.0), rel=1e-5)
+    assert thresholds[63] <= math.exp(level + math.log(2.0)) / 0.1 * (1 + 1e-5)
+
+
+def test_one_or_two_bad_batches_are_not_a_divergence_three_are():
+    base = [2.0 - i / 100 for i in range(60)]
+    for bad, expected in ((1, 0), (2, 0), (3, 1)):
+        losses = base + [1000.0] * bad + [1.4] * 10
+        _, states = drive([1.0] * len(losses), losses)
+        assert float(states[-1].episodes) == expected, bad
+
+
+def test_each_new_divergence_halves_the_ceiling_and_healthy_steps_double_it():
+    config = FeedbackConfig(interval=20)
+    losses = [2.0] * 30 + [50.0] * 3 + [2.0] * 10 + [50.0] * 3 + [2.0] * 45
+    _, states = drive([1.0] * len(losses), losses, config=config)
+    ceilings = [float(s.ceiling) for s in states]
+    first = ceilings[32]
+    # confirmed at the first good step after each burst (three elevated medians)
+    assert math.isinf(ceilings[32]) and float(states[33].episodes) == 1
+    first = ceilings[33]
+    assert first == pytest.approx(math.log(2.0), abs=1e-5)  # twice the typical size (1)
+    assert ceilings[46] == pytest.approx(first + math.log(0.5), abs=1e-5)
+    # 20 healthy steps after the second divergence ends, the ceiling doubles
+    end = max(i for i, s in enumerate(states) if float(s.streak) > 0)
+    assert ceilings[end + 20] == pytest.approx(first, abs=1e-5)
+
+
+def test_noisy_near_zero_loss_is_not_a_divergence():
+    gen = torch.Generator().manual_seed(3)
+    losses = [2.3 * math.exp(-i / 40) for i in range(300)]
+    for _ in range(600):  # 1e-3 with 10x outliers, sometimes two in a row
+        outlier = float(torch.rand((), generator=gen)) < 0.15
+        losses.append(
+            1e-3 * (10.0 if outlier else 1.0) * (0.5 + float(torch.rand((), generator=gen)))
+        )
+    _, states = drive([1.0] * len(losses), losses)
+    assert float(states[-1].episodes) == 0
+
+
+def test_non_finite_norm_leaves_the_level_and_non_finite_loss_is_elevated():
+    norms = [1.0] * 10 + [math.nan, math.inf]
+    thresholds, states = drive(norms)
+    assert float(states[-1].count) == 10 and float(states[-1].level) == 0.0
+    assert thresholds[-1] == pytest.approx(4.0)
+    losses = [1.0] * 10 + [math.nan] * 4  # one NaN loss is an outlier; a run of them diverges
+    _, states = drive([1.0] * 14, losses)
+    assert [float(s.streak) for s in states[-4:]] == [0.0, 1.0, 2.0, 3.0]
+    assert float(states[-1].episodes) == 1.0
+    assert math.isfinite(float(states[-1].slow))
+
+
+def test_without_a_loss_it_only_clips_spikes():
+    thresholds, states = drive([1.0] * 20 + [50.0] * 20)
+    assert math.isinf(float(states[-1].ceiling))
+    assert thresholds[20] == pytest.approx(math.exp(T * T / math.log(50.0)), rel=1e-5)
+    assert all(float(s.streak) == 0 for s in states)
+
+
+def _decisions(policy, norms, losses, lr=0.1):
+    out = []
+    for norm, loss in zip(norms, losses):
+        p = torch.nn.Parameter(torch.zeros(1))
+        p.grad = torch.tensor([float(norm)])
+        decision = policy.decide(gg.measure([p]), [p], loss=torch.tensor(float(loss)), lr=lr)
+        out.append(float(decision.scale))
+    return out
+
+
+def test_state_dict_resumes_the_same_decisions():
+    norms, losses = healthy(80, seed=1)
+    norms[60:63] = [20.0, 40.0, 80.0]
+    losses[60:64] = [30.0, 60.0, 90.0, 120.0]
+    first = FeedbackClip()
+    _decisions(first, norms[:50], losses[:50])
+    saved = first.state_dict()
+    resumed = FeedbackClip()
+    resumed.load_state_dict(saved)
+    assert _decisions(first, norms[50:], losses[50:]) == _decisions(
+        resumed, norms[50:], losses[50:]
+    )
+    with pytest.raises(KeyError, match="lacks"):
+        FeedbackClip().load_state_dict({"count": torch.zeros(())})
+
+
+def test_rewound_keeps_the_lesson_a_tighter_ceiling():
+    policy = FeedbackClip()
+    _decisions(policy, [1.0] * 30, [1.0] * 30)
+    snapshot = policy.state_dict()
+    _decisions(policy, [5.0] * 4, [50.0] * 4)
+    before = policy.state_dict()
+    assert float(before["episodes"]) == 1 and math.isfinite(float(before["ceiling"]))
+    policy.load_state_dict(snapshot)
+    policy.rewound(before)
+    after = policy.state_dict()
+    assert float(after["ceiling"]) == pytest.approx(float(before["ceiling"]) + math.log(0.5))
+    assert float(after["count"]) == 30  # the rest is the snapshot's
+    assert float(policy.divergences) == 1
+    fresh = FeedbackClip()  # a rewind before any divergence: twice the typical size, halved
+    fresh.rewound(snapshot)
+    assert float(fresh.state_dict()["ceiling"]) == pytest.approx(float(snapshot["level"]))
+
+
+def test_decide_makes_no_host_sync():
+    policy = gg.chain(gg.SkipNonFinite(), FeedbackClip())
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.ones(3)
+    stats = gg.measure([p])
+    with forbid_host_sync():
+        for _ in range(5):  # a tensor LR, as a fused optimizer on a device keeps it
+            policy.decide(stats, [p], loss=torch.tensor(1.0), lr=torch.tensor(0.1))
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"spike": 1.0}, "spike must be > 1"),
+        ({"backoff": 1.0}, "backoff must lie strictly between 0 and 1"),
+        ({"growth": 0.5}, "growth must be a finite number >= 1"),
+        ({"interval": 0}, "interval must be >= 1"),
+        ({"loss_z": -1.0}, "loss_z must be a finite number > 0"),
+        ({"progress": math.nan}, "progress must be a finite number >= 0"),
+    ],
+)
+def test_bad_settings_are_named(settings, match):
+    with pytest.raises(ValueError, match=match):
+        FeedbackClip(**settings)
+
+
+def test_unknown_setting_is_a_type_error():
+    with pytest.raises(TypeError):
+        FeedbackClip(threshold=1.0)
+
+
+def test_state_fields_are_zero_dim_float32():
+    state = initial_state(TORCH, torch.zeros(()))
+    assert all(t.shape == () and t.dtype == torch.float32 for t in state)
+    state = initial_state(NUMPY, np.float32(0.0))
+    assert all(np.asarray(v).dtype == np.float32 for v in state)
+    assert FeedbackState._fields[0] == "count"
+
+
+def _sequence():
+    norms, losses = healthy(120, seed=5)
+    norms[50:53] = [30.0, 90.0, 270.0]
+    losses[50:56] = [20.0, 40.0, 80.0, 160.0, 320.0, 640.0]
+    norms[90] = math.nan
+    lrs = [0.1] * 70 + [1.0] * 50  # an LR jump
+    return norms, losses, lrs
+
+
+def test_host_and_device_decide_alike():
+    norms, losses, lrs = _sequence()
+    host, host_states = drive(norms, losses, lrs, xp=NUMPY)
+    device, device_states = drive(norms, losses, lrs, xp=TORCH)
+    np.testing.assert_allclose(device, host, rtol=1e-5)
+    assert float(host_states[-1].episodes) == float(device_states[-1].episodes) >= 1
+    # a tensor LR (on the device) gives the same decisions as a number
+    tensor_lr, _ = drive(norms, losses, [torch.tensor(v) for v in lrs], xp=TORCH)
+    np.testing.assert_allclose(tensor_lr, host, rtol=1e-5)
+
+
+def test_runs_jitted_in_jax_with_the_same_decisions():
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    import jax.numpy as jnp
+
+    from gradguard.frontends import jax as ggj
+
+    norms, losses, _ = _sequence()
+    expected, _ = drive(norms, losses)  # no LR: the optax guard gives none
+    tx = ggj.guard(optax.sgd(0.0), FeedbackClip())
+    params = {"w": jnp.zeros(1, jnp.float32)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    thresholds = []
+    for norm, loss in zip(norms, losses):
+        grads = {"w": jnp.asarray([norm], jnp.float32)}
+        _, state = update(grads, state, params, value=jnp.asarray(loss, jnp.float32))
+        thresholds.append(float(state.stats.threshold))
+    np.testing.assert_allclose(thresholds, expected, rtol=1e-4)
