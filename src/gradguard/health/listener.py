@@ -53,7 +53,7 @@ def attach_health(
 
     def listen(batch: HostBatch) -> list[Event]:
         if not first_skip:
-            skipped = [s for s, f in zip(batch.steps, batch.columns["skipped"]) if f]
+            skipped = [s for s, f in zip(batch.steps, batch.columns["skipped"]) if f == 1.0]
             first_skip[:] = skipped[:1]
         findings = monitor.update(batch)
         for finding in monitor.to_warn:
