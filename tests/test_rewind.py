@@ -334,6 +334,8 @@ def test_host_storage_keeps_the_copies_on_the_cpu():
         ({"rise": 0.5}, ValueError, "rise must be >= 1"),
         ({"rise": math.nan}, ValueError, "rise must be a finite number"),
         ({"window": 0}, ValueError, "window must be >= 1"),
+        ({"relapse": -0.1}, ValueError, "relapse must be"),
+        ({"relapse": math.nan}, ValueError, "relapse must be"),
     ],
 )
 def test_bad_arguments_are_named(kwargs, error, match):
@@ -454,3 +456,41 @@ def test_counts_optimizer_steps_under_gradient_accumulation():
     event = accumulated_step(4, poison=math.nan)
     assert event is not None and event.data["to_step"] == 3 and event.data["steps_lost"] == 2
     _assert_same(run.state(), at_snapshot)
+
+
+@pytest.mark.parametrize("relapse, rewinds", [(0.2, False), (0.1, True)])
+def test_a_late_rise_must_undo_a_share_of_the_progress(relapse, rewinds):
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rewind = Rewind(model, optimizer, every=50, window=10, check_every=5, relapse=relapse)
+    gen = torch.Generator().manual_seed(0)
+    noise = lambda: 0.01 * torch.rand((), generator=gen)  # noqa: E731
+    # falls from about 1 to 0.1, then rises to 0.25: ×2.5 the reference and above its
+    # largest loss, but only a sixth of the progress made since the first window is undone
+    losses = [max(1.0 - 0.02 * i, 0.1) for i in range(100)] + [0.25] * 30
+    events = [rewind.step(value + noise()) for value in losses]
+    fired = [i for i, e in enumerate(events) if e is not None]
+    assert bool(fired) is rewinds
+    if rewinds:
+        assert events[fired[0]].data["to_step"] == 100
+
+
+def test_a_few_bad_batches_flagged_by_the_policy_do_not_rewind():
+    from gradguard.policies.feedback import FeedbackClip
+
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    feedback = FeedbackClip()
+    guard = gg.Guard(model, gg.chain(gg.SkipNonFinite(), feedback))
+    rewind = Rewind(model, optimizer, guard=guard, every=10, check_every=5, window=10)
+    # a falling loss with three bad batches in a row (×20) at steps 40-42
+    losses = [2.0 - 0.02 * i for i in range(60)]
+    losses[40:43] = [20.0, 20.0, 20.0]
+    for value in losses:
+        model(torch.randn(4, 3)).pow(2).mean().backward()
+        guard.step(optimizer, loss=value)
+        optimizer.zero_grad()
+        assert rewind.step(value) is None
+    assert float(feedback.state_dict()["episodes"]) == 1  # the policy saw a divergence ...
+    assert not rewind.events  # ... the window's median did not confirm it

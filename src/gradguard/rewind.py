@@ -5,16 +5,16 @@
 hyper-parameters, and, when given, an LR scheduler's, a ``GradScaler``'s and the
 guard's policy state. Call :meth:`Rewind.step` with the step's loss once per optimizer
 step (after ``scheduler.step()``). When the run diverges — a non-finite loss or
-parameters (buffers are not checked: an attention mask may hold ``-inf``), the median
-loss of the last ``window`` steps above ``rise`` times the median before the snapshot
-*and* above the largest loss seen then, or a divergence that one of the guard's
-policies detected (the ``divergences`` counter of
-:class:`~gradguard.policies.feedback.FeedbackClip`) —
-it restores the newest snapshot (an older one when the run diverged again before a new
-snapshot was taken), lets every policy of the guard that can tighten do so (a
-``rewound(previous_state)`` method), records a ``rewind`` event and returns it. The
-batches seen since the snapshot are not replayed: the loop goes on with the next ones,
-so the offending batches are skipped.
+parameters (buffers are not checked: an attention mask may hold ``-inf``), or a loss
+*relapse*: the median loss of the last ``window`` steps undoes at least ``relapse`` of
+the progress made between the run's first window and the window before the snapshot,
+and either it is above ``rise`` times that window's median and its largest loss, or one
+of the guard's policies detected a divergence (the ``divergences`` counter of
+:class:`~gradguard.policies.feedback.FeedbackClip`) — it restores the newest snapshot
+(an older one when the run diverged again before a new snapshot was taken), lets every
+policy of the guard that can tighten do so (a ``rewound(previous_state)`` method),
+records a ``rewind`` event and returns it. The batches seen since the snapshot are not
+replayed: the loop goes on with the next ones, so the offending batches are skipped.
 
 The loss check reads one flag from the device every ``check_every`` steps (and at each
 snapshot); a snapshot is one copy of the state into buffers allocated once, on the
@@ -70,7 +70,11 @@ class Rewind:
             pinned when the tensors are on CUDA).
         window: losses over which the median is taken.
         rise: the median must exceed this multiple of the reference median (and the
-            largest reference loss) for a divergence.
+            largest reference loss) for a divergence the rewinder finds on its own.
+        relapse: share of the progress made since the run's first window (from the
+            first window's median down to the reference median) that the median must
+            undo for any loss divergence, the rewinder's or a policy's: a noisy late
+            phase or a few bad batches move the median less than that.
         check_every: steps between loss checks (each reads one flag from the device).
         patience: rewinds in a row, with no snapshot taken in between, before giving up
             (with a warning) until the run is healthy again.
@@ -89,6 +93,7 @@ class Rewind:
         storage: str = "device",
         window: int = 20,
         rise: float = 2.0,
+        relapse: float = 0.2,
         check_every: int = 10,
         patience: int = 8,
     ) -> None:
@@ -102,6 +107,7 @@ class Rewind:
         self.rise = check.positive("rise", rise)
         if self.rise < 1.0:
             raise ValueError(f"rise must be >= 1, got {self.rise}")
+        self.relapse = check.non_negative("relapse", relapse)
         self.check_every = check.positive_int("check_every", check_every)
         self.patience = check.positive_int("patience", patience)
         self.storage = storage
@@ -127,6 +133,7 @@ class Rewind:
         self._device = self._tensors[0].device
         self._losses = torch.full((self.window,), math.nan, device=self._device)
         self._seen = 0
+        self._first: Tensor | None = None  # median of the run's first full window
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self._device)
         self._in_a_row = 0
         self._gave_up = False
@@ -158,12 +165,14 @@ class Rewind:
         self._nonfinite = self._nonfinite | ~torch.isfinite(value)
         newest = self._snapshots[-1]
         full = self._seen >= self.window
+        if full and self._first is None:
+            self._first = self._window_reference()[0]
         if newest.reference is None and full:  # the first window after a reference-less snapshot
             newest.reference = self._window_reference()
         due = self._count % self.every == 0
         if not due and self._count % self.check_every:
             return None
-        flags = self._flags(newest.reference if full else None, weights=due)
+        flags = self._flags(newest.reference, full, weights=due)
         nonfinite, diverged = bool(flags[0]), bool(flags[1])
         if nonfinite or diverged:
             return self._rewind("nonfinite" if nonfinite else "loss")
@@ -180,24 +189,33 @@ class Rewind:
         recent = self._recent()
         return recent.nanmedian(), recent.nan_to_num(nan=-math.inf).max()
 
-    def _flags(self, reference: tuple[Tensor, Tensor] | None, weights: bool) -> Tensor:
+    def _flags(self, reference: tuple[Tensor, Tensor] | None, full: bool, weights: bool) -> Tensor:
         """``[non-finite, loss diverged]`` as one tensor, reduced over ranks: one sync.
 
-        The loss test needs a full window and a reference (the window before the
-        snapshot): the median must exceed ``rise`` times the reference median and the
-        largest reference loss.
+        With a reference (the window before the snapshot), a loss divergence is a
+        relapse of the median of the losses since the snapshot or the last rewind (at
+        least ``check_every`` of them, at most ``window``), confirmed by the
+        rewinder's own test (a full window ``rise`` × above the reference median and
+        above its largest loss) or by a policy's divergence. Before any reference exists
+        (the run's first window) a policy's divergence is taken on its word.
         """
+        policy = self._divergences() > self._divergences_seen
         diverged = torch.zeros((), dtype=torch.bool, device=self._device)
-        if reference is not None and not self._gave_up:
+        if reference is None:
+            diverged = policy
+        elif not self._gave_up and self._seen >= min(self.window, self.check_every):
             median = self._window_reference()[0]
             ref_median, ref_max = reference
+            first = self._first if self._first is not None else ref_median
+            progress = (first - ref_median).clamp(min=0.0)
+            relapsed = median > ref_median + self.relapse * progress
             limit = ref_median + (self.rise - 1.0) * ref_median.abs()
-            diverged = (median > limit) & (median > ref_max)
+            own = full & (median > limit) & (median > ref_max)
+            diverged = relapsed & (own | policy)
         nonfinite = self._nonfinite
         if weights:
             finite = [torch.isfinite(t.detach()).all().to(self._device) for t in self._params()]
             nonfinite = nonfinite | ~torch.stack(finite).all()
-        diverged = diverged | (self._divergences() > self._divergences_seen)
         flags = torch.stack([nonfinite.float(), diverged.float()])
         if _multi_rank():
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
@@ -243,6 +261,7 @@ class Rewind:
         self._in_a_row += 1
         self._losses.fill_(math.nan)
         self._seen = 0
+        self._first: Tensor | None = None  # median of the run's first full window
         self._nonfinite = torch.zeros_like(self._nonfinite)
         self._divergences_seen = self._divergences()
         ref = snapshot.reference
