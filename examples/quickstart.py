@@ -25,7 +25,7 @@ def main(run_dir: str = "runs/quickstart") -> None:
         nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 1)
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, fused=True)
-    guard = gg.Guard(model, store=run_dir, log_every=10)  # default policy: skip NaN, ZClip
+    guard = gg.Guard(model, store=run_dir, log_every=10)  # default policy: skip NaN, FeedbackClip
     target = torch.randn(16, 1)
     skipped = []
     for micro in range(200):

@@ -56,6 +56,24 @@ def test_run_all_quick_prints_a_table_per_task_and_the_summaries():
     assert "seeds 0–0" in text
 
 
+def test_saved_folders_merge_seeds_and_later_runs_replace_the_same_seed(tmp_path):
+    from benchmarks.efficacy.run import render_saved
+
+    for seed_base, folder in ((0, "a"), (1, "b"), (1, "c")):
+        run_all(
+            quick=True,
+            seeds=1,
+            seed_base=seed_base,
+            steps=3,
+            only=["cnn"],
+            rows=[NONE],
+            save=str(tmp_path / folder),
+        )
+    text = render_saved([str(tmp_path / f) for f in "abc"], seeds=2)
+    assert "_2 runs," in text  # seeds 0 and 1; folder c replaced b's seed 1
+    assert "seeds 0–1" in text
+
+
 def test_every_task_trains_a_step_under_every_kind_of_row():
     for task in suite.tasks(quick=True, steps=2):
         result = task.train(task.config, DEFAULT, gg.default_policy, 0, None)
@@ -152,3 +170,22 @@ def test_loss_verdict_is_within_the_seeds_noise():
     assert tables.loss_verdict(_runs([2.3, 2.35, 2.4]), best) == "worse"
     assert tables.loss_verdict(_runs([1.8, 1.85, 1.9]), best) == "beats"
     assert tables.loss_verdict(_runs([1.0, 1.0, 1.0], diverged=1), best) == "worse"
+
+
+def test_heldout_runs_the_corpus_under_each_row_and_compares_paired_losses():
+    from dataclasses import replace
+
+    from benchmarks.diagnosis.corpus import HEALTHY
+    from benchmarks.efficacy import heldout
+
+    spec = replace(HEALTHY[0], steps=6, log_every=1)
+    results = heldout.measure([spec], [heldout.UNCLIPPED, *heldout.ADAPTIVE])
+    row = results[spec.name]
+    assert set(row) == {"monitor", "default", "zclip"}
+    assert all(f["steps"] == 6 and 0.0 <= f["clipped"] <= 1.0 for f in row.values())
+    assert math.isfinite(row["monitor"]["final"])
+    text = heldout.render_healthy(results)
+    assert spec.name in text and "of 1." in text
+    assert heldout.compare(1.0, 1.04) == 0 and heldout.compare(1.0, 1.2) == -1
+    assert heldout.compare(math.nan, 1.0) == 1 and heldout.compare(1.0, math.nan) == -1
+    assert all(s.name.startswith(heldout.CLIPPABLE) for s in heldout.faulty_runs())

@@ -37,7 +37,7 @@ class RunSpec:
     optimizer: str = "adamw"
     lr: float = 1e-3
     schedule: str = "constant"  # constant | warmup | cosine | warmup_cosine
-    policy: str = "default"  # default | monitor | clip:<max_norm>
+    policy: str = "default"  # default | monitor | feedback | zclip | clip:<max_norm>
     amp: str = "none"  # none | bf16 | fp16
     accumulate: int = 1
     log_every: int = 20
@@ -102,9 +102,15 @@ def make_policy(spec: RunSpec) -> gg.Policy | None:
         return None
     if spec.policy == "monitor":
         return gg.Monitor()
+    if spec.policy == "feedback":
+        return gg.chain(gg.SkipNonFinite(), gg.FeedbackClip())
+    if spec.policy == "zclip":  # the default policy until FeedbackClip replaced it
+        return gg.chain(gg.SkipNonFinite(), gg.ZClip(warmup_max_norm=10.0))
     if spec.policy.startswith("clip:"):
         return gg.ClipNorm(float(spec.policy.split(":", 1)[1]))
-    raise ValueError(f"policy must be default, monitor or clip:<max_norm>, got {spec.policy!r}")
+    raise ValueError(
+        f"policy must be default, monitor, feedback, zclip or clip:<max_norm>, got {spec.policy!r}"
+    )
 
 
 def train(spec: RunSpec, run_dir: Path) -> RunResult:

@@ -141,17 +141,23 @@ def _save(folder: str, key: str, rows: dict[str, list], wall: float) -> None:
 def render_saved(
     folders: list[str], seeds: int, seed_base: int = 0, judged: list[str] | None = None
 ) -> str:
-    """The tables of results saved by ``run_all(save=...)`` in ``folders`` (later folders
-    add rows to a task, or replace rows of the same name)."""
-    grouped: dict[str, dict[str, list]] = {}
+    """The tables of results saved by ``run_all(save=...)`` in ``folders``: later folders
+    add rows or seeds to a task, or replace the runs of a row with the same seed."""
+    by_seed: dict[str, dict[str, dict[int, Any]]] = {}
     wall = 0.0
     for folder in folders:
         for name in sorted(os.listdir(folder)):
             if name.endswith(".pkl"):
                 with open(os.path.join(folder, name), "rb") as handle:
                     saved = pickle.load(handle)
-                grouped.setdefault(name[:-4], {}).update(saved["rows"])
+                task = by_seed.setdefault(name[:-4], {})
+                for row, results in saved["rows"].items():
+                    task.setdefault(row, {}).update({r.seed: r for r in results})
                 wall += saved["wall"]
+    grouped = {
+        key: {row: [runs[s] for s in sorted(runs)] for row, runs in rows.items()}
+        for key, rows in by_seed.items()
+    }
     selected = [t for t in suite.tasks() if t.key in grouped]
     return render(selected, grouped, seeds, seed_base, judged, wall)
 

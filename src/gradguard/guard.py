@@ -47,7 +47,7 @@ class Guard:
     Args:
         model: an ``nn.Module`` (parameter names are then known) or parameters.
         policy: what to do each step; default :func:`~gradguard.policies.default_policy`
-            (skip non-finite steps, clip norm spikes with ZClip).
+            (skip non-finite steps, then the self-tuning FeedbackClip).
         norm_type: the p-norm measured and clipped.
         store: record to this run directory or ``.db`` file (SQLite run store); with
             ``sinks`` or ``store`` given, the guard builds a :class:`~gradguard.record.Recorder`.

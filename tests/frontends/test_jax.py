@@ -286,7 +286,7 @@ def test_guard_runs_the_torch_policy_update(policy):
 
 def test_guard_skips_keep_the_optimizer_state_and_record_named_events(tmp_path):
     params = mlp_init(jax.random.PRNGKey(1))
-    tx = ggj.guard(optax.adam(1e-2))  # the default policy: SkipNonFinite + ZClip
+    tx = ggj.guard(optax.adam(1e-2))  # the default policy: SkipNonFinite + FeedbackClip
     state = tx.init(params)
     recorder = ggj.JaxRecorder.for_params(params, tmp_path / "run", log_every=4, health=False)
     for i in range(1, 9):

@@ -126,7 +126,7 @@ def test_one_rule_for_modes_in_every_integration():
     assert not monitoring and isinstance(policy, Chain)
     assert [type(p).__name__ for p in policy.policies] == ["SkipNonFinite", "ClipNorm"]
     policy, monitoring = resolve_policy(None, None, None, "")
-    assert not monitoring and "ZClip" in repr(policy)  # nothing clipped before: the default
+    assert not monitoring and "FeedbackClip" in repr(policy)  # nothing clipped before: the default
     mine = ClipNorm(5.0)
     with pytest.warns(RuntimeWarning, match=r"max_grad_norm=1\) is turned off.*ClipNorm\(1.0\)"):
         assert resolve_policy(mine, None, clip, "max_grad_norm=1") == (mine, False)

@@ -162,6 +162,19 @@ def test_non_finite_norm_leaves_the_level_and_non_finite_loss_is_elevated():
     assert math.isfinite(float(states[-1].slow))
 
 
+def test_a_step_with_a_non_finite_norm_leaves_the_whole_state_as_it_was():
+    # the step is skipped (SkipNonFinite): its loss and LR must not teach the policy, or a
+    # run that skipped it would decide differently later than one that never saw it
+    norms, losses = healthy(40)
+    lrs = [0.1] * 40
+    _, states = drive(norms[:30], losses[:30], lrs[:30])
+    _, with_bad = drive(
+        [*norms[:30], math.nan, math.inf], [*losses[:30], 50.0, 60.0], [*lrs[:30], 1.0, 1.0]
+    )
+    for field in FeedbackState._fields:
+        assert float(getattr(with_bad[-1], field)) == float(getattr(states[-1], field)), field
+
+
 def test_without_a_loss_it_only_clips_spikes():
     thresholds, states = drive([1.0] * 20 + [50.0] * 20)
     assert math.isinf(float(states[-1].ceiling))
@@ -291,3 +304,27 @@ def test_runs_jitted_in_jax_with_the_same_decisions():
         _, state = update(grads, state, params, value=jnp.asarray(loss, jnp.float32))
         thresholds.append(float(state.stats.threshold))
     np.testing.assert_allclose(thresholds, expected, rtol=1e-4)
+
+
+def test_the_default_follows_a_norm_that_climbs_where_zclip_clips_for_good():
+    # a healthy LSTM's norms climb ×10 within 50 steps after the first 25 (measured:
+    # healthy_lstm_clip of the diagnosis corpus, 0.2 → 2); ZClip's statistics learn from
+    # clipped norms, so a climb faster than they follow is clipped for good — the reason
+    # the default changed
+    gen = torch.Generator().manual_seed(3)
+    n = 300
+    norms = [
+        0.2
+        * 10 ** (min(max(i - 25, 0), 50) / 50)
+        * math.exp(0.2 * float(torch.randn((), generator=gen)))
+        for i in range(n)
+    ]
+    losses = [1.0 + math.exp(-i / 50) for i in range(n)]
+
+    def clip_rate(policy):
+        thresholds, _ = drive(norms, losses, [3e-3] * n, policy=policy)
+        return sum(g > t for g, t in zip(norms, thresholds)) / n
+
+    assert clip_rate(gg.default_policy()) <= 0.02
+    assert clip_rate(gg.chain(gg.SkipNonFinite(), gg.ZClip(warmup_max_norm=10.0))) > 0.5
+    assert isinstance(gg.default_policy().policies[1], FeedbackClip)

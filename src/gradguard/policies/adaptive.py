@@ -121,6 +121,12 @@ class ZClip(Policy):
     built from raw norms, a run that diverges during warm-up starts with a huge mean
     and is never clipped back (measured in ``benchmarks/efficacy``: 50–1000× lower
     final error on exploding SGD runs).
+
+    Known limit (inherent in learning from clipped norms): a norm that climbs faster
+    than the EMAs follow soon after the warm-up is clipped for good; a healthy LSTM
+    whose norms rise ×10 in 50 steps kept a threshold of 0.32 against norms of 2–5 and
+    clipped 88 % of its steps (``python -m benchmarks.efficacy.heldout``). That is why
+    :func:`~gradguard.default_policy` is :class:`~gradguard.FeedbackClip` now.
     """
 
     State = ZClipState

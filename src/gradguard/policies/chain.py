@@ -87,10 +87,13 @@ def chain(*policies: Policy) -> Chain:
 def default_policy() -> Chain:
     """What :class:`~gradguard.Guard` uses when given no policy.
 
-    Skip steps with non-finite gradients, and clip norm spikes with ZClip, whose
-    unclipped warm-up is capped at 10 (the top of the healthy range in the seeds).
+    Skip steps with non-finite gradients, then :class:`~gradguard.FeedbackClip`: no
+    threshold to choose; it clips update-size spikes against the run's own typical size
+    and, given the loss (``guard.step(optimizer, loss=loss)``), caps updates while the
+    loss diverges. (Until this release the default was ``ZClip(warmup_max_norm=10)``, which
+    clips for good a norm that rises faster than its statistics follow.)
     """
-    from .adaptive import ZClip
+    from .feedback import FeedbackClip
     from .skip import SkipNonFinite
 
-    return chain(SkipNonFinite(), ZClip(warmup_max_norm=10.0))
+    return chain(SkipNonFinite(), FeedbackClip())

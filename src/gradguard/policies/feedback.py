@@ -184,6 +184,7 @@ def feedback_update(
     """
     g = inputs.total_norm
     finite = xp.isfinite(g) & (g > 0)
+    before = state
     # the size is the norm times the LR relative to its recent level: a schedule's smooth
     # changes cancel out, a jump shows as a jump
     state, shift = _lr_shift(xp, state, inputs.lr, config)
@@ -206,6 +207,10 @@ def feedback_update(
         count=state.count + xp.where(finite, 1.0, 0.0),
         level=xp.where(update, level, state.level),
     )
+    # a step with a non-finite gradient is skipped: it leaves the state as it was, the
+    # loss and LR included, so later decisions are those of a run that never saw it
+    live = xp.isfinite(g)
+    state = FeedbackState(*(xp.where(live, new, old) for new, old in zip(state, before)))
     return state, _exp(bound - shift)
 
 
