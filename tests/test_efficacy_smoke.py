@@ -52,7 +52,7 @@ def test_run_all_quick_prints_a_table_per_task_and_the_summaries():
     lost = found[-1]
     assert [row[0] for row in lost[2:]] == keys
     # four steps teach the RNN nothing: every add-0.1 run is lost (no better than the mean)
-    assert lost[2][1:3] == ["1/1", "1/1"] and lost[2][3:5] == ["—", "—"]
+    assert lost[2][1:5] == ["1/1", "—", "1/1", "—"]  # none, old default, default, + rewind
     assert "seeds 0–0" in text
 
 

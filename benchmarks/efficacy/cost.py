@@ -2,8 +2,9 @@
 
 ``python -m benchmarks.efficacy.cost [--rounds R] [--calls N]``: for each model of the
 suite, the cost of ``guard.step(optimizer, loss=...)`` beyond a bare
-``optimizer.step()`` under today's default policy and under ``chain(SkipNonFinite(),
-FeedbackClip())`` (same gradients; host math, the CPU default, and device math,
+``optimizer.step()`` under the old default policy (``chain(SkipNonFinite(),
+ZClip(warmup_max_norm=10))``) and today's (``chain(SkipNonFinite(), FeedbackClip())``)
+(same gradients; host math, the CPU default, and device math,
 ``host_math=False``, the accelerator's path), each as a ratio to the cost of
 ``torch.nn.utils.clip_grad_norm_(params, 1.0)`` measured in the same rounds; a full
 training step; the time of one ``Rewind.step`` that snapshots and checks; and
@@ -24,9 +25,9 @@ import torch
 from torch import nn
 
 import gradguard as gg
-from gradguard.policies.feedback import FeedbackClip
 
 from . import bytelm, cnn, lm, lstm, rnn, text
+from .policies import old_default
 from .tables import markdown
 
 
@@ -149,9 +150,10 @@ def _fresh(params: list[torch.Tensor]) -> None:
 
 
 def measure_one(bench: Bench, rounds: int, calls: int) -> list[str]:
-    """One model: the guard's cost per step beyond a bare step under today's default and
-    FeedbackClip (host and device math), against ``clip_grad_norm_``'s in the same
-    rounds; a full training step; rewind's snapshot cost and memory."""
+    """One model: the guard's cost per step beyond a bare step under the old default
+    (ZClip) and today's (FeedbackClip), host and device math, against
+    ``clip_grad_norm_``'s in the same rounds; a full training step; rewind's snapshot
+    cost and memory."""
     loss = bench.loss()
     bench.optimizer.zero_grad()
     loss.backward()
@@ -159,13 +161,11 @@ def measure_one(bench: Bench, rounds: int, calls: int) -> list[str]:
     params = [p for p in bench.model.parameters() if p.grad is not None]
     opt = bench.optimizer
 
-    def feedback() -> gg.Policy:
-        return gg.chain(gg.SkipNonFinite(), FeedbackClip())
-
+    feedback = gg.default_policy
     guards = {
-        "today": gg.Guard(bench.model, gg.default_policy()),
+        "today": gg.Guard(bench.model, old_default()),
         "new": gg.Guard(bench.model, feedback()),
-        "today, device": gg.Guard(bench.model, gg.default_policy(), host_math=False),
+        "today, device": gg.Guard(bench.model, old_default(), host_math=False),
         "new, device": gg.Guard(bench.model, feedback(), host_math=False),
     }
     trained = gg.Guard(bench.model, feedback())
@@ -229,10 +229,10 @@ def main(argv: list[str] | None = None) -> None:
     header = [
         "model",
         "clip_grad_norm_ cost",
-        "guard cost, today's default (x torch)",
-        "guard cost, FeedbackClip (x torch)",
-        "FeedbackClip / today",
-        "today, device math",
+        "guard cost, old default: ZClip (x torch)",
+        "guard cost, default: FeedbackClip (x torch)",
+        "FeedbackClip / ZClip",
+        "ZClip, device math",
         "FeedbackClip, device math",
         "training step",
         "one snapshot + check",

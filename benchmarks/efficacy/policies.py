@@ -8,16 +8,15 @@ from typing import Any
 import gradguard as gg
 from gradguard.ops import Ops
 from gradguard.policies import Decision, StepInputs
-from gradguard.policies.feedback import FeedbackClip
 
 PolicyFactory = Callable[[], gg.Policy]
 
 #: Name of the row that trains with no clipping at all (still through the guard).
 NONE = "none"
-#: Name of the row for ``gradguard.default_policy()``.
+#: Name of the row for ``gradguard.default_policy()``: ``chain(SkipNonFinite(), FeedbackClip())``.
 DEFAULT = "default"
-#: Name of the row for the self-tuning policy: ``chain(SkipNonFinite(), FeedbackClip())``.
-FEEDBACK = "FeedbackClip"
+#: Name of the row for the default until FeedbackClip replaced it.
+OLD_DEFAULT = "ZClip (old default)"
 #: A row named ``"<row> + rewind"`` trains ``<row>``'s policy with :class:`gradguard.Rewind`.
 REWIND = " + rewind"
 #: The rewinder's settings in the ``+ rewind`` rows.
@@ -29,6 +28,11 @@ class NoClip(gg.Policy):
 
     def update(self, state: Any, inputs: StepInputs, xp: Ops) -> tuple[Decision, Any]:
         return Decision(), state
+
+
+def old_default() -> gg.Policy:
+    """The default policy until FeedbackClip replaced it: ZClip, warm-up capped at 10."""
+    return gg.chain(gg.SkipNonFinite(), gg.ZClip(warmup_max_norm=10.0))
 
 
 def fixed_name(threshold: float) -> str:
@@ -43,7 +47,7 @@ def adaptive() -> dict[str, PolicyFactory]:
         "ZClip": lambda: gg.ZClip(),
         "SkipSpike+clip 1": lambda: gg.chain(gg.SkipSpike(), gg.ClipNorm(1.0)),
         DEFAULT: gg.default_policy,
-        FEEDBACK: lambda: gg.chain(gg.SkipNonFinite(), FeedbackClip()),
+        OLD_DEFAULT: old_default,
     }
 
 
@@ -57,8 +61,8 @@ def roster(thresholds: Sequence[float]) -> dict[str, PolicyFactory]:
 
 
 def row_names(thresholds: Sequence[float]) -> list[str]:
-    """The rows of a hard task: the roster, then the self-tuning default with rewind."""
-    return [*roster(thresholds), FEEDBACK + REWIND]
+    """The rows of a hard task: the roster, then the default with rewind."""
+    return [*roster(thresholds), DEFAULT + REWIND]
 
 
 def is_fixed(name: str) -> bool:

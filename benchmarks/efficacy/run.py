@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the package importable
 import torch
 
 from . import suite, tables
-from .policies import DEFAULT, FEEDBACK, NONE, REWIND, resolve, row_names
+from .policies import DEFAULT, NONE, OLD_DEFAULT, REWIND, resolve, row_names
 from .suite import SWEEP, Task
 
 
@@ -41,7 +41,7 @@ def _job(key: str, quick: bool, steps: int | None, name: str, seed: int) -> Any:
 
 
 #: Rows of the healthy tasks: does a default stay out of the way?
-HEALTHY_ROWS = (NONE, DEFAULT, FEEDBACK, FEEDBACK + REWIND)
+HEALTHY_ROWS = (NONE, DEFAULT, OLD_DEFAULT, DEFAULT + REWIND)
 
 
 def rows_for(task: Task, rows: list[str] | None) -> list[str]:
@@ -93,7 +93,7 @@ def run_all(
     ``only`` picks task keys (default: all); ``rows`` restricts the policies run (a row
     ``"fb:knob=value;..."`` is FeedbackClip with other settings); ``judged`` names the
     rows compared with the best fixed threshold and with unclipped runs (default: the
-    two defaults, and FeedbackClip with rewind). ``save`` names a folder where each
+    default, the old default, and the default with rewind). ``save`` names a folder where each
     task's results are pickled as soon as they are done (:func:`render_saved` reads
     them back), so a long run interrupted loses only the task in progress.
     """
@@ -173,7 +173,7 @@ def render(
     """Markdown: one table per task, then the tuning-burden and healthy-run summaries."""
     run_names = {n for rows in grouped.values() for n in rows}
     if judged is None:
-        judged = [n for n in (DEFAULT, FEEDBACK, FEEDBACK + REWIND) if n in run_names]
+        judged = [n for n in (DEFAULT, OLD_DEFAULT, DEFAULT + REWIND) if n in run_names]
     seed_text = f"seeds {seed_base}–{seed_base + seeds - 1}"
     parts: list[str] = []
     burden: dict[str, list[list[str]]] = {j: [] for j in judged}

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from . import bytelm, cnn, lm, lstm, rnn
+from .policies import DEFAULT, NONE, OLD_DEFAULT, REWIND
 
 #: Fixed global-norm thresholds swept on every hard task.
 SWEEP = (0.1, 0.3, 1.0, 3.0, 10.0)
@@ -37,7 +38,7 @@ class Task:
 
 def tasks(quick: bool = False, steps: int | None = None) -> list[Task]:
     """Every task at full size, or tiny (``quick``); ``steps`` overrides the step counts."""
-    amp_rows = ("none", "clip 0.1", "clip 1", "default", "FeedbackClip", "FeedbackClip + rewind")
+    amp_rows = (NONE, "clip 0.1", "clip 1", DEFAULT, OLD_DEFAULT, DEFAULT + REWIND)
     out = [
         Task(
             "add-0.05",

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from .lm import steps_lost
 from .loop import Result
-from .policies import DEFAULT, FEEDBACK, NONE, REWIND, is_fixed
+from .policies import DEFAULT, NONE, OLD_DEFAULT, REWIND, is_fixed
 
 Rows = dict[str, list[Result]]
 
@@ -265,7 +265,7 @@ def healthy_table(lines: list[list[str]]) -> str:
 # -- runs lost --------------------------------------------------------------------------
 
 #: Rows of the runs-lost table.
-SAFETY_ROWS = (NONE, DEFAULT, FEEDBACK, FEEDBACK + REWIND)
+SAFETY_ROWS = (NONE, OLD_DEFAULT, DEFAULT, DEFAULT + REWIND)
 
 
 def safety_row(task: str, rows: Rows, lost) -> list[str]:
@@ -279,10 +279,10 @@ def safety_row(task: str, rows: Rows, lost) -> list[str]:
         gone = sum(bool(lost(r)) for r in results)
         nonfinite = sum(r.diverged for r in results)
         cells.append(f"{gone}/{len(results)}" + (f" ({nonfinite} non-finite)" if nonfinite else ""))
-    events = [e for r in rows.get(FEEDBACK + REWIND, []) for e in r.rewinds]
+    events = [e for r in rows.get(DEFAULT + REWIND, []) for e in r.rewinds]
     if events:
         lost_steps = [e["steps_lost"] for e in events]
-        runs = sum(bool(r.rewinds) for r in rows[FEEDBACK + REWIND])
+        runs = sum(bool(r.rewinds) for r in rows[DEFAULT + REWIND])
         cells.append(
             f"{len(events)} in {runs} runs; {statistics.median(lost_steps):g} "
             f"(max {max(lost_steps)}) steps lost each"
@@ -293,5 +293,5 @@ def safety_row(task: str, rows: Rows, lost) -> list[str]:
 
 
 def safety_table(lines: list[list[str]]) -> str:
-    header = ["task", *(f"lost: {name}" for name in SAFETY_ROWS), f"rewinds ({FEEDBACK}{REWIND})"]
+    header = ["task", *(f"lost: {name}" for name in SAFETY_ROWS), f"rewinds ({DEFAULT}{REWIND})"]
     return markdown(header, lines)

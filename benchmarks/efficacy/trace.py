@@ -2,8 +2,9 @@
 
 ``python -m benchmarks.efficacy.trace [--seed S] [--lr LR] [--rows a,b]``: addition task,
 T=20, prints the total gradient norm, the policy's threshold, the loss and the weight
-norm at a few steps, for no clipping, clip 0.3, ``default_policy()`` and FeedbackClip
-(by default), trained through the suite's loop (which gives policies the loss and LR).
+norm at a few steps, for no clipping, clip 0.3, the old default (ZClip) and
+``default_policy()`` (FeedbackClip) by default, trained through the suite's loop (which
+gives policies the loss and LR).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from . import loop, rnn, tables
-from .policies import DEFAULT, FEEDBACK, NONE, resolve
+from .policies import DEFAULT, NONE, OLD_DEFAULT, resolve
 from .suite import SWEEP
 
 STEPS = (1, 5, 10, 20, 25, 26, 30, 50, 100, 300, 600)
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--rows", default=f"{NONE},clip 0.3,{DEFAULT},{FEEDBACK}")
+    parser.add_argument("--rows", default=f"{NONE},clip 0.3,{OLD_DEFAULT},{DEFAULT}")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore", "gradguard:")
