@@ -47,7 +47,8 @@ def variants(named, fused: bool):
     guards = {
         "ClipNorm(1.0)": gg.Guard(named, gg.ClipNorm(1.0)),
         "ClipNorm(1.0), no folding": gg.Guard(named, gg.ClipNorm(1.0), fold_fused=False),
-        "default (SkipNonFinite+ZClip)": gg.Guard(named),
+        "default (SkipNonFinite+FeedbackClip)": gg.Guard(named),
+        "old default (SkipNonFinite+ZClip)": gg.Guard(named, old_default()),
         "AutoClip(history=10000)": gg.Guard(named, gg.AutoClip(history=10_000)),
         "SkipSpike+ClipNorm": gg.Guard(named, gg.chain(gg.SkipSpike(), gg.ClipNorm(1.0))),
         "ClipTensorNorm(1.0)": gg.Guard(named, gg.ClipTensorNorm(1.0)),
@@ -56,8 +57,15 @@ def variants(named, fused: bool):
     return candidates(params, opt, {f"guard {name}": g for name, g in guards.items()})
 
 
+def old_default() -> gg.Policy:
+    """The default policy until FeedbackClip replaced it."""
+    return gg.chain(gg.SkipNonFinite(), gg.ZClip(warmup_max_norm=10.0))
+
+
 def candidates(params, opt, guards):
-    """A bare step, torch's clip and a step, and each guard's step, on fresh gradients."""
+    """A bare step, torch's clip and a step, and each guard's step (given the loss, as
+    users are told to), on fresh gradients."""
+    loss = torch.tensor(1.0)
     out = {
         "optimizer.step() alone": lambda: (fresh(params), opt.step()),
         "clip_grad_norm_ + step": lambda: (
@@ -67,7 +75,7 @@ def candidates(params, opt, guards):
         ),
     }
     for name, guard in guards.items():
-        out[name] = lambda guard=guard: (fresh(params), guard.step(opt))
+        out[name] = lambda guard=guard: (fresh(params), guard.step(opt, loss=loss))
     return out
 
 
@@ -131,6 +139,8 @@ def fixed_cost(rounds: int, repeats: int) -> None:
         "default guard": gg.Guard(model),
         "default guard, recording": gg.Guard(model, store=store, health=False),
         "default guard, device math": gg.Guard(model, host_math=False),
+        "old default (ZClip) guard": gg.Guard(model, old_default()),
+        "old default, device math": gg.Guard(model, old_default(), host_math=False),
         "ClipNorm(1.0) guard": gg.Guard(model, gg.ClipNorm(1.0)),
     }
     cands = candidates(params, opt, guards)

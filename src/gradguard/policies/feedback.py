@@ -217,6 +217,9 @@ def feedback_update(
 class FeedbackClip(Policy):
     """Self-tuning clipping: no threshold to choose (the rules: :mod:`.feedback`).
 
+    The default policy, after :class:`~gradguard.SkipNonFinite`
+    (:func:`~gradguard.default_policy`).
+
     Clips a step whose size jumps above 4× the run's typical size (harder the larger
     the jump; an LR jump counts), and, once the loss diverges, caps the size at twice
     the typical one, halving that cap at each new divergence and doubling it after 200
