@@ -180,11 +180,27 @@ def feedback_update(
     """One decision: the new state and this step's threshold on the norm (``inf``: none).
 
     Pure: reads ``state``, the step's global norm, its loss and learning rate (either
-    may be ``None``), and returns new arrays.
+    may be ``None``), and returns new arrays. A step whose gradient norm is not finite
+    is skipped (``SkipNonFinite``): it leaves the state as it was, its loss and LR
+    included, so later decisions are those of a run that never saw it.
     """
+    live = xp.isfinite(inputs.total_norm)
+    return xp.cond(live, _update, _hold, xp, state, inputs, config)
+
+
+def _hold(
+    xp: Ops, state: FeedbackState, inputs: StepInputs, config: FeedbackConfig
+) -> tuple[FeedbackState, Array]:
+    """A skipped step: the state unchanged, the threshold a typical step would get."""
+    bound = xp.minimum(state.level + math.log(config.spike), state.ceiling)
+    return state, _exp(xp.where(state.count > 0, bound, math.inf))
+
+
+def _update(
+    xp: Ops, state: FeedbackState, inputs: StepInputs, config: FeedbackConfig
+) -> tuple[FeedbackState, Array]:
     g = inputs.total_norm
     finite = xp.isfinite(g) & (g > 0)
-    before = state
     # the size is the norm times the LR relative to its recent level: a schedule's smooth
     # changes cancel out, a jump shows as a jump
     state, shift = _lr_shift(xp, state, inputs.lr, config)
@@ -207,10 +223,6 @@ def feedback_update(
         count=state.count + xp.where(finite, 1.0, 0.0),
         level=xp.where(update, level, state.level),
     )
-    # a step with a non-finite gradient is skipped: it leaves the state as it was, the
-    # loss and LR included, so later decisions are those of a run that never saw it
-    live = xp.isfinite(g)
-    state = FeedbackState(*(xp.where(live, new, old) for new, old in zip(state, before)))
     return state, _exp(bound - shift)
 
 
