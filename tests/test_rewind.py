@@ -402,7 +402,9 @@ def test_ddp_ranks_rewind_together():
     _assert_same(ranks[0]["final"], ranks[1]["final"])
 
 
-def test_a_policy_divergence_rewinds_and_the_policy_keeps_the_lesson():
+def _with_feedback(losses, **settings):
+    """Train a linear model under SkipNonFinite + FeedbackClip with a rewinder, feeding
+    ``losses`` as the steps' losses; return (events per step, the FeedbackClip)."""
     from gradguard.policies.feedback import FeedbackClip
 
     torch.manual_seed(0)
@@ -410,17 +412,22 @@ def test_a_policy_divergence_rewinds_and_the_policy_keeps_the_lesson():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     feedback = FeedbackClip()
     guard = gg.Guard(model, gg.chain(gg.SkipNonFinite(), feedback))
-    # rise=100: the rewinder's own loss test stays silent, only the policy's signal acts
-    rewind = Rewind(model, optimizer, guard=guard, every=10, check_every=5, window=5, rise=100)
-    # healthy for 30 steps, then the loss climbs: the policy confirms a divergence after
-    # three elevated medians (step 34), the rewinder acts at its next check (35)
-    losses = [1.0 - 0.01 * i for i in range(30)] + [2.0, 4.0, 8.0, 16.0, 32.0]
+    rewind = Rewind(model, optimizer, guard=guard, every=10, check_every=5, **settings)
     events = []
     for value in losses:
         model(torch.randn(4, 3)).pow(2).mean().backward()
         guard.step(optimizer, loss=value)
         optimizer.zero_grad()
         events.append(rewind.step(value))
+    return events, feedback
+
+
+def test_a_policy_divergence_rewinds_and_the_policy_keeps_the_lesson():
+    # healthy for 30 steps, then the loss climbs: the policy confirms a divergence after
+    # three elevated medians (step 34), the rewinder acts at its next check (35);
+    # rise=100: the rewinder's own loss test stays silent, only the policy's signal acts
+    losses = [1.0 - 0.01 * i for i in range(30)] + [2.0, 4.0, 8.0, 16.0, 32.0]
+    events, feedback = _with_feedback(losses, window=5, rise=100)
     fired = [(i, e) for i, e in enumerate(events) if e is not None]
     assert len(fired) == 1
     index, event = fired[0]
@@ -476,21 +483,9 @@ def test_a_late_rise_must_undo_a_share_of_the_progress(relapse, rewinds):
 
 
 def test_a_few_bad_batches_flagged_by_the_policy_do_not_rewind():
-    from gradguard.policies.feedback import FeedbackClip
-
-    torch.manual_seed(0)
-    model = nn.Linear(3, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    feedback = FeedbackClip()
-    guard = gg.Guard(model, gg.chain(gg.SkipNonFinite(), feedback))
-    rewind = Rewind(model, optimizer, guard=guard, every=10, check_every=5, window=10)
     # a falling loss with three bad batches in a row (×20) at steps 40-42
     losses = [2.0 - 0.02 * i for i in range(60)]
     losses[40:43] = [20.0, 20.0, 20.0]
-    for value in losses:
-        model(torch.randn(4, 3)).pow(2).mean().backward()
-        guard.step(optimizer, loss=value)
-        optimizer.zero_grad()
-        assert rewind.step(value) is None
+    events, feedback = _with_feedback(losses, window=10)
     assert float(feedback.state_dict()["episodes"]) == 1  # the policy saw a divergence ...
-    assert not rewind.events  # ... the window's median did not confirm it
+    assert events == [None] * 60  # ... the window's median did not confirm it
