@@ -189,3 +189,9 @@ def test_heldout_runs_the_corpus_under_each_row_and_compares_paired_losses():
     assert heldout.compare(1.0, 1.04) == 0 and heldout.compare(1.0, 1.2) == -1
     assert heldout.compare(math.nan, 1.0) == 1 and heldout.compare(1.0, math.nan) == -1
     assert all(s.name.startswith(heldout.CLIPPABLE) for s in heldout.faulty_runs())
+    more = heldout.reseeded([spec], 3)
+    assert [(s.name, s.seed) for s in more] == [
+        (spec.name, spec.seed),
+        (f"{spec.name}@1", spec.seed + 1000),
+        (f"{spec.name}@2", spec.seed + 2000),
+    ]

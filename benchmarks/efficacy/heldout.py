@@ -1,6 +1,7 @@
 """Policies on runs they were not tuned on: the diagnosis corpus, trained again.
 
-``python -m benchmarks.efficacy.heldout [--part healthy|faulty|both] [--jobs J]`` takes
+``python -m benchmarks.efficacy.heldout [--part healthy|faulty|both] [--seeds N] [--jobs J]``
+takes
 the runs of the diagnosis corpus (``benchmarks/diagnosis/corpus.py``: MLPs on
 scikit-learn tables, CNNs on digits, LSTM, GRU and tanh-RNN, GPT-style and embedding
 LMs; AdamW, SGD, RMSprop; schedules, accumulation, bf16, fp16), written to test the
@@ -73,6 +74,14 @@ def _one(spec: RunSpec, policy: str) -> dict:
         "final": float(np.mean(tail)) if len(tail) and np.all(np.isfinite(tail)) else math.nan,
         "seconds": result.seconds,
     }
+
+
+def reseeded(specs: list[RunSpec], seeds: int) -> list[RunSpec]:
+    """Each run with its own seed, then ``seeds - 1`` more (seed + 1000·k, named ``@k``)."""
+    out = list(specs)
+    for k in range(1, seeds):
+        out += [replace(s, name=f"{s.name}@{k}", seed=s.seed + 1000 * k) for s in specs]
+    return out
 
 
 def measure(specs: list[RunSpec], rows: list[str], jobs: int = 1) -> dict[str, dict[str, dict]]:
@@ -168,16 +177,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--part", choices=("healthy", "faulty", "both"), default="both")
     parser.add_argument("--jobs", type=int, default=1)
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per run (its own first)")
     args = parser.parse_args(argv)
     parts = []
     seconds = 0.0
     if args.part in ("healthy", "both"):
-        healthy = measure(HEALTHY, [UNCLIPPED, *ADAPTIVE], args.jobs)
+        healthy = measure(reseeded(HEALTHY, args.seeds), [UNCLIPPED, *ADAPTIVE], args.jobs)
         parts.append(render_healthy(healthy))
         seconds += sum(f["seconds"] for row in healthy.values() for f in row.values())
     if args.part in ("faulty", "both"):
         rows = [UNCLIPPED, *ADAPTIVE, *(f"clip:{t:g}" for t in SWEEP)]
-        faulty = measure(faulty_runs(), rows, args.jobs)
+        faulty = measure(reseeded(faulty_runs(), args.seeds), rows, args.jobs)
         parts.append(render_faulty(faulty))
         seconds += sum(f["seconds"] for row in faulty.values() for f in row.values())
     parts.append(f"_{seconds:.0f} s of training in all._\n")
