@@ -189,6 +189,12 @@ def test_heldout_runs_the_corpus_under_each_row_and_compares_paired_losses():
     assert heldout.compare(1.0, 1.04) == 0 and heldout.compare(1.0, 1.2) == -1
     assert heldout.compare(math.nan, 1.0) == 1 and heldout.compare(1.0, math.nan) == -1
     assert all(s.name.startswith(heldout.CLIPPABLE) for s in heldout.faulty_runs())
+    # a rewind row trains with gradguard.Rewind: a NaN batch at step 140 is rewound
+    nan_run = next(s for s in heldout.FAULTY if s.name == "nan_input_mlp")
+    nan_run = replace(nan_run, steps=200, log_every=10)
+    rewound = heldout.measure([nan_run], ["default + rewind"])[nan_run.name]["default + rewind"]
+    assert rewound["rewinds"] >= 1 and math.isfinite(rewound["final"])
+    assert f"{rewound['rewinds']} rewinds" in heldout._cell(rewound, row["monitor"])
     more = heldout.reseeded([spec], 3)
     assert [(s.name, s.seed) for s in more] == [
         (spec.name, spec.seed),

@@ -44,6 +44,7 @@ class RunSpec:
     seed: int = 0
     faults: tuple[Fault, ...] = ()
     growth_interval: int = 2000  # GradScaler (fp16 only)
+    rewind: bool = False  # train with gradguard.Rewind at its defaults
 
     @property
     def fault_class(self) -> str:
@@ -131,6 +132,7 @@ def train(spec: RunSpec, run_dir: Path) -> RunResult:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         guard = gg.Guard(model, make_policy(spec), store=run_dir, log_every=spec.log_every)
+        rewinder = gg.Rewind(model, optimizer, scaler=scaler, guard=guard) if spec.rewind else None
         try:
             for step in range(spec.steps):
                 factor = schedule(spec, step)
@@ -143,6 +145,8 @@ def train(spec: RunSpec, run_dir: Path) -> RunResult:
                 guard.step(optimizer, scaler, loss=loss)
                 if scaler is not None:
                     scaler.update()
+                if rewinder is not None:
+                    rewinder.step(loss)
                 optimizer.zero_grad(set_to_none=True)
         finally:
             guard.close()

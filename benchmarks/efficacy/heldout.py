@@ -51,6 +51,8 @@ TOLERANCE = 0.05
 CLIPPABLE = ("lr_high", "lr_jump", "corrupt", "exploding_rnn", "label_noise")
 #: The rows compared on every run (``default`` is ``gradguard.default_policy()``).
 ADAPTIVE = ("default", "zclip")
+#: A row named ``"<policy> + rewind"`` trains with ``gradguard.Rewind`` at its defaults.
+REWIND = " + rewind"
 UNCLIPPED = "monitor"
 
 
@@ -61,10 +63,13 @@ def faulty_runs() -> list[RunSpec]:
 def _one(spec: RunSpec, policy: str) -> dict:
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
+    rewind = policy.endswith(REWIND)
     with tempfile.TemporaryDirectory() as folder:
-        result = train(replace(spec, policy=policy), Path(folder) / "run")
+        run = replace(spec, policy=policy.removesuffix(REWIND), rewind=rewind)
+        result = train(run, Path(folder) / "run")
         with RunStore.open(result.store) as store:
             steps = store.steps()
+            rewinds = len(store.events("rewind"))
     loss = steps["loss"]
     tail = loss[-max(1, len(loss) // 10) :]
     return {
@@ -73,6 +78,7 @@ def _one(spec: RunSpec, policy: str) -> dict:
         "skipped": int(np.sum(steps["skipped"])),
         "final": float(np.mean(tail)) if len(tail) and np.all(np.isfinite(tail)) else math.nan,
         "seconds": result.seconds,
+        "rewinds": rewinds,
     }
 
 
@@ -114,21 +120,22 @@ _WORDS = {-1: "better", 0: "matches", 1: "worse"}
 def _cell(figures: dict, reference: dict) -> str:
     word = _WORDS[compare(figures["final"], reference["final"])]
     skipped = f", {figures['skipped']} skipped" if figures["skipped"] else ""
-    return f"{figures['final']:.4g} ({word}; {figures['clipped']:.0%} clipped{skipped})"
+    rewinds = f", {figures['rewinds']} rewinds" if figures.get("rewinds") else ""
+    return f"{figures['final']:.4g} ({word}; {figures['clipped']:.0%} clipped{skipped}{rewinds})"
 
 
-def render_healthy(results: dict[str, dict[str, dict]]) -> str:
+def render_healthy(results: dict[str, dict[str, dict]], rows: tuple[str, ...] = ADAPTIVE) -> str:
     lines = [
-        "| healthy run | steps | unclipped | " + " | ".join(ADAPTIVE) + " |",
-        "|---|---|---|" + "---|" * len(ADAPTIVE),
+        "| healthy run | steps | unclipped | " + " | ".join(rows) + " |",
+        "|---|---|---|" + "---|" * len(rows),
     ]
     for name, row in results.items():
         ref = row[UNCLIPPED]
         cells = [name, str(ref["steps"]), f"{ref['final']:.4g}"]
-        cells += [_cell(row[p], ref) for p in ADAPTIVE]
+        cells += [_cell(row[p], ref) for p in rows]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    for p in ADAPTIVE:
+    for p in rows:
         rates = [row[p]["clipped"] for row in results.values()]
         kept = sum(
             compare(row[p]["final"], row[UNCLIPPED]["final"]) <= 0 for row in results.values()
@@ -141,31 +148,32 @@ def render_healthy(results: dict[str, dict[str, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_faulty(results: dict[str, dict[str, dict]]) -> str:
+def render_faulty(results: dict[str, dict[str, dict]], rows: tuple[str, ...] = ADAPTIVE) -> str:
     fixed = [f"clip:{t:g}" for t in SWEEP]
     lines = [
-        "| faulty run | unclipped | best fixed (swept) | " + " | ".join(ADAPTIVE) + " |",
-        "|---|---|---|" + "---|" * len(ADAPTIVE),
+        "| faulty run | unclipped | best fixed (swept) | " + " | ".join(rows) + " |",
+        "|---|---|---|" + "---|" * len(rows),
     ]
-    tally = {p: {"best": 0, "unclipped": 0} for p in ADAPTIVE}
+    tally = {p: {"best": 0, "unclipped": 0} for p in rows}
     for name, row in results.items():
         ref = row[UNCLIPPED]
         finite = [f for f in fixed if math.isfinite(row[f]["final"])]
         best = min(finite, key=lambda f: row[f]["final"]) if finite else fixed[0]
         cells = [name, f"{ref['final']:.4g}", f"{best}: {row[best]['final']:.4g}"]
-        for p in ADAPTIVE:
+        for p in rows:
             vs_best = compare(row[p]["final"], row[best]["final"])
             vs_none = compare(row[p]["final"], ref["final"])
             tally[p]["best"] += vs_best <= 0
             tally[p]["unclipped"] += vs_none <= 0
+            rewinds = f", {row[p]['rewinds']} rewinds" if row[p].get("rewinds") else ""
             cells.append(
                 f"{row[p]['final']:.4g} (vs best: {_WORDS[vs_best]}; vs unclipped: "
-                f"{_WORDS[vs_none]}; {row[p]['clipped']:.0%} clipped)"
+                f"{_WORDS[vs_none]}; {row[p]['clipped']:.0%} clipped{rewinds})"
             )
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     n = len(results)
-    for p in ADAPTIVE:
+    for p in rows:
         lines.append(
             f"- `{p}`: matches or beats the best swept threshold on {tally[p]['best']} of {n}, "
             f"unclipped on {tally[p]['unclipped']} of {n}."
@@ -178,17 +186,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--part", choices=("healthy", "faulty", "both"), default="both")
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--seeds", type=int, default=1, help="seeds per run (its own first)")
+    parser.add_argument(
+        "--rows",
+        default=",".join(ADAPTIVE),
+        help=f"policies compared (default, zclip, feedback, monitor, clip:T; '<row>{REWIND}' "
+        "adds gradguard.Rewind)",
+    )
     args = parser.parse_args(argv)
+    compared = tuple(args.rows.split(","))
     parts = []
     seconds = 0.0
     if args.part in ("healthy", "both"):
-        healthy = measure(reseeded(HEALTHY, args.seeds), [UNCLIPPED, *ADAPTIVE], args.jobs)
-        parts.append(render_healthy(healthy))
+        healthy = measure(reseeded(HEALTHY, args.seeds), [UNCLIPPED, *compared], args.jobs)
+        parts.append(render_healthy(healthy, compared))
         seconds += sum(f["seconds"] for row in healthy.values() for f in row.values())
     if args.part in ("faulty", "both"):
-        rows = [UNCLIPPED, *ADAPTIVE, *(f"clip:{t:g}" for t in SWEEP)]
+        rows = [UNCLIPPED, *compared, *(f"clip:{t:g}" for t in SWEEP)]
         faulty = measure(reseeded(faulty_runs(), args.seeds), rows, args.jobs)
-        parts.append(render_faulty(faulty))
+        parts.append(render_faulty(faulty, compared))
         seconds += sum(f["seconds"] for row in faulty.values() for f in row.values())
     parts.append(f"_{seconds:.0f} s of training in all._\n")
     print("\n".join(parts))
