@@ -482,6 +482,22 @@ def test_a_late_rise_must_undo_a_share_of_the_progress(relapse, rewinds):
         assert events[fired[0]].data["to_step"] == 100
 
 
+def test_the_progress_is_measured_from_the_run_start_even_after_a_rewind():
+    model = nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rewind = Rewind(model, optimizer, every=50, window=10, check_every=5)
+    gen = torch.Generator().manual_seed(0)
+    noise = lambda: 0.01 * torch.rand((), generator=gen)  # noqa: E731
+    for i in range(100):  # from about 1 down to 0.1
+        assert rewind.step(max(1.0 - 0.02 * i, 0.1) + noise()) is None
+    events = [rewind.step(math.nan)] + [rewind.step(0.1 + noise()) for _ in range(4)]
+    assert [e is not None for e in events] == [False, False, False, False, True]  # checked at 105
+    # after the rewind the loss rises to 0.25: a sixth of the run's progress, no relapse
+    # (measured from the restart's own first window it would be all of it)
+    assert all(rewind.step(value + noise()) is None for value in [0.1] * 15 + [0.25] * 25)
+    assert len(rewind.events) == 1
+
+
 def test_a_few_bad_batches_flagged_by_the_policy_do_not_rewind():
     # a falling loss with three bad batches in a row (×20) at steps 40-42
     losses = [2.0 - 0.02 * i for i in range(60)]

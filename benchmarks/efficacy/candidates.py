@@ -1,8 +1,8 @@
 """FeedbackClip with other settings, for the research: a row ``"fb:knob=value;..."``.
 
-``python -m benchmarks.efficacy --rows "FeedbackClip,fb:spike=3;persist=2"`` compares
+``python -m benchmarks.efficacy --rows "default,fb:spike=3;persist=2"`` compares
 settings of :class:`~gradguard.policies.feedback.FeedbackConfig` (after
-``SkipNonFinite``, as in the ``FeedbackClip`` row). The policy reads the step's loss
+``SkipNonFinite``, as in the ``default`` row). The policy reads the step's loss
 and LR from the guard.
 """
 

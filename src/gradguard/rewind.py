@@ -261,7 +261,6 @@ class Rewind:
         self._in_a_row += 1
         self._losses.fill_(math.nan)
         self._seen = 0
-        self._first: Tensor | None = None  # median of the run's first full window
         self._nonfinite = torch.zeros_like(self._nonfinite)
         self._divergences_seen = self._divergences()
         ref = snapshot.reference
