@@ -77,7 +77,9 @@ class NumpyOps(Ops):
 
     def where(self, condition, a, b):
         if type(condition) in _SCALARS and type(a) in _SCALARS and type(b) in _SCALARS:
-            return _typed(a if condition else b)
+            out = a if condition else b
+            kind = type(out)
+            return _ZERO + out if kind is float or kind is int else out
         return np.where(condition, a, b)
 
     def isfinite(self, x):

@@ -111,45 +111,48 @@ def _median3(xp: Ops, a: Array, b: Array, c: Array) -> Array:
 def _loss_feedback(
     xp: Ops, state: FeedbackState, value: Array, config: FeedbackConfig
 ) -> FeedbackState:
-    """Update the loss statistics; lower the ceiling when a divergence begins."""
+    """Update the loss statistics; lower the ceiling when a divergence begins.
+
+    Written for few operations (each is a kernel launch on a device): a flag times a
+    number stands for a select where the two agree bit for bit, and the slots a
+    decision cannot read yet (the previous losses before two were seen; the reference
+    and its noise, zero until the first finite loss) are written without a select.
+    """
     ok = xp.isfinite(value)
     raw = xp.where(ok, value, math.inf)
     has1, has2 = state.seen > 0, state.seen > 1
-    last, before = xp.where(has1, state.prev1, raw), xp.where(has2, state.prev2, raw)
-    filtered = _median3(xp, raw, last, before)
+    # the median of the last three losses (of fewer, the loss itself: median(r, x, r) = r)
+    filtered = xp.where(has2, _median3(xp, raw, state.prev1, state.prev2), raw)
     scale = xp.maximum(state.dev, 0.02 * abs(state.slow))
     tolerance = xp.maximum(config.loss_z * scale, config.progress * (state.start - state.slow))
     elevated = has1 & (filtered - state.slow > tolerance)
-    streak = xp.where(elevated, state.streak + 1.0, 0.0)
+    streak = (state.streak + 1.0) * elevated
     diverging = streak >= config.persist
     begins = streak == config.persist
     typical = xp.where(state.count > 0, state.level + math.log(config.first), math.inf)
     lowered = xp.minimum(state.ceiling + math.log(config.backoff), typical)
     ceiling = xp.where(begins, lowered, state.ceiling)
-    healthy = xp.where(diverging, 0.0, state.healthy + 1.0)
+    healthy = (state.healthy + 1.0) * ~diverging
     grow = healthy >= config.interval
     ceiling = xp.where(grow, ceiling + math.log(config.growth), ceiling)
-    healthy = xp.where(grow, 0.0, healthy)
     # the reference takes clamped losses, so a divergence cannot drag it upward
     clamped = xp.minimum(xp.where(ok, value, state.slow), state.slow + config.loss_z * scale)
     b = config.loss_beta
-    first = ~has1
+    first = ~has1  # the reference and its noise are still zero here
     slow = xp.where(first, xp.where(ok, value, 0.0), b * state.slow + (1 - b) * clamped)
     # the noise scale learns from healthy steps only: a divergence cannot blind the test
     noise = b * state.dev + (1 - b) * abs(clamped - state.slow)
-    dev = xp.where(first, 0.0, xp.where(elevated, state.dev, noise))
-    moved = ok | has1  # a non-finite loss before any finite one changes nothing
     return state._replace(
         ceiling=ceiling,
-        healthy=healthy,
-        seen=state.seen + xp.where(ok, 1.0, 0.0),
+        healthy=healthy * ~grow,
+        seen=state.seen + ok,
         start=xp.where(first & ok, value, state.start),
-        slow=xp.where(moved, slow, state.slow),
-        dev=xp.where(moved, dev, state.dev),
-        prev1=xp.where(moved, raw, state.prev1),
-        prev2=xp.where(moved, xp.where(has1, state.prev1, raw), state.prev2),
+        slow=slow,
+        dev=xp.where(first | elevated, state.dev, noise),
+        prev1=raw,
+        prev2=state.prev1,
         streak=streak,
-        episodes=state.episodes + xp.where(begins, 1.0, 0.0),
+        episodes=state.episodes + begins,
     )
 
 
@@ -219,10 +222,7 @@ def _update(
     level = xp.where(ready, b * state.level + (1 - b) * applied, applied)
     # the level is held while the loss is elevated: it never chases a divergence
     update = finite & (state.streak == 0)
-    state = state._replace(
-        count=state.count + xp.where(finite, 1.0, 0.0),
-        level=xp.where(update, level, state.level),
-    )
+    state = state._replace(count=state.count + finite, level=xp.where(update, level, state.level))
     return state, _exp(bound - shift)
 
 
