@@ -109,8 +109,13 @@ def make_policy(spec: RunSpec) -> gg.Policy | None:
         return gg.chain(gg.SkipNonFinite(), gg.ZClip(warmup_max_norm=10.0))
     if spec.policy.startswith("clip:"):
         return gg.ClipNorm(float(spec.policy.split(":", 1)[1]))
+    if spec.policy.startswith("fb:"):  # FeedbackClip with other settings (the research rows)
+        from benchmarks.efficacy.candidates import parse
+
+        return parse(spec.policy)()
     raise ValueError(
-        f"policy must be default, monitor, feedback, zclip or clip:<max_norm>, got {spec.policy!r}"
+        "policy must be default, monitor, feedback, zclip, clip:<max_norm> or fb:<knobs>, "
+        f"got {spec.policy!r}"
     )
 
 

@@ -9,7 +9,9 @@ ZClip(warmup_max_norm=10))``) and today's (``chain(SkipNonFinite(), FeedbackClip
 ``torch.nn.utils.clip_grad_norm_(params, 1.0)`` measured in the same rounds; a full
 training step; the time of one ``Rewind.step`` that snapshots and checks; and
 ``Rewind(every=100)``'s cost per step as a fraction of the training step. Medians of
-interleaved rounds, one thread. Memory is one snapshot's bytes.
+interleaved rounds, one thread. Memory is one snapshot's bytes. Under SGD the default
+also measures the weights' norm each step (its unstable-step rule): that share is the
+default's cost minus that of ``FeedbackClip(step_ratio=0)``.
 """
 
 from __future__ import annotations
@@ -109,6 +111,15 @@ def benches() -> list[Bench]:
             lambda m=model, x=x: m(x).pow(2).mean(),
         )
     )
+    model = nn.Sequential(*[m for _ in range(6) for m in (nn.Linear(width, width), nn.ReLU())])
+    out.append(  # SGD: the default measures the weights' norm each step
+        Bench(
+            "MLP, 25M parameters, SGD",
+            model,
+            torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9),
+            lambda m=model, x=x: m(x).pow(2).mean(),
+        )
+    )
     lstm_config = lstm.LSTMConfig()
     model = lstm.ByteLSTM(lstm_config)
     window = text.windows(text.corpus()[0], lstm_config.batch, lstm_config.context, gen)
@@ -167,6 +178,10 @@ def measure_one(bench: Bench, rounds: int, calls: int) -> list[str]:
         "new": gg.Guard(bench.model, feedback()),
         "today, device": gg.Guard(bench.model, old_default(), host_math=False),
         "new, device": gg.Guard(bench.model, feedback(), host_math=False),
+        # without the unstable-step rule, which measures the weights' norm under SGD
+        "new, no weights": gg.Guard(
+            bench.model, gg.chain(gg.SkipNonFinite(), gg.FeedbackClip(step_ratio=0.0))
+        ),
     }
     trained = gg.Guard(bench.model, feedback())
 
@@ -210,6 +225,9 @@ def measure_one(bench: Bench, rounds: int, calls: int) -> list[str]:
         versus("today"),
         versus("new"),
         f"{cost['new'] / cost['today']:.2f}x",
+        f"{(cost['new'] - cost['new, no weights']) * 1e6:.0f} µs"
+        if isinstance(opt, torch.optim.SGD)
+        else "—",
         versus("today, device"),
         versus("new, device"),
         f"{med['train'] * 1e3:.2f} ms",
@@ -232,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
         "guard cost, old default: ZClip (x torch)",
         "guard cost, default: FeedbackClip (x torch)",
         "FeedbackClip / ZClip",
+        "of which the weights' norm (SGD)",
         "ZClip, device math",
         "FeedbackClip, device math",
         "training step",

@@ -192,17 +192,24 @@ def main(argv: list[str] | None = None) -> None:
         help=f"policies compared (default, zclip, feedback, monitor, clip:T; '<row>{REWIND}' "
         "adds gradguard.Rewind)",
     )
+    parser.add_argument(
+        "--optimizer", default=None, help="only the runs that train with this optimizer (sgd, ...)"
+    )
     args = parser.parse_args(argv)
     compared = tuple(args.rows.split(","))
+
+    def chosen(specs: list[RunSpec]) -> list[RunSpec]:
+        return [s for s in specs if args.optimizer in (None, s.optimizer)]
+
     parts = []
     seconds = 0.0
     if args.part in ("healthy", "both"):
-        healthy = measure(reseeded(HEALTHY, args.seeds), [UNCLIPPED, *compared], args.jobs)
+        healthy = measure(reseeded(chosen(HEALTHY), args.seeds), [UNCLIPPED, *compared], args.jobs)
         parts.append(render_healthy(healthy, compared))
         seconds += sum(f["seconds"] for row in healthy.values() for f in row.values())
     if args.part in ("faulty", "both"):
         rows = [UNCLIPPED, *compared, *(f"clip:{t:g}" for t in SWEEP)]
-        faulty = measure(reseeded(faulty_runs(), args.seeds), rows, args.jobs)
+        faulty = measure(reseeded(chosen(faulty_runs()), args.seeds), rows, args.jobs)
         parts.append(render_faulty(faulty, compared))
         seconds += sum(f["seconds"] for row in faulty.values() for f in row.values())
     parts.append(f"_{seconds:.0f} s of training in all._\n")

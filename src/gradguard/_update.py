@@ -70,6 +70,12 @@ def learning_rate(optimizer: Any) -> Tensor | float | None:
     return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
 
 
+def steps_by_gradient(optimizer: Any) -> bool:
+    """Whether the optimizer's step is the learning rate times the gradient (plain SGD,
+    momentum or not): the update's size is then known from the gradient's norm."""
+    return isinstance(optimizer, torch.optim.SGD)
+
+
 def run(
     optimizer: torch.optim.Optimizer,
     result: StepResult,

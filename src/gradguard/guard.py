@@ -36,7 +36,7 @@ from .policies import Chain, Decision, Policy, default_policy
 from .policies.base import StepInputs
 from .result import StepResult, outcome, skip_and_reason
 from .schema import Sink
-from .stats import GradStats, measure_grads
+from .stats import GradStats, measure_grads, measure_weights
 
 __all__ = ["Guard", "StepResult"]
 
@@ -161,6 +161,7 @@ class Guard:
         defer_scale: bool = False,
         step: int | None = None,
         grads: Sequence[Tensor | None] | None = None,
+        sgd: bool = False,
     ) -> StepResult:
         """Measure, decide and apply, without an optimizer; record the step.
 
@@ -182,12 +183,15 @@ class Guard:
             grads: the gradients to use instead of each guarded parameter's ``.grad``,
                 one per guarded parameter in order (``None`` where it has none), for an
                 engine that keeps them elsewhere (DeepSpeed).
+            sgd: the optimizer's step is ``lr`` times the gradient (``torch.optim.SGD``,
+                momentum or not): policies that bound the step relative to the weights
+                (:class:`~gradguard.FeedbackClip`) then get the weights' norm.
         """
         number = None if step is None else check.positive_int("step", step, minimum=0)
         collected = self._collect() if grads is None else self._given(grads)
         if number is not None:
             self._step = number
-        return self._process(collected, loss, lr, found_inf, loss_scale, defer_scale)
+        return self._process(collected, loss, lr, found_inf, loss_scale, defer_scale, sgd)
 
     def step(
         self,
@@ -230,7 +234,8 @@ class Guard:
         found = _amp.found_inf(scaler, optimizer, device) if amp else None  # type: ignore[arg-type]
         scale = _amp.current_scale(scaler) if amp else None  # type: ignore[arg-type]
         lr = _update.learning_rate(optimizer)
-        result = self._process(collected, loss, lr, found, scale, fold)
+        sgd = _update.steps_by_gradient(optimizer)
+        result = self._process(collected, loss, lr, found, scale, fold, sgd)
         skipped = _update.run(optimizer, result, fold=fold, scaler=scaler if amp else None)
         if skipped and not result.reported:
             self._skips.report(result)
@@ -315,11 +320,12 @@ class Guard:
         found_inf: Any,
         loss_scale: Any,
         defer_scale: bool,
+        sgd: bool = False,
     ) -> StepResult:
         if loss is not None or lr is not None:
             check_scalar("loss", loss)
             check_scalar("lr", lr)
-        result = self._decide(collected, loss, lr, found_inf, defer_scale)
+        result = self._decide(collected, loss, lr, found_inf, defer_scale, sgd)
         self._step += 1
         # Outside the NumPy error state: warnings here are attributed to the user's line.
         self._record(result, lr, loss_scale)
@@ -328,14 +334,29 @@ class Guard:
 
     @np.errstate(all="ignore")  # host math is as silent about NaN/inf as torch
     def _decide(
-        self, collected: Collected, loss: Any, lr: Any, found_inf: Any, defer_scale: bool
+        self,
+        collected: Collected,
+        loss: Any,
+        lr: Any,
+        found_inf: Any,
+        defer_scale: bool,
+        sgd: bool = False,
     ) -> StepResult:
         """Measure, decide and apply: the step's :class:`StepResult`."""
         stats = self._measure(collected)
         xp = self._ops_for(stats.total_norm.device)
         params, grads = collected.params, collected.grads
+        weights = None
+        if sgd and self.policy.reads_weight_norm:
+            weights = measure_weights(params, self.accumulate_dtype, stats.total_norm.device)
         inputs = StepInputs.from_stats(
-            stats, params, xp=xp, step=self._step, loss=loss, lr=lr_value(lr, xp)
+            stats,
+            params,
+            xp=xp,
+            step=self._step,
+            loss=loss,
+            lr=lr_value(lr, xp),
+            weight_norm=weights,
         )
         decision = self.policy.decide(inputs, params)
         if self._custom_decide:

@@ -182,6 +182,17 @@ def measure(
     )
 
 
+def measure_weights(
+    params: Sequence[Tensor], dtype: torch.dtype | None = None, device: torch.device | None = None
+) -> Tensor:
+    """The global 2-norm of ``params`` (0-d, on ``device``; no host sync).
+
+    Sharded parameters (DTensor) are measured across ranks, as gradients are.
+    """
+    total = measure_grads([p.detach() for p in params], 2.0, dtype=dtype).total_norm
+    return total if device is None else total.to(device)
+
+
 def measure_grads(
     grads: Sequence[Tensor],
     norm_type: float,

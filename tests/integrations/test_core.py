@@ -173,3 +173,19 @@ def test_an_opacus_dp_optimizer_is_named_and_pointed_to_gradguard_privacy():
     guard = Guard(model, Monitor(), health=False)
     with pytest.warns(RuntimeWarning, match="gradguard.privacy"):
         guard.step(dp)
+
+
+def test_the_hook_tells_the_default_policy_that_sgd_steps_by_the_gradient():
+    # the default's unstable-step rule needs the weights' norm, given for SGD only
+    def first_threshold(make_optimizer):
+        torch.manual_seed(0)
+        model = nn.Linear(4, 1)
+        weights = float(torch.cat([p.detach().flatten() for p in model.parameters()]).norm())
+        hook = HookStep(Guard(model, health=False))
+        (100 * model(torch.randn(8, 4))).pow(2).mean().backward()
+        return float(hook.run(make_optimizer(model.parameters())).threshold), weights
+
+    threshold, weights = first_threshold(lambda p: torch.optim.SGD(p, lr=0.1))
+    assert threshold == pytest.approx(0.01 * weights / 0.1, rel=1e-5)
+    threshold, _ = first_threshold(lambda p: torch.optim.Adam(p, lr=0.1))
+    assert threshold == float("inf")

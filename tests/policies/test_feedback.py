@@ -15,27 +15,33 @@ from gradguard.policies.feedback import FeedbackClip, FeedbackConfig, FeedbackSt
 from tests.conftest import forbid_host_sync
 
 
-def inputs(xp, norm, loss=None, lr=None, step=0):
+def inputs(xp, norm, loss=None, lr=None, step=0, weights=None):
     """One step's inputs in ``xp``'s library, as the guard builds them."""
     if xp is NUMPY:
         total = np.float32(norm)
         loss = None if loss is None else np.float32(loss)
+        weights = None if weights is None else np.float32(weights)
     else:
         total = torch.tensor(float(norm))
         loss = None if loss is None else torch.tensor(float(loss))
-    return StepInputs(
-        total, xp.ravel(total) if xp is TORCH else np.array([total]), xp, step, loss, lr
-    )
+        weights = None if weights is None else torch.tensor(float(weights))
+    norms = xp.ravel(total) if xp is TORCH else np.array([total])
+    return StepInputs(total, norms, xp, step, loss, lr, weight_norm=weights)
 
 
-def drive(norms, losses=None, lrs=None, config=None, xp=NUMPY, policy=None):
+def drive(norms, losses=None, lrs=None, config=None, xp=NUMPY, policy=None, weights=None):
     """Run the pure update over a sequence; return (thresholds, states)."""
     policy = FeedbackClip(**({} if config is None else vars(config))) if policy is None else policy
     state = None
     thresholds, states = [], []
     for i, norm in enumerate(norms):
         step = inputs(
-            xp, norm, None if losses is None else losses[i], None if lrs is None else lrs[i], i
+            xp,
+            norm,
+            None if losses is None else losses[i],
+            None if lrs is None else lrs[i],
+            i,
+            None if weights is None else weights[i],
         )
         if state is None:
             state = policy.init(step, xp)
@@ -328,3 +334,95 @@ def test_the_default_follows_a_norm_that_climbs_where_zclip_clips_for_good():
     assert clip_rate(gg.default_policy()) <= 0.02
     assert clip_rate(gg.chain(gg.SkipNonFinite(), gg.ZClip(warmup_max_norm=10.0))) > 0.5
     assert isinstance(gg.default_policy().policies[1], FeedbackClip)
+
+
+# -- unstable SGD steps: lr·‖g‖ > step_alarm·‖w‖ lowers the ceiling to a step_ratio step --
+
+
+@pytest.mark.parametrize("xp", [NUMPY, TORCH], ids=["host", "device"])
+def test_an_unstable_sgd_step_lowers_the_ceiling_from_the_first_step(xp):
+    # an RNN unstable from its first step: norms of 10 at lr 0.1 move weights of norm 6
+    # by 1 (16 %) per step; no statistic has been learnt yet, the rule needs none
+    thresholds, states = drive(
+        [10.0, 12.0, 30.0, 0.1, 0.1], lrs=[0.1] * 5, weights=[6.0, 6.0, 6.5, 6.5, 6.5], xp=xp
+    )
+    # a 1 % step is a norm of 0.01 · 6 / 0.1 = 0.6; the ceiling keeps the lowest
+    np.testing.assert_allclose(thresholds, [0.6] * 5, rtol=1e-5)
+    assert float(states[-1].episodes) == 0  # not a loss divergence: Rewind is not told
+
+
+def test_a_step_under_the_alarm_is_left_alone():
+    # the same norm at lr 0.001 moves the weights by 0.17 %: nothing happens
+    assert drive([10.0], lrs=[0.001], weights=[6.0])[0] == [math.inf]
+    norms, losses = healthy(300)
+    free, free_states = drive(norms, losses, [0.01] * 300)
+    bounded, bounded_states = drive(norms, losses, [0.01] * 300, weights=[5.0] * 300)
+    assert bounded == free
+    for a, b in zip(bounded_states, free_states):
+        assert all(float(x) == float(y) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("with_loss", [True, False], ids=["loss", "no-loss"])
+def test_the_lowered_ceiling_grows_back_after_healthy_steps(with_loss):
+    config = FeedbackConfig(interval=50)
+    norms, losses = healthy(121)
+    norms[0] = 10.0
+    _, states = drive(
+        norms, losses if with_loss else None, [0.1] * 121, weights=[6.0] * 121, config=config
+    )
+    ceiling = [math.exp(float(s.ceiling)) for s in states]  # a constant LR: sizes are norms
+    assert ceiling[0] == pytest.approx(0.6, rel=1e-5)
+    assert ceiling[49] == pytest.approx(0.6, rel=1e-5)
+    assert ceiling[50] == pytest.approx(1.2, rel=1e-5)  # ×2 after 50 healthy steps
+    assert ceiling[100] == pytest.approx(2.4, rel=1e-5)
+
+
+def test_without_the_weight_norm_or_with_zero_weights_nothing_happens():
+    # no weight norm (an adaptive optimizer): the first step has no threshold at all
+    assert drive([10.0], lrs=[0.1])[0] == [math.inf]
+    # weights all zero (a model initialised at zero) or no LR: no rule either
+    assert drive([10.0], lrs=[0.1], weights=[0.0])[0] == [math.inf]
+    assert drive([10.0], weights=[6.0])[0] == [math.inf]
+    off = FeedbackConfig(step_ratio=0.0)
+    assert drive([10.0], lrs=[0.1], weights=[6.0], config=off)[0] == [math.inf]
+
+
+@pytest.mark.parametrize("host_math", [True, False], ids=["host", "device"])
+def test_the_guard_gives_the_weight_norm_to_sgd_only(host_math):
+    def first_threshold(make_optimizer):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        weights = float(torch.cat([p.detach().flatten() for p in model.parameters()]).norm())
+        optimizer = make_optimizer(model.parameters())
+        guard = gg.Guard(model, host_math=host_math)
+        loss = (100 * model(torch.randn(8, 4))).pow(2).mean()
+        loss.backward()
+        return float(guard.step(optimizer, loss=loss).threshold), weights
+
+    threshold, weights = first_threshold(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
+    assert threshold == pytest.approx(0.01 * weights / 0.1, rel=1e-5)
+    threshold, _ = first_threshold(lambda p: torch.optim.AdamW(p, lr=0.1))
+    assert threshold == math.inf  # Adam's step is not lr × g: no rule, no history yet
+
+
+@pytest.mark.parametrize(
+    "settings, match", [({"step_ratio": -0.1}, "step_ratio"), ({"step_alarm": 0.0}, "step_alarm")]
+)
+def test_bad_step_settings_are_named(settings, match):
+    with pytest.raises(ValueError, match=match):
+        FeedbackClip(**settings)
+
+
+def test_process_gives_the_weight_norm_when_told_the_step_is_sgd():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    weights = float(torch.cat([p.detach().flatten() for p in model.parameters()]).norm())
+    (100 * model(torch.randn(8, 4))).pow(2).mean().backward()
+    guard = gg.Guard(model, health=False)
+    assert float(guard.process(lr=0.1).threshold) == math.inf  # not told: no rule
+    model.zero_grad()
+    (100 * model(torch.randn(8, 4))).pow(2).mean().backward()
+    guard = gg.Guard(model, health=False)
+    assert float(guard.process(lr=0.1, sgd=True).threshold) == pytest.approx(
+        0.01 * weights / 0.1, rel=1e-5
+    )

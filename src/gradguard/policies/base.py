@@ -140,6 +140,9 @@ class Policy:
 
     State: ClassVar[type | None] = None
     finite_fields: ClassVar[tuple[str, ...]] = ()
+    #: Whether :attr:`StepInputs.weight_norm` is read: the guard then measures the
+    #: parameters' norm at each step where the optimizer is SGD.
+    reads_weight_norm: bool = False
 
     # The state of the stateful form, in the library it was last used with.
     _state: Any = None

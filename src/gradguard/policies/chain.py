@@ -30,6 +30,10 @@ class Chain(Policy):
                 )
         self.policies = tuple(policies)
 
+    @property
+    def reads_weight_norm(self) -> bool:  # type: ignore[override]
+        return any(policy.reads_weight_norm for policy in self.policies)
+
     def init(self, inputs: StepInputs, xp: Ops) -> tuple[Any, ...]:
         return tuple(policy.init(inputs, xp) for policy in self.policies)
 

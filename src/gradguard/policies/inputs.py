@@ -33,6 +33,9 @@ class StepInputs:
         norm_type: the p of the p-norms.
         stats: the torch :class:`~gradguard.GradStats` of the step (``None`` elsewhere).
         params: the parameters, for in-place transforms (torch only).
+        weight_norm: 0-d float32 global norm of the parameters, given only where the
+            optimizer's step is the learning rate times the gradient (``torch.optim.SGD``)
+            and the policy asks for it (:attr:`Policy.reads_weight_norm`), else ``None``.
     """
 
     __slots__ = (
@@ -46,6 +49,7 @@ class StepInputs:
         "stats",
         "step",
         "total_norm",
+        "weight_norm",
         "xp",
     )
 
@@ -61,6 +65,7 @@ class StepInputs:
         norm_type: float = 2.0,
         stats: GradStats | None = None,
         params: Sequence[Tensor] = (),
+        weight_norm: Array | None = None,
     ) -> None:
         self.total_norm = total_norm
         self._norms = norms
@@ -72,6 +77,7 @@ class StepInputs:
         self.norm_type = norm_type
         self.stats = stats
         self.params = params
+        self.weight_norm = weight_norm
         #: How many tensors were measured.
         self.count = int(norms.shape[0])
 
@@ -90,7 +96,7 @@ class StepInputs:
     def replace(self, **changes: Any) -> StepInputs:
         """A copy with some fields changed."""
         names = ("total_norm", "norms", "xp", "step", "loss", "lr", "names", "norm_type")
-        fields = {name: getattr(self, name) for name in (*names, "stats", "params")}
+        fields = {name: getattr(self, name) for name in (*names, "stats", "params", "weight_norm")}
         fields.update(changes)
         return StepInputs(**fields)
 
@@ -110,6 +116,7 @@ class StepInputs:
         step: int = 0,
         loss: Tensor | float | None = None,
         lr: Any = None,
+        weight_norm: Tensor | None = None,
     ) -> StepInputs:
         """The inputs of a step measured by :func:`gradguard.measure`.
 
@@ -126,10 +133,14 @@ class StepInputs:
             if isinstance(loss, Tensor):
                 loss = loss.detach()
             loss_value = None if loss is None else _ops.NUMPY.f32(float(loss))
+            if weight_norm is not None:
+                weight_norm = _F32_ZERO + weight_norm.item()
         else:
             norms = stats.norms.float()
             total_value = total.float()
             loss_value = _device_loss(loss, total)
+            if weight_norm is not None:
+                weight_norm = weight_norm.float()
         return cls(
             total_value,
             norms,
@@ -141,6 +152,7 @@ class StepInputs:
             stats.norm_type,
             stats,
             params,
+            weight_norm,
         )
 
 
