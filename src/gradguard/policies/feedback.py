@@ -290,8 +290,9 @@ class FeedbackClip(Policy):
     the jump; an LR jump counts), and, once the loss diverges, caps the size at twice
     the typical one, halving that cap at each new divergence and doubling it after 200
     healthy steps. Under SGD, a step that would move the weights by more than 10 % of
-    their norm caps steps at 1 % of it (relaxed the same way). It reads each step's loss (``guard.step(optimizer, loss=loss)``) and
-    learning rate; without a loss it only clips spikes of the update size. Works with
+    their norm caps steps at 1 % of it (relaxed the same way). It reads each step's
+    loss (``guard.step(optimizer, loss=loss)``) and learning rate; without a loss it
+    only clips spikes of the update size (and unstable SGD steps). Works with
     :class:`~gradguard.Rewind`: a divergence it detects makes the rewinder restore the
     last snapshot, and its ceiling stays tightened (:meth:`rewound`).
 
