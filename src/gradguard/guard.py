@@ -40,6 +40,10 @@ from .stats import GradStats, measure_grads, measure_weights
 
 __all__ = ["Guard", "StepResult"]
 
+#: Steps between two measurements of the weights' norm (a pass over every weight) for a
+#: policy that reads it; in between the last one stands.
+WEIGHTS_EVERY = 10
+
 
 class Guard:
     """Keep a training run's gradients healthy.
@@ -119,6 +123,8 @@ class Guard:
         self._started = False
         self._checked: set[int] = set()  # optimizers whose parameters were checked
         self._seen: list[tuple[weakref.ref, int]] = []  # last step's gradients and versions
+        self._weights: Tensor | None = None  # the weights' last measured norm
+        self._weights_age = 0  # steps since
         # Side effects last: open the store, hook the model, attach the health rules.
         if recorder is None and (store is not None or sinks):
             from .record import Recorder
@@ -307,6 +313,14 @@ class Guard:
     def _remember(self, grads: list[Tensor]) -> None:
         self._seen = [(weakref.ref(g), g._version) for g in grads]
 
+    def _weight_norm(self, params: list[Tensor], device: torch.device) -> Tensor:
+        """The weights' norm, measured every :data:`WEIGHTS_EVERY` steps (no host sync)."""
+        self._weights_age += 1
+        if self._weights is None or self._weights_age >= WEIGHTS_EVERY:
+            self._weights = measure_weights(params, self.accumulate_dtype, device)
+            self._weights_age = 0
+        return self._weights
+
     def _measure(self, collected: Collected) -> GradStats:
         return measure_grads(
             collected.grads, self.norm_type, names=collected.names, dtype=self.accumulate_dtype
@@ -348,7 +362,7 @@ class Guard:
         params, grads = collected.params, collected.grads
         weights = None
         if sgd and self.policy.reads_weight_norm:
-            weights = measure_weights(params, self.accumulate_dtype, stats.total_norm.device)
+            weights = self._weight_norm(params, stats.total_norm.device)
         inputs = StepInputs.from_stats(
             stats,
             params,

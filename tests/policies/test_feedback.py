@@ -426,3 +426,30 @@ def test_process_gives_the_weight_norm_when_told_the_step_is_sgd():
     assert float(guard.process(lr=0.1, sgd=True).threshold) == pytest.approx(
         0.01 * weights / 0.1, rel=1e-5
     )
+
+
+def test_the_guard_measures_the_weights_every_ten_steps(monkeypatch):
+    import gradguard.guard as guard_module
+
+    calls = []
+    measure = guard_module.measure_weights
+    monkeypatch.setattr(
+        guard_module, "measure_weights", lambda *a, **k: calls.append(1) or measure(*a, **k)
+    )
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, health=False)
+    for _ in range(25):
+        optimizer.zero_grad()
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        loss.backward()
+        guard.step(optimizer, loss=loss)
+    assert len(calls) == 3 == math.ceil(25 / guard_module.WEIGHTS_EVERY)
+    # a policy that does not read it never pays for it
+    calls.clear()
+    guard = gg.Guard(model, gg.ClipNorm(1.0), health=False)
+    optimizer.zero_grad()
+    model(torch.randn(8, 4)).pow(2).mean().backward()
+    guard.step(optimizer)
+    assert calls == []
