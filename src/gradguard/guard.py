@@ -458,6 +458,13 @@ class Guard:
         step = check.positive_int("state_dict['step']", state["step"], minimum=0)
         self.policy.load_state_dict(state["policy"])
         self._step = step
+        self.weights_changed()
+
+    def weights_changed(self) -> None:
+        """Measure the weights' norm afresh at the next step (after weights were replaced:
+        a checkpoint loaded, a :class:`~gradguard.Rewind` restore); it is otherwise
+        measured every :data:`WEIGHTS_EVERY` steps."""
+        self._weights = None
 
     def close(self) -> None:
         """Report pending skips, then flush and close the recorder, if any."""

@@ -373,6 +373,7 @@ class Rewind:
             self.scaler.load_state_dict(copy.deepcopy(snapshot.extras["scaler"]))
         if self.guard is not None:
             self.guard.policy.load_state_dict(copy.deepcopy(snapshot.extras["policy"]))
+            self.guard.weights_changed()
 
 
 def _multi_rank() -> bool:

@@ -453,3 +453,35 @@ def test_the_guard_measures_the_weights_every_ten_steps(monkeypatch):
     model(torch.randn(8, 4)).pow(2).mean().backward()
     guard.step(optimizer)
     assert calls == []
+
+
+def test_a_rewind_or_a_loaded_state_makes_the_guard_measure_the_weights_again(monkeypatch):
+    import gradguard.guard as guard_module
+
+    calls = []
+    measure = guard_module.measure_weights
+    monkeypatch.setattr(
+        guard_module, "measure_weights", lambda *a, **k: calls.append(1) or measure(*a, **k)
+    )
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    guard = gg.Guard(model, health=False)
+    rewind = gg.Rewind(model, optimizer, guard=guard, every=1)
+
+    def step(loss_value=None):
+        optimizer.zero_grad()
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        loss.backward()
+        guard.step(optimizer, loss=loss)
+        return rewind.step(loss if loss_value is None else loss_value)
+
+    step(), step()
+    assert len(calls) == 1  # measured at the first step, then reused
+    with pytest.warns(RuntimeWarning, match="rewound"):
+        assert step(math.nan) is not None  # a non-finite loss: restored
+    step()
+    assert len(calls) == 2  # the restored weights are measured, not the cached norm
+    guard.load_state_dict(guard.state_dict())
+    step()
+    assert len(calls) == 3
