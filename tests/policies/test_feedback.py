@@ -428,7 +428,8 @@ def test_process_gives_the_weight_norm_when_told_the_step_is_sgd():
     )
 
 
-def test_the_guard_measures_the_weights_every_ten_steps(monkeypatch):
+def counted_weight_measurements(monkeypatch):
+    """Count the guard's passes over the weights; an SGD-trained linear model and its guard."""
     import gradguard.guard as guard_module
 
     calls = []
@@ -439,7 +440,13 @@ def test_the_guard_measures_the_weights_every_ten_steps(monkeypatch):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    guard = gg.Guard(model, health=False)
+    return calls, model, optimizer, gg.Guard(model, health=False)
+
+
+def test_the_guard_measures_the_weights_every_ten_steps(monkeypatch):
+    import gradguard.guard as guard_module
+
+    calls, model, optimizer, guard = counted_weight_measurements(monkeypatch)
     for _ in range(25):
         optimizer.zero_grad()
         loss = model(torch.randn(8, 4)).pow(2).mean()
@@ -456,17 +463,7 @@ def test_the_guard_measures_the_weights_every_ten_steps(monkeypatch):
 
 
 def test_a_rewind_or_a_loaded_state_makes_the_guard_measure_the_weights_again(monkeypatch):
-    import gradguard.guard as guard_module
-
-    calls = []
-    measure = guard_module.measure_weights
-    monkeypatch.setattr(
-        guard_module, "measure_weights", lambda *a, **k: calls.append(1) or measure(*a, **k)
-    )
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    guard = gg.Guard(model, health=False)
+    calls, model, optimizer, guard = counted_weight_measurements(monkeypatch)
     rewind = gg.Rewind(model, optimizer, guard=guard, every=1)
 
     def step(loss_value=None):

@@ -1,8 +1,8 @@
 """FeedbackClip: a clip threshold that tunes itself from the gradient norm and the loss.
 
-Two rules, both on the log of the step's *size*: the gradient norm times the learning
-rate relative to its own recent level (so a schedule's smooth changes cancel out and
-a jump shows as a jump; the bare norm when no LR is given):
+Three rules, the first two on the log of the step's *size*: the gradient norm times
+the learning rate relative to its own recent level (so a schedule's smooth changes
+cancel out and a jump shows as a jump; the bare norm when no LR is given):
 
 * **Spike rule** (after ZClip, in log space). A size more than ``spike`` × the running
   typical size (an EMA of the log sizes applied) is clipped, the harder the larger it
