@@ -505,3 +505,32 @@ def test_a_few_bad_batches_flagged_by_the_policy_do_not_rewind():
     events, feedback = _with_feedback(losses, window=10)
     assert float(feedback.state_dict()["episodes"]) == 1  # the policy saw a divergence ...
     assert events == [None] * 60  # ... the window's median did not confirm it
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adam"])
+def test_a_snapshot_restored_a_second_time_drops_the_momentum(kind):
+    model = nn.Linear(3, 1)
+    if kind == "sgd":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        first, kept = "momentum_buffer", None
+    else:
+        optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+        first, kept = "exp_avg", "exp_avg_sq"
+    rewind = Rewind(model, optimizer, every=5, keep=1, check_every=1)
+    for step in range(6):  # snapshots at 0 and 5, with momentum built up by then
+        x, y = _batch(step)
+        optimizer.zero_grad()
+        (model(x[:, :3]) - y).pow(2).mean().backward()
+        optimizer.step()
+        rewind.step(1.0)
+    with pytest.warns(RuntimeWarning, match="rewound"):
+        once = rewind.step(math.nan)
+    assert once.data["momentum_dropped"] is False  # the first restore is exact
+    saved = {k: v.clone() for k, v in optimizer.state[model.weight].items()}
+    assert saved[first].abs().sum() > 0
+    with pytest.warns(RuntimeWarning, match="momentum was dropped"):
+        twice = rewind.step(math.nan)
+    assert twice.data["to_step"] == once.data["to_step"] and twice.data["momentum_dropped"]
+    assert optimizer.state[model.weight][first].abs().sum() == 0
+    if kept is not None:  # the second moment (the step's scale) is kept
+        assert torch.equal(optimizer.state[model.weight][kept], saved[kept])

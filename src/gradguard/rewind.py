@@ -255,6 +255,9 @@ class Rewind:
         policies = list(_tightenable(self.guard))
         before = [p.state_dict() for p in policies]
         self._restore(snapshot)
+        again = snapshot.used  # the run diverged again from this very snapshot
+        if again:
+            _drop_momentum(self.optimizer)
         for policy, state in zip(policies, before):
             policy.rewound(state)
         snapshot.used = True
@@ -270,6 +273,7 @@ class Rewind:
             reason,
             loss=_finite_or_none(median),
             reference=_finite_or_none(ref[0]) if ref is not None else None,
+            momentum_dropped=again,
         )
         self.events.append(event)
         recorder = getattr(self.guard, "recorder", None)
@@ -374,6 +378,24 @@ class Rewind:
         if self.guard is not None:
             self.guard.policy.load_state_dict(copy.deepcopy(snapshot.extras["policy"]))
             self.guard.weights_changed()
+
+
+#: Optimizer state holding a running mean of past gradients (SGD's momentum, Adam's first
+#: moment): what carries a restored run along the path it diverged on.
+_FIRST_MOMENTS = ("momentum_buffer", "exp_avg")
+
+
+def _drop_momentum(optimizer: torch.optim.Optimizer) -> None:
+    """Zero the first-moment buffers, for a snapshot restored a second time: restored as
+    saved, its momentum took the run over the same edge again."""
+    buffers = [
+        value
+        for state in optimizer.state.values()
+        for key, value in state.items()
+        if key in _FIRST_MOMENTS and isinstance(value, Tensor)
+    ]
+    if buffers:
+        torch._foreach_zero_(buffers)
 
 
 def _multi_rank() -> bool:

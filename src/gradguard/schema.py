@@ -116,6 +116,8 @@ class RewindData(TypedDict, total=False):
     reason: str  #: ``nonfinite`` (a NaN/inf loss or weights) or ``loss`` (the loss diverged)
     loss: float | None  #: median loss of the recent window when detected
     reference: float | None  #: median loss of the window before the snapshot restored
+    #: the snapshot was restored before: the optimizer's momentum was dropped this time
+    momentum_dropped: bool
 
 
 def rewind_event(
@@ -124,6 +126,7 @@ def rewind_event(
     reason: str,
     loss: float | None = None,
     reference: float | None = None,
+    momentum_dropped: bool = False,
 ) -> Event:
     """The one way to describe a rewind: same message and :class:`RewindData` payload."""
     lost = int(from_step) - int(to_step)
@@ -137,8 +140,11 @@ def rewind_event(
         "reason": reason,
         "loss": loss,
         "reference": reference,
+        "momentum_dropped": bool(momentum_dropped),
     }
     message = f"step {from_step}: {detail}; rewound to step {to_step} ({lost} steps lost)"
+    if momentum_dropped:
+        message += "; restored before, so the optimizer's momentum was dropped"
     return Event(int(from_step), EventKind.REWIND, message, dict(data))
 
 
