@@ -14,7 +14,10 @@ of the guard's policies detected a divergence (the ``divergences`` counter of
 (an older one when the run diverged again before a new snapshot was taken), lets every
 policy of the guard that can tighten do so (a ``rewound(previous_state)`` method),
 records a ``rewind`` event and returns it. The batches seen since the snapshot are not
-replayed: the loop goes on with the next ones, so the offending batches are skipped.
+replayed: the loop goes on with the next ones, so the offending batches are skipped. A
+restore is exact, except for a snapshot restored a second time (the run diverged again
+from it): the optimizer's first moments (SGD's momentum, Adam's ``exp_avg``) are then
+zeroed, so the run does not follow the same path over the same edge.
 
 The loss check reads one flag from the device every ``check_every`` steps (and at each
 snapshot); a snapshot is one copy of the state into buffers allocated once, on the
