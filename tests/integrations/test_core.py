@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from gradguard import ClipNorm, Guard, Monitor, SkipNonFinite, chain
+from gradguard import ClipNorm, FeedbackClip, Guard, Monitor, SkipNonFinite, chain
 from gradguard.integrations._core import HookStep, check_skippable, innermost
 from gradguard.policies import Chain
 
@@ -175,13 +175,14 @@ def test_an_opacus_dp_optimizer_is_named_and_pointed_to_gradguard_privacy():
         guard.step(dp)
 
 
-def test_the_hook_tells_the_default_policy_that_sgd_steps_by_the_gradient():
-    # the default's unstable-step rule needs the weights' norm, given for SGD only
+def test_the_hook_tells_the_policy_that_sgd_steps_by_the_gradient():
+    # FeedbackClip's unstable-step rule needs the weights' norm, given for SGD only
     def first_threshold(make_optimizer):
         torch.manual_seed(0)
         model = nn.Linear(4, 1)
         weights = float(torch.cat([p.detach().flatten() for p in model.parameters()]).norm())
-        hook = HookStep(Guard(model, health=False))
+        policy = chain(SkipNonFinite(), FeedbackClip(step_ratio=0.01))
+        hook = HookStep(Guard(model, policy, health=False))
         (100 * model(torch.randn(8, 4))).pow(2).mean().backward()
         return float(hook.run(make_optimizer(model.parameters())).threshold), weights
 

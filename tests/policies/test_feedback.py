@@ -336,7 +336,15 @@ def test_the_default_follows_a_norm_that_climbs_where_zclip_clips_for_good():
     assert isinstance(gg.default_policy().policies[1], FeedbackClip)
 
 
-# -- unstable SGD steps: lr·‖g‖ > step_alarm·‖w‖ lowers the ceiling to a step_ratio step --
+# -- unstable SGD steps (opt-in): lr·‖g‖ > step_alarm·‖w‖ lowers the ceiling to a
+# step_ratio step --
+
+STEP = FeedbackConfig(step_ratio=0.01)
+
+
+def opt_in() -> gg.Policy:
+    """The default chain with the unstable-step rule switched on."""
+    return gg.chain(gg.SkipNonFinite(), FeedbackClip(step_ratio=0.01))
 
 
 @pytest.mark.parametrize("xp", [NUMPY, TORCH], ids=["host", "device"])
@@ -344,7 +352,11 @@ def test_an_unstable_sgd_step_lowers_the_ceiling_from_the_first_step(xp):
     # an RNN unstable from its first step: norms of 10 at lr 0.1 move weights of norm 6
     # by 1 (16 %) per step; no statistic has been learnt yet, the rule needs none
     thresholds, states = drive(
-        [10.0, 12.0, 30.0, 0.1, 0.1], lrs=[0.1] * 5, weights=[6.0, 6.0, 6.5, 6.5, 6.5], xp=xp
+        [10.0, 12.0, 30.0, 0.1, 0.1],
+        lrs=[0.1] * 5,
+        weights=[6.0, 6.0, 6.5, 6.5, 6.5],
+        xp=xp,
+        config=STEP,
     )
     # a 1 % step is a norm of 0.01 · 6 / 0.1 = 0.6; the ceiling keeps the lowest
     np.testing.assert_allclose(thresholds, [0.6] * 5, rtol=1e-5)
@@ -353,10 +365,10 @@ def test_an_unstable_sgd_step_lowers_the_ceiling_from_the_first_step(xp):
 
 def test_a_step_under_the_alarm_is_left_alone():
     # the same norm at lr 0.001 moves the weights by 0.17 %: nothing happens
-    assert drive([10.0], lrs=[0.001], weights=[6.0])[0] == [math.inf]
+    assert drive([10.0], lrs=[0.001], weights=[6.0], config=STEP)[0] == [math.inf]
     norms, losses = healthy(300)
     free, free_states = drive(norms, losses, [0.01] * 300)
-    bounded, bounded_states = drive(norms, losses, [0.01] * 300, weights=[5.0] * 300)
+    bounded, bounded_states = drive(norms, losses, [0.01] * 300, weights=[5.0] * 300, config=STEP)
     assert bounded == free
     for a, b in zip(bounded_states, free_states):
         assert all(float(x) == float(y) for x, y in zip(a, b))
@@ -364,7 +376,7 @@ def test_a_step_under_the_alarm_is_left_alone():
 
 @pytest.mark.parametrize("with_loss", [True, False], ids=["loss", "no-loss"])
 def test_the_lowered_ceiling_grows_back_after_healthy_steps(with_loss):
-    config = FeedbackConfig(interval=50)
+    config = FeedbackConfig(interval=50, step_ratio=0.01)
     norms, losses = healthy(121)
     norms[0] = 10.0
     _, states = drive(
@@ -379,12 +391,12 @@ def test_the_lowered_ceiling_grows_back_after_healthy_steps(with_loss):
 
 def test_without_the_weight_norm_or_with_zero_weights_nothing_happens():
     # no weight norm (an adaptive optimizer): the first step has no threshold at all
-    assert drive([10.0], lrs=[0.1])[0] == [math.inf]
+    assert drive([10.0], lrs=[0.1], config=STEP)[0] == [math.inf]
     # weights all zero (a model initialised at zero) or no LR: no rule either
-    assert drive([10.0], lrs=[0.1], weights=[0.0])[0] == [math.inf]
-    assert drive([10.0], weights=[6.0])[0] == [math.inf]
-    off = FeedbackConfig(step_ratio=0.0)
-    assert drive([10.0], lrs=[0.1], weights=[6.0], config=off)[0] == [math.inf]
+    assert drive([10.0], lrs=[0.1], weights=[0.0], config=STEP)[0] == [math.inf]
+    assert drive([10.0], weights=[6.0], config=STEP)[0] == [math.inf]
+    # off, as in the default
+    assert drive([10.0], lrs=[0.1], weights=[6.0])[0] == [math.inf]
 
 
 @pytest.mark.parametrize("host_math", [True, False], ids=["host", "device"])
@@ -394,7 +406,7 @@ def test_the_guard_gives_the_weight_norm_to_sgd_only(host_math):
         model = torch.nn.Linear(4, 1)
         weights = float(torch.cat([p.detach().flatten() for p in model.parameters()]).norm())
         optimizer = make_optimizer(model.parameters())
-        guard = gg.Guard(model, host_math=host_math)
+        guard = gg.Guard(model, opt_in(), host_math=host_math)
         loss = (100 * model(torch.randn(8, 4))).pow(2).mean()
         loss.backward()
         return float(guard.step(optimizer, loss=loss).threshold), weights
@@ -418,11 +430,11 @@ def test_process_gives_the_weight_norm_when_told_the_step_is_sgd():
     model = torch.nn.Linear(4, 1)
     weights = float(torch.cat([p.detach().flatten() for p in model.parameters()]).norm())
     (100 * model(torch.randn(8, 4))).pow(2).mean().backward()
-    guard = gg.Guard(model, health=False)
+    guard = gg.Guard(model, opt_in(), health=False)
     assert float(guard.process(lr=0.1).threshold) == math.inf  # not told: no rule
     model.zero_grad()
     (100 * model(torch.randn(8, 4))).pow(2).mean().backward()
-    guard = gg.Guard(model, health=False)
+    guard = gg.Guard(model, opt_in(), health=False)
     assert float(guard.process(lr=0.1, sgd=True).threshold) == pytest.approx(
         0.01 * weights / 0.1, rel=1e-5
     )
@@ -440,7 +452,7 @@ def counted_weight_measurements(monkeypatch):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    return calls, model, optimizer, gg.Guard(model, health=False)
+    return calls, model, optimizer, gg.Guard(model, opt_in(), health=False)
 
 
 def test_the_guard_measures_the_weights_every_ten_steps(monkeypatch):
@@ -453,9 +465,9 @@ def test_the_guard_measures_the_weights_every_ten_steps(monkeypatch):
         loss.backward()
         guard.step(optimizer, loss=loss)
     assert len(calls) == 3 == math.ceil(25 / guard_module.WEIGHTS_EVERY)
-    # a policy that does not read it never pays for it
+    # a policy that does not read it never pays for it (the default does not)
     calls.clear()
-    guard = gg.Guard(model, gg.ClipNorm(1.0), health=False)
+    guard = gg.Guard(model, health=False)
     optimizer.zero_grad()
     model(torch.randn(8, 4)).pow(2).mean().backward()
     guard.step(optimizer)
@@ -482,3 +494,35 @@ def test_a_rewind_or_a_loaded_state_makes_the_guard_measure_the_weights_again(mo
     guard.load_state_dict(guard.state_dict())
     step()
     assert len(calls) == 3
+
+
+def test_the_default_leaves_a_linear_model_with_small_weights_alone():
+    # why the rule is opt-in: a linear model's weights start small and must grow, so a
+    # healthy SGD step moves them by far more than 10 % (logistic regression on
+    # scikit-learn's breast cancer set, weights initialised at 1e-4, lr 0.1)
+    from sklearn.datasets import load_breast_cancer
+
+    features, labels = load_breast_cancer(return_X_y=True)
+    x = torch.tensor(features, dtype=torch.float32)
+    x = (x - x.mean(0)) / x.std(0)
+    y = torch.tensor(labels, dtype=torch.float32)[:, None]
+
+    def final_loss(policy):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(x.shape[1], 1)
+        torch.nn.init.normal_(model.weight, std=1e-4)
+        torch.nn.init.zeros_(model.bias)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        guard = gg.Guard(model, policy, health=False)
+        for _ in range(200):
+            index = torch.randint(0, len(x), (32,))
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(x[index]), y[index])
+            optimizer.zero_grad()
+            loss.backward()
+            guard.step(optimizer, loss=loss)
+        with torch.no_grad():
+            return float(torch.nn.functional.binary_cross_entropy_with_logits(model(x), y))
+
+    unclipped = final_loss(gg.Monitor())
+    assert final_loss(None) == pytest.approx(unclipped, rel=0.02)  # the default
+    assert final_loss(opt_in()) > 3 * unclipped  # the rule holds the weights back

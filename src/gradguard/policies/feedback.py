@@ -16,13 +16,16 @@ cancel out and a jump shows as a jump; the bare norm when no LR is given):
   first loss, ``persist`` steps in a row. When one begins, a ceiling on the size drops
   to ``min(backoff × ceiling, first × typical size)``; after ``interval`` healthy steps
   it grows ×``growth``.
-* **Unstable SGD step** (needs no history). Where the optimizer's step is ``lr × g``
-  (``torch.optim.SGD``; the guard then gives the weights' norm ``‖w‖``), a step that
-  would move the weights by more than ``step_alarm`` (10 %) of their norm lowers the
-  ceiling to a step of ``step_ratio`` (1 %): ``lr · ‖g‖ = 0.01 · ‖w‖``. The healthy SGD
-  runs measured stay below 10 % (CNNs early in training reach 3–4 %, one with a warm-up
-  schedule more than 5 %); a run unstable from its first step (an RNN whose gradient
-  explodes) starts higher (16 %), before the other two rules have any past to judge by.
+* **Unstable SGD step** (opt-in: ``step_ratio=0.01``; needs no history). Where the
+  optimizer's step is ``lr × g`` (``torch.optim.SGD``; the guard then gives the weights'
+  norm ``‖w‖``), a step that would move the weights by more than ``step_alarm`` (10 %)
+  of their norm lowers the ceiling to a step of ``step_ratio`` (1 %):
+  ``lr · ‖g‖ = 0.01 · ‖w‖``. The healthy SGD networks measured stay below 10 % (CNNs
+  early in training reach 3–4 %, one with a warm-up schedule more than 5 %); a run
+  unstable from its first step (an RNN whose gradient explodes) starts higher (16 %),
+  before the other two rules have any past to judge by.
+  Off by default: a model whose weights start small and must grow (a linear or logistic
+  regression initialised near zero) takes healthy steps far above 10 % and is held back.
 
 The update is pure, over an explicit :class:`FeedbackState` of 0-d float32 arrays,
 written once over :mod:`gradguard.ops`: it runs on the device (no host sync), on host
@@ -64,8 +67,8 @@ class FeedbackConfig:
     lr_beta: float = 0.9  #: EMA factor of the (log) learning rate's recent level
     #: an SGD step that would move the weights by more than this share of their norm ...
     step_alarm: float = 0.1
-    #: ... lowers the ceiling to a step of this share (0: neither)
-    step_ratio: float = 0.01
+    #: ... lowers the ceiling to a step of this share (0, the default: the rule is off)
+    step_ratio: float = 0.0
 
     def __post_init__(self) -> None:
         if not self.spike > 1.0:
@@ -289,10 +292,11 @@ class FeedbackClip(Policy):
     Clips a step whose size jumps above 4× the run's typical size (harder the larger
     the jump; an LR jump counts), and, once the loss diverges, caps the size at twice
     the typical one, halving that cap at each new divergence and doubling it after 200
-    healthy steps. Under SGD, a step that would move the weights by more than 10 % of
-    their norm caps steps at 1 % of it (relaxed the same way). It reads each step's
-    loss (``guard.step(optimizer, loss=loss)``) and learning rate; without a loss it
-    only clips spikes of the update size (and unstable SGD steps). Works with
+    healthy steps. With ``step_ratio=0.01`` (opt-in), under SGD, a step that would move
+    the weights by more than 10 % of their norm caps steps at 1 % of it (relaxed the
+    same way): for SGD runs unstable from their first step; not for linear models. It
+    reads each step's loss (``guard.step(optimizer, loss=loss)``) and learning rate;
+    without a loss it only clips spikes of the update size (and unstable SGD steps). Works with
     :class:`~gradguard.Rewind`: a divergence it detects makes the rewinder restore the
     last snapshot, and its ceiling stays tightened (:meth:`rewound`).
 
