@@ -177,12 +177,18 @@ def test_initial_snapshot_restores_an_empty_optimizer_state():
     _assert_same(run.state(), initial)
 
 
-def test_loss_divergence_confirmed_over_a_window_not_a_spike():
+def _loss_watcher(noise_scale: float):
+    """A rewinder over a small SGD model that is only fed losses (snapshot every 50 steps,
+    window 10, checked every 5), and a seeded noise of ``noise_scale``."""
     model = nn.Linear(2, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     rewind = Rewind(model, optimizer, every=50, window=10, check_every=5)
     gen = torch.Generator().manual_seed(0)
-    noise = lambda: 0.1 * torch.rand((), generator=gen)  # noqa: E731
+    return rewind, lambda: noise_scale * torch.rand((), generator=gen)
+
+
+def test_loss_divergence_confirmed_over_a_window_not_a_spike():
+    rewind, noise = _loss_watcher(0.1)
     for _ in range(60):  # healthy: falling loss with noise, one 100x spike
         assert rewind.step(1.0 + noise()) is None
     assert rewind.step(100.0) is None
@@ -483,11 +489,7 @@ def test_a_late_rise_must_undo_a_share_of_the_progress(relapse, rewinds):
 
 
 def test_the_progress_is_measured_from_the_run_start_even_after_a_rewind():
-    model = nn.Linear(2, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    rewind = Rewind(model, optimizer, every=50, window=10, check_every=5)
-    gen = torch.Generator().manual_seed(0)
-    noise = lambda: 0.01 * torch.rand((), generator=gen)  # noqa: E731
+    rewind, noise = _loss_watcher(0.01)
     for i in range(100):  # from about 1 down to 0.1
         assert rewind.step(max(1.0 - 0.02 * i, 0.1) + noise()) is None
     events = [rewind.step(math.nan)] + [rewind.step(0.1 + noise()) for _ in range(4)]
