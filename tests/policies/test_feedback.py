@@ -336,8 +336,8 @@ def test_the_default_follows_a_norm_that_climbs_where_zclip_clips_for_good():
     assert isinstance(gg.default_policy().policies[1], FeedbackClip)
 
 
-# -- unstable SGD steps (opt-in): lr·‖g‖ > step_alarm·‖w‖ lowers the ceiling to a
-# step_ratio step --
+# -- unstable SGD steps (opt-in): lr·‖g‖ > step_alarm·‖w‖ and lr·‖g‖² > step_overshoot·loss
+# lower the ceiling to a step_ratio step --
 
 STEP = FeedbackConfig(step_ratio=0.01)
 
@@ -350,9 +350,11 @@ def opt_in() -> gg.Policy:
 @pytest.mark.parametrize("xp", [NUMPY, TORCH], ids=["host", "device"])
 def test_an_unstable_sgd_step_lowers_the_ceiling_from_the_first_step(xp):
     # an RNN unstable from its first step: norms of 10 at lr 0.1 move weights of norm 6
-    # by 1 (16 %) per step; no statistic has been learnt yet, the rule needs none
+    # by 1 (16 %) per step and, with a loss of 1, overshoot it (lr·‖g‖² = 10 > 4); no
+    # statistic has been learnt yet, the rule needs none
     thresholds, states = drive(
         [10.0, 12.0, 30.0, 0.1, 0.1],
+        [1.0, 1.0, 1.0, 0.9, 0.9],
         lrs=[0.1] * 5,
         weights=[6.0, 6.0, 6.5, 6.5, 6.5],
         xp=xp,
@@ -376,9 +378,10 @@ def test_a_step_under_the_alarm_is_left_alone():
 
 @pytest.mark.parametrize("with_loss", [True, False], ids=["loss", "no-loss"])
 def test_the_lowered_ceiling_grows_back_after_healthy_steps(with_loss):
-    config = FeedbackConfig(interval=50, step_ratio=0.01)
+    # without a loss only the rule that does not ask for one (step_overshoot=0) acts
+    config = FeedbackConfig(interval=50, step_ratio=0.01, step_overshoot=4.0 if with_loss else 0)
     norms, losses = healthy(121)
-    norms[0] = 10.0
+    norms[0] = 10.0  # lr·‖g‖² = 10 overshoots the first loss (2) by more than 4×
     _, states = drive(
         norms, losses if with_loss else None, [0.1] * 121, weights=[6.0] * 121, config=config
     )
@@ -396,7 +399,26 @@ def test_without_the_weight_norm_or_with_zero_weights_nothing_happens():
     assert drive([10.0], lrs=[0.1], weights=[0.0], config=STEP)[0] == [math.inf]
     assert drive([10.0], weights=[6.0], config=STEP)[0] == [math.inf]
     # off, as in the default
-    assert drive([10.0], lrs=[0.1], weights=[6.0])[0] == [math.inf]
+    assert drive([10.0], [1.0], lrs=[0.1], weights=[6.0])[0] == [math.inf]
+
+
+@pytest.mark.parametrize("xp", [NUMPY, TORCH], ids=["host", "device"])
+def test_a_big_step_that_does_not_overshoot_the_loss_is_left_alone(xp):
+    # a logistic regression whose weights start near zero (norm 5e-4): its first step
+    # moves them by 280 times their norm, yet lr·‖g‖² = 0.2 is far under 4 × its loss
+    big = dict(lrs=[0.1], weights=[5e-4], xp=xp, config=STEP)
+    assert drive([1.4], [0.69], **big)[0] == [math.inf]
+    # the same step where the loss is nearly 0 overshoots it: the 1 % ceiling
+    assert drive([1.4], [0.01], **big)[0] == [pytest.approx(0.01 * 5e-4 / 0.1, rel=1e-5)]
+    # no loss, or a loss that is not positive, cannot confirm an overshoot
+    assert drive([1.4], **big)[0] == [math.inf]
+    assert drive([1.4], [-0.5], **big)[0] == [math.inf]
+    assert drive([1.4], [math.nan], **big)[0] == [math.inf]
+    # step_overshoot=0 asks for no loss: the step alone trips the rule
+    alone = FeedbackConfig(step_ratio=0.01, step_overshoot=0.0)
+    assert drive([1.4], lrs=[0.1], weights=[5e-4], xp=xp, config=alone)[0] == [
+        pytest.approx(0.01 * 5e-4 / 0.1, rel=1e-5)
+    ]
 
 
 @pytest.mark.parametrize("host_math", [True, False], ids=["host", "device"])
@@ -418,7 +440,12 @@ def test_the_guard_gives_the_weight_norm_to_sgd_only(host_math):
 
 
 @pytest.mark.parametrize(
-    "settings, match", [({"step_ratio": -0.1}, "step_ratio"), ({"step_alarm": 0.0}, "step_alarm")]
+    "settings, match",
+    [
+        ({"step_ratio": -0.1}, "step_ratio"),
+        ({"step_alarm": 0.0}, "step_alarm"),
+        ({"step_overshoot": math.nan}, "step_overshoot"),
+    ],
 )
 def test_bad_step_settings_are_named(settings, match):
     with pytest.raises(ValueError, match=match):
@@ -429,13 +456,15 @@ def test_process_gives_the_weight_norm_when_told_the_step_is_sgd():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     weights = float(torch.cat([p.detach().flatten() for p in model.parameters()]).norm())
-    (100 * model(torch.randn(8, 4))).pow(2).mean().backward()
+    loss = (100 * model(torch.randn(8, 4))).pow(2).mean()
+    loss.backward()
     guard = gg.Guard(model, opt_in(), health=False)
-    assert float(guard.process(lr=0.1).threshold) == math.inf  # not told: no rule
+    assert float(guard.process(loss=loss, lr=0.1).threshold) == math.inf  # not told: no rule
     model.zero_grad()
-    (100 * model(torch.randn(8, 4))).pow(2).mean().backward()
+    loss = (100 * model(torch.randn(8, 4))).pow(2).mean()
+    loss.backward()
     guard = gg.Guard(model, opt_in(), health=False)
-    assert float(guard.process(lr=0.1, sgd=True).threshold) == pytest.approx(
+    assert float(guard.process(loss=loss, lr=0.1, sgd=True).threshold) == pytest.approx(
         0.01 * weights / 0.1, rel=1e-5
     )
 
@@ -496,10 +525,10 @@ def test_a_rewind_or_a_loaded_state_makes_the_guard_measure_the_weights_again(mo
     assert len(calls) == 3
 
 
-def test_the_default_leaves_a_linear_model_with_small_weights_alone():
-    # why the rule is opt-in: a linear model's weights start small and must grow, so a
-    # healthy SGD step moves them by far more than 10 % (logistic regression on
-    # scikit-learn's breast cancer set, weights initialised at 1e-4, lr 0.1)
+def test_a_linear_model_with_small_weights_is_left_alone_unless_the_loss_is_ignored():
+    # a linear model's weights start small and must grow, so a healthy SGD step moves
+    # them by far more than 10 % (logistic regression on scikit-learn's breast cancer
+    # set, weights initialised at 1e-4, lr 0.1); such steps do not overshoot the loss
     from sklearn.datasets import load_breast_cancer
 
     features, labels = load_breast_cancer(return_X_y=True)
@@ -525,4 +554,7 @@ def test_the_default_leaves_a_linear_model_with_small_weights_alone():
 
     unclipped = final_loss(gg.Monitor())
     assert final_loss(None) == pytest.approx(unclipped, rel=0.02)  # the default
-    assert final_loss(opt_in()) > 3 * unclipped  # the rule holds the weights back
+    assert final_loss(opt_in()) == pytest.approx(unclipped, rel=0.02)
+    # the size test alone (no overshoot asked) holds the weights back
+    alone = gg.chain(gg.SkipNonFinite(), FeedbackClip(step_ratio=0.01, step_overshoot=0.0))
+    assert final_loss(alone) > 3 * unclipped

@@ -19,13 +19,18 @@ cancel out and a jump shows as a jump; the bare norm when no LR is given):
 * **Unstable SGD step** (opt-in: ``step_ratio=0.01``; needs no history). Where the
   optimizer's step is ``lr × g`` (``torch.optim.SGD``; the guard then gives the weights'
   norm ``‖w‖``), a step that would move the weights by more than ``step_alarm`` (10 %)
-  of their norm lowers the ceiling to a step of ``step_ratio`` (1 %):
-  ``lr · ‖g‖ = 0.01 · ‖w‖``. The healthy SGD networks measured stay below 10 % (CNNs
-  early in training reach 3–4 %, one with a warm-up schedule more than 5 %); a run
-  unstable from its first step (an RNN whose gradient explodes) starts higher (16 %),
-  before the other two rules have any past to judge by.
-  Off by default: a model whose weights start small and must grow (a linear or logistic
-  regression initialised near zero) takes healthy steps far above 10 % and is held back.
+  of their norm *and* overshoot the loss, ``lr · ‖g‖² > step_overshoot × loss`` (4),
+  lowers the ceiling to a step of ``step_ratio`` (1 %): ``lr · ‖g‖ = 0.01 · ‖w‖``.
+  The second test is the stability bound of gradient descent on a quadratic whose
+  minimum is 0: there ``‖g‖² = 2λ · loss``, so ``lr · ‖g‖² / loss = 2 · lr · λ``, and
+  a step is unstable beyond ``lr · λ = 2``. It keeps the rule off a linear or
+  logistic model whose weights start small and must grow (big steps relative to the
+  weights, yet no overshoot). Healthy SGD networks stay under 10 % (CNNs early in
+  training reach 3–4 %); a run unstable from its first step (an RNN whose gradient
+  explodes) starts at 14–16 % and an overshoot of 4.5–15, before the other two rules
+  have any past to judge by. Off by default: networks trained at a high LR on the
+  edge of stability (plain SGD at lr ≥ 1 on small models) overshoot on healthy steps
+  and are held back. Needs the loss; a step whose loss is not positive never confirms.
 
 The update is pure, over an explicit :class:`FeedbackState` of 0-d float32 arrays,
 written once over :mod:`gradguard.ops`: it runs on the device (no host sync), on host
@@ -67,6 +72,8 @@ class FeedbackConfig:
     lr_beta: float = 0.9  #: EMA factor of the (log) learning rate's recent level
     #: an SGD step that would move the weights by more than this share of their norm ...
     step_alarm: float = 0.1
+    #: ... and would overshoot the loss, lr · ‖g‖² > step_overshoot × loss (0: not asked) ...
+    step_overshoot: float = 4.0
     #: ... lowers the ceiling to a step of this share (0, the default: the rule is off)
     step_ratio: float = 0.0
 
@@ -85,6 +92,7 @@ class FeedbackConfig:
         check.positive_int("persist", self.persist)
         check.in_open_unit("lr_beta", self.lr_beta)
         check.positive("step_alarm", self.step_alarm)
+        check.non_negative("step_overshoot", self.step_overshoot)
         check.non_negative("step_ratio", self.step_ratio)
 
 
@@ -209,14 +217,19 @@ def _unstable_step(
     xp: Ops, state: FeedbackState, inputs: StepInputs, shift: Any, config: FeedbackConfig
 ) -> FeedbackState:
     """An SGD step that would move the weights by more than ``step_alarm`` of their norm
-    lowers the ceiling to a step of ``step_ratio`` (``lr · ‖g‖ = step_ratio · ‖w‖``).
+    and overshoot the loss (``lr · ‖g‖² > step_overshoot × loss``) lowers the ceiling to
+    a step of ``step_ratio`` (``lr · ‖g‖ = step_ratio · ‖w‖``).
 
     Only where the guard gives the weights' norm (the optimizer is SGD, whose step is
-    ``lr × g``) and an LR. It needs no history: it acts from the first step, before any
-    statistic could be learnt, which is when a run unstable from the start is lost.
+    ``lr × g``), an LR, and (unless ``step_overshoot`` is 0) a positive loss. It needs
+    no history: it acts from the first step, before any statistic could be learnt,
+    which is when a run unstable from the start is lost.
     """
     weights, lr, g = inputs.weight_norm, inputs.lr, inputs.total_norm
     if weights is None or lr is None or config.step_ratio == 0:
+        return state
+    loss = inputs.loss
+    if config.step_overshoot > 0 and loss is None:  # the overshoot cannot be judged
         return state
     usable = (weights > 0) & xp.isfinite(weights) & xp.isfinite(g)
     if isinstance(lr, (int, float)):  # a host number
@@ -227,6 +240,9 @@ def _unstable_step(
         usable = usable & (lr > 0)
         lr = xp.where(lr > 0, lr, 1.0)
     unstable = usable & (g * lr > weights * config.step_alarm)
+    if config.step_overshoot > 0:  # lr·‖g‖²/loss = 2·lr·λ on a quadratic with minimum 0
+        loss = xp.f32(loss)
+        unstable = unstable & (loss > 0) & (g * g * lr > loss * config.step_overshoot)
     tight = (weights * config.step_ratio) / lr  # the norm of a step_ratio step
     size = _ln(xp, xp.where(unstable, tight, 1.0)) + shift
     return state._replace(
@@ -293,10 +309,11 @@ class FeedbackClip(Policy):
     the jump; an LR jump counts), and, once the loss diverges, caps the size at twice
     the typical one, halving that cap at each new divergence and doubling it after 200
     healthy steps. With ``step_ratio=0.01`` (opt-in), under SGD, a step that would move
-    the weights by more than 10 % of their norm caps steps at 1 % of it (relaxed the
-    same way): for SGD runs unstable from their first step; not for linear models. It
-    reads each step's loss (``guard.step(optimizer, loss=loss)``) and learning rate;
-    without a loss it only clips spikes of the update size (and unstable SGD steps). Works with
+    the weights by more than 10 % of their norm and overshoot the loss (``lr · ‖g‖² >
+    4 × loss``) caps steps at 1 % of it (relaxed the same way): for SGD runs unstable
+    from their first step; not for small models trained at a high LR. It reads each
+    step's loss (``guard.step(optimizer, loss=loss)``) and learning rate; without a
+    loss it only clips spikes of the update size. Works with
     :class:`~gradguard.Rewind`: a divergence it detects makes the rewinder restore the
     last snapshot, and its ceiling stays tightened (:meth:`rewound`).
 
