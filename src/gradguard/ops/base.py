@@ -63,6 +63,9 @@ class Ops:
     def isnan(self, x: Array) -> Array:
         raise NotImplementedError
 
+    def logical_not(self, x: Array) -> Array:
+        return ~x  # a bool array's ~ (torch, JAX); NumPy's host scalars take a faster path
+
     def sqrt(self, x: Array) -> Array:
         raise NotImplementedError
 

@@ -104,13 +104,22 @@ class NumpyOps(Ops):
 
     def minimum(self, a, b):
         if type(a) in _SCALARS and type(b) in _SCALARS:  # NaN wins, as in np.minimum
-            return _typed(a if (a != a or a <= b) else b)
+            out = a if (a != a or a <= b) else b
+            kind = type(out)  # (_typed, inlined: this runs ~15 times a step)
+            return _ZERO + out if kind is float or kind is int else out
         return np.minimum(a, b)
 
     def maximum(self, a, b):
         if type(a) in _SCALARS and type(b) in _SCALARS:
-            return _typed(a if (a != a or a >= b) else b)
+            out = a if (a != a or a >= b) else b
+            kind = type(out)
+            return _ZERO + out if kind is float or kind is int else out
         return np.maximum(a, b)
+
+    def logical_not(self, x):
+        if type(x) in _SCALARS:  # NumPy's ~ on a bool scalar costs ~0.7 µs
+            return _FALSE if x else _TRUE
+        return np.logical_not(x)
 
     log10 = staticmethod(np.log10)
     floor = staticmethod(np.floor)

@@ -114,6 +114,10 @@ class FeedbackState(NamedTuple):
     episodes: Array  # divergences detected so far
 
 
+_LOSS = FeedbackState._fields.index("seen")  # the loss statistics: the fields from here on
+_STREAK = FeedbackState._fields.index("streak")
+
+
 def initial_state(xp: Ops, like: Array) -> FeedbackState:
     """The state before the first step, where ``like`` lives."""
     zero, inf = xp.scalar(0.0, like), xp.scalar(math.inf, like)
@@ -134,8 +138,11 @@ def _median3(xp: Ops, a: Array, b: Array, c: Array) -> Array:
 
 def _loss_feedback(
     xp: Ops, state: FeedbackState, value: Array, config: FeedbackConfig
-) -> FeedbackState:
+) -> tuple[Array, Array, tuple[Array, ...]]:
     """Update the loss statistics; lower the ceiling when a divergence begins.
+
+    Returns the ceiling, the healthy-step count and the new loss statistics (the
+    state's fields from ``seen`` on, in order).
 
     Written for few operations (each is a kernel launch on a device): a flag times a
     number stands for a select where the two agree bit for bit, and the slots a
@@ -156,47 +163,46 @@ def _loss_feedback(
     typical = xp.where(state.count > 0, state.level + math.log(config.first), math.inf)
     lowered = xp.minimum(state.ceiling + math.log(config.backoff), typical)
     ceiling = xp.where(begins, lowered, state.ceiling)
-    healthy = (state.healthy + 1.0) * ~diverging
+    healthy = xp.where(diverging, 0.0, state.healthy + 1.0)
     # the reference takes clamped losses, so a divergence cannot drag it upward
     clamped = xp.minimum(xp.where(ok, value, state.slow), state.slow + config.loss_z * scale)
     b = config.loss_beta
-    first = ~has1  # the reference and its noise are still zero here
+    first = state.seen <= 0  # not has1: the reference and its noise are still zero here
     slow = xp.where(first, xp.where(ok, value, 0.0), b * state.slow + (1 - b) * clamped)
     # the noise scale learns from healthy steps only: a divergence cannot blind the test
     noise = b * state.dev + (1 - b) * abs(clamped - state.slow)
-    return state._replace(
-        ceiling=ceiling,
-        healthy=healthy,
-        seen=state.seen + ok,
-        start=xp.where(first & ok, value, state.start),
-        slow=slow,
-        dev=xp.where(first | elevated, state.dev, noise),
-        prev1=raw,
-        prev2=state.prev1,
-        streak=streak,
-        episodes=state.episodes + begins,
+    statistics = (
+        state.seen + ok,  # seen
+        xp.where(first & ok, value, state.start),  # start
+        slow,
+        xp.where(first | elevated, state.dev, noise),  # dev
+        raw,  # prev1
+        state.prev1,  # prev2
+        streak,
+        state.episodes + begins,  # episodes
     )
+    return ceiling, healthy, statistics
 
 
 def _lr_shift(
     xp: Ops, state: FeedbackState, lr: Any, config: FeedbackConfig
-) -> tuple[FeedbackState, Array | float]:
-    """The log LR relative to its recent level, and the level updated (0 without an LR)."""
+) -> tuple[Array, Array | float]:
+    """The LR's log level updated, and the log LR relative to it (0 without an LR)."""
     if lr is None:
-        return state, 0.0
+        return state.lr_level, 0.0
     c = config.lr_beta
     if isinstance(lr, (int, float)):  # a host number: its log on the host
         if not lr > 0:
-            return state, 0.0
+            return state.lr_level, 0.0
         log_lr: Array = math.log(lr)
         lr_level = xp.where(state.count > 0, state.lr_level, log_lr)
-        return state._replace(lr_level=c * lr_level + (1 - c) * log_lr), log_lr - lr_level
+        return c * lr_level + (1 - c) * log_lr, log_lr - lr_level
     value = xp.f32(lr)  # an array (a tensor LR on the device, or traced)
     positive = value > 0
     log_lr = _ln(xp, xp.where(positive, value, 1.0))
     lr_level = xp.where(state.count > 0, state.lr_level, log_lr)
     level = xp.where(positive, c * lr_level + (1 - c) * log_lr, state.lr_level)
-    return state._replace(lr_level=level), xp.where(positive, log_lr - lr_level, 0.0)
+    return level, xp.where(positive, log_lr - lr_level, 0.0)
 
 
 def feedback_update(
@@ -214,8 +220,8 @@ def feedback_update(
 
 
 def _unstable_step(
-    xp: Ops, state: FeedbackState, inputs: StepInputs, shift: Any, config: FeedbackConfig
-) -> FeedbackState:
+    xp: Ops, ceiling: Array, healthy: Array, inputs: StepInputs, shift: Any, config: FeedbackConfig
+) -> tuple[Array, Array]:
     """An SGD step that would move the weights by more than ``step_alarm`` of their norm
     and overshoot the loss (``lr · ‖g‖² > step_overshoot × loss``) lowers the ceiling to
     a step of ``step_ratio`` (``lr · ‖g‖ = step_ratio · ‖w‖``).
@@ -223,18 +229,19 @@ def _unstable_step(
     Only where the guard gives the weights' norm (the optimizer is SGD, whose step is
     ``lr × g``), an LR, and (unless ``step_overshoot`` is 0) a positive loss. It needs
     no history: it acts from the first step, before any statistic could be learnt,
-    which is when a run unstable from the start is lost.
+    which is when a run unstable from the start is lost. Returns the ceiling and the
+    healthy-step count.
     """
     weights, lr, g = inputs.weight_norm, inputs.lr, inputs.total_norm
     if weights is None or lr is None or config.step_ratio == 0:
-        return state
+        return ceiling, healthy
     loss = inputs.loss
     if config.step_overshoot > 0 and loss is None:  # the overshoot cannot be judged
-        return state
+        return ceiling, healthy
     usable = (weights > 0) & xp.isfinite(weights) & xp.isfinite(g)
     if isinstance(lr, (int, float)):  # a host number
         if not lr > 0:
-            return state
+            return ceiling, healthy
     else:
         lr = xp.f32(lr)
         usable = usable & (lr > 0)
@@ -245,19 +252,13 @@ def _unstable_step(
         unstable = unstable & (loss > 0) & (g * g * lr > loss * config.step_overshoot)
     tight = (weights * config.step_ratio) / lr  # the norm of a step_ratio step
     size = _ln(xp, xp.where(unstable, tight, 1.0)) + shift
-    return state._replace(
-        ceiling=xp.where(unstable, xp.minimum(state.ceiling, size), state.ceiling),
-        healthy=state.healthy * ~unstable,
-    )
+    return xp.where(unstable, xp.minimum(ceiling, size), ceiling), xp.where(unstable, 0.0, healthy)
 
 
-def _grow(xp: Ops, state: FeedbackState, config: FeedbackConfig) -> FeedbackState:
+def _grow(xp: Ops, ceiling: Array, healthy: Array, config: FeedbackConfig) -> tuple[Array, Array]:
     """After ``interval`` healthy steps in a row the ceiling grows ×``growth``."""
-    grow = state.healthy >= config.interval
-    return state._replace(
-        ceiling=xp.where(grow, state.ceiling + math.log(config.growth), state.ceiling),
-        healthy=state.healthy * ~grow,
-    )
+    grow = healthy >= config.interval
+    return xp.where(grow, ceiling + math.log(config.growth), ceiling), xp.where(grow, 0.0, healthy)
 
 
 def _hold(
@@ -275,13 +276,15 @@ def _update(
     finite = xp.isfinite(g) & (g > 0)
     # the size is the norm times the LR relative to its recent level: a schedule's smooth
     # changes cancel out, a jump shows as a jump
-    state, shift = _lr_shift(xp, state, inputs.lr, config)
+    # (the new state is built once: on the host, rebuilding it per rule costs more than
+    # the rules' arithmetic)
+    lr_level, shift = _lr_shift(xp, state, inputs.lr, config)
     if inputs.loss is not None:
-        state = _loss_feedback(xp, state, xp.f32(inputs.loss), config)
+        ceiling, healthy, statistics = _loss_feedback(xp, state, xp.f32(inputs.loss), config)
     else:
-        state = state._replace(healthy=state.healthy + 1.0)
-    state = _unstable_step(xp, state, inputs, shift, config)
-    state = _grow(xp, state, config)
+        ceiling, healthy, statistics = state.ceiling, state.healthy + 1.0, state[_LOSS:]
+    ceiling, healthy = _unstable_step(xp, ceiling, healthy, inputs, shift, config)
+    ceiling, healthy = _grow(xp, ceiling, healthy, config)
     size = _ln(xp, xp.where(finite, g, 1.0)) + shift
     ready = state.count > 0
     # spike rule (in log space, after ZClip): a size `excess` above the level beyond
@@ -289,14 +292,15 @@ def _update(
     t = math.log(config.spike)
     excess = xp.maximum(size - state.level, t)
     spike = xp.where(ready, state.level + xp.div(t * t, excess), math.inf)
-    bound = xp.minimum(spike, state.ceiling)
+    bound = xp.minimum(spike, ceiling)
     applied = xp.minimum(size, bound)
     b = config.beta
     level = xp.where(ready, b * state.level + (1 - b) * applied, applied)
     # the level is held while the loss is elevated: it never chases a divergence
-    update = finite & (state.streak == 0)
-    state = state._replace(count=state.count + finite, level=xp.where(update, level, state.level))
-    return state, _exp(bound - shift)
+    update = finite & (statistics[_STREAK - _LOSS] == 0)
+    level = xp.where(update, level, state.level)
+    new = FeedbackState(state.count + finite, level, lr_level, ceiling, healthy, *statistics)
+    return new, _exp(bound - shift)
 
 
 class FeedbackClip(Policy):

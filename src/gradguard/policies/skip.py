@@ -22,7 +22,9 @@ class SkipNonFinite(Policy):
 
     def update(self, state: Any, inputs: StepInputs, xp: Ops) -> tuple[Decision, Any]:
         total = inputs.total_norm
-        return Decision(skip=~xp.isfinite(total), reason=xp.code(_NONFINITE, total)), state
+        return Decision(
+            skip=xp.logical_not(xp.isfinite(total)), reason=xp.code(_NONFINITE, total)
+        ), state
 
 
 class SkipSpikeState(NamedTuple):
