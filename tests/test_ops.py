@@ -112,6 +112,7 @@ def test_host_scalar_shortcuts_round_like_the_ufuncs(value):
             (NUMPY.minimum(x, 0.1), np.minimum(x, np.float32(0.1))),
             (NUMPY.isfinite(x), np.isfinite(x)),
             (NUMPY.isnan(x), np.isnan(x)),
+            (NUMPY.logical_not(NUMPY.isfinite(x)), np.logical_not(np.isfinite(x))),
             (NUMPY.where(NUMPY.isfinite(x), x, 0.0), np.where(np.isfinite(x), x, np.float32(0))),
         ]
     for got, want in pairs:
