@@ -17,6 +17,15 @@ from ..signals import NormBaseline
 _JUMP, _GROWTH, _ABOVE = "jump", "growth", "above"
 
 
+#: for growth from the first steps, which no detector with a past can catch in time
+_FROM_THE_START = (
+    "Unstable from the first steps: a fixed clip near the first healthy norms (`gradguard "
+    "diagnose` suggests one), `gg.Rewind` (returns to the last good state and tightens), "
+    "or, under SGD, `gg.FeedbackClip(step_ratio=0.01)` (caps each step relative to the "
+    "weights from step one; the default has no past to judge such a run by)."
+)
+
+
 class Exploding(Rule):
     kind = "exploding"
     severity = Severity.WARNING
@@ -126,4 +135,5 @@ class Exploding(Rule):
         }
         if "lr" in s:
             evidence["lr"] = s["lr"]
-        self.report(episode, message, evidence)
+        extra = (_FROM_THE_START,) if s["why"] == _GROWTH else ()
+        self.report(episode, message, evidence, extra_advice=extra)
