@@ -30,7 +30,9 @@ cancel out and a jump shows as a jump; the bare norm when no LR is given):
   explodes) starts at 14–16 % and an overshoot of 4.5–15, before the other two rules
   have any past to judge by. Off by default: networks trained at a high LR on the
   edge of stability (plain SGD at lr ≥ 1 on small models) overshoot on healthy steps
-  and are held back. Needs the loss; a step whose loss is not positive never confirms.
+  and are held back. Needs the step's mean loss (under gradient accumulation the whole
+  step's, not a micro-batch's share: a loss k times too small makes every step look k
+  times more overshooting); a step whose loss is not positive never confirms.
 
 The update is pure, over an explicit :class:`FeedbackState` of 0-d float32 arrays,
 written once over :mod:`gradguard.ops`: it runs on the device (no host sync), on host
