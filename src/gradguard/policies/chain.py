@@ -40,11 +40,12 @@ class Chain(Policy):
     def update(
         self, state: tuple[Any, ...], inputs: StepInputs, xp: Ops
     ) -> tuple[Decision, tuple[Any, ...]]:
-        decision, states = Decision(), []
+        decision, states = None, []
         for policy, own in zip(self.policies, state):
             step, own = policy.update(own, inputs, xp)
-            decision = decision.then(step, xp)
+            decision = step if decision is None else decision.then(step, xp)
             states.append(own)
+        assert decision is not None  # a chain holds at least one policy
         return decision, tuple(states)
 
     def decide(
