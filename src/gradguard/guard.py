@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _amp, _foreach, _update, distributed
+from . import _amp, _foreach, _update, _warn, distributed
 from . import _validate as check
 from ._guard_setup import (
     attach_health,
@@ -125,6 +125,7 @@ class Guard:
         self._seen: list[tuple[weakref.ref, int]] = []  # last step's gradients and versions
         self._weights: Tensor | None = None  # the weights' last measured norm
         self._weights_age = 0  # steps since
+        self._loss_warned = False  # warned that a policy needing the loss got none
         # Side effects last: open the store, hook the model, attach the health rules.
         if recorder is None and (store is not None or sinks):
             from .record import Recorder
@@ -363,6 +364,13 @@ class Guard:
         weights = None
         if sgd and self.policy.reads_weight_norm:
             weights = self._weight_norm(params, stats.total_norm.device)
+            if loss is None and self.policy.needs_loss and not self._loss_warned:
+                self._loss_warned = True
+                _warn.warn(
+                    "gradguard: the policy's unstable-SGD-step rule (FeedbackClip(step_ratio="
+                    "...)) needs the step's loss and does nothing without it: pass "
+                    "guard.step(optimizer, loss=loss)"
+                )
         inputs = StepInputs.from_stats(
             stats,
             params,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -467,6 +468,31 @@ def test_process_gives_the_weight_norm_when_told_the_step_is_sgd():
     assert float(guard.process(loss=loss, lr=0.1, sgd=True).threshold) == pytest.approx(
         0.01 * weights / 0.1, rel=1e-5
     )
+
+
+def test_the_guard_warns_once_when_the_rule_needs_a_loss_it_is_not_given():
+    def steps(policy, make_optimizer, with_loss):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 1)
+        optimizer = make_optimizer(model.parameters())
+        guard = gg.Guard(model, policy, health=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                optimizer.zero_grad()
+                loss = model(torch.randn(8, 4)).pow(2).mean()
+                loss.backward()
+                guard.step(optimizer, loss=loss if with_loss else None)
+        return [str(w.message) for w in caught if "needs the step's loss" in str(w.message)]
+
+    sgd = lambda p: torch.optim.SGD(p, lr=0.1)  # noqa: E731
+    assert len(steps(opt_in(), sgd, with_loss=False)) == 1  # once, not every step
+    assert steps(opt_in(), sgd, with_loss=True) == []
+    assert steps(gg.default_policy(), sgd, with_loss=False) == []  # the rule is off
+    assert steps(opt_in(), lambda p: torch.optim.AdamW(p, lr=0.1), with_loss=False) == []
+    # the size test alone asks for no loss
+    alone = gg.chain(gg.SkipNonFinite(), FeedbackClip(step_ratio=0.01, step_overshoot=0.0))
+    assert steps(alone, sgd, with_loss=False) == []
 
 
 def counted_weight_measurements(monkeypatch):

@@ -143,6 +143,9 @@ class Policy:
     #: Whether :attr:`StepInputs.weight_norm` is read: the guard then measures the
     #: parameters' norm at each step where the optimizer is SGD.
     reads_weight_norm: bool = False
+    #: Whether a rule of the policy acts only when the step's loss is given: the guard
+    #: warns once when a step that rule would judge comes without one.
+    needs_loss: bool = False
 
     # The state of the stateful form, in the library it was last used with.
     _state: Any = None

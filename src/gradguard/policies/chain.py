@@ -34,6 +34,10 @@ class Chain(Policy):
     def reads_weight_norm(self) -> bool:  # type: ignore[override]
         return any(policy.reads_weight_norm for policy in self.policies)
 
+    @property
+    def needs_loss(self) -> bool:  # type: ignore[override]
+        return any(policy.needs_loss for policy in self.policies)
+
     def init(self, inputs: StepInputs, xp: Ops) -> tuple[Any, ...]:
         return tuple(policy.init(inputs, xp) for policy in self.policies)
 

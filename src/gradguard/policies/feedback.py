@@ -340,6 +340,11 @@ class FeedbackClip(Policy):
     def reads_weight_norm(self) -> bool:  # type: ignore[override]
         return self.config.step_ratio > 0
 
+    @property
+    def needs_loss(self) -> bool:  # type: ignore[override]
+        """The unstable-step rule's overshoot test reads the loss (SGD steps only)."""
+        return self.config.step_ratio > 0 and self.config.step_overshoot > 0
+
     def init(self, inputs: StepInputs, xp: Ops) -> FeedbackState:
         return initial_state(xp, inputs.total_norm)
 
