@@ -70,10 +70,19 @@ def learning_rate(optimizer: Any) -> Tensor | float | None:
     return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
 
 
-def steps_by_gradient(optimizer: Any) -> bool:
-    """Whether the optimizer's step is the learning rate times the gradient (plain SGD,
-    momentum or not): the update's size is then known from the gradient's norm."""
-    return isinstance(optimizer, torch.optim.SGD)
+def steps_by_gradient(optimizer: Any) -> float:
+    """How far a persistent gradient moves the weights, in steps of ``lr × g``: 0.0 when
+    the optimizer's step is not the learning rate times the gradient, else ``torch.optim.SGD``'s
+    momentum gain ``(1 - dampening) / (1 - momentum)`` of the first parameter group (1.0
+    without momentum, 10 at momentum 0.9)."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return 0.0
+    group = optimizer.param_groups[0]
+    momentum = float(group.get("momentum", 0.0) or 0.0)
+    dampening = float(group.get("dampening", 0.0) or 0.0)
+    if not (0.0 < momentum < 1.0 and 0.0 <= dampening < 1.0):
+        return 1.0
+    return (1.0 - dampening) / (1.0 - momentum)
 
 
 def run(

@@ -168,7 +168,7 @@ class Guard:
         defer_scale: bool = False,
         step: int | None = None,
         grads: Sequence[Tensor | None] | None = None,
-        sgd: bool = False,
+        sgd: bool | float = False,
     ) -> StepResult:
         """Measure, decide and apply, without an optimizer; record the step.
 
@@ -190,11 +190,15 @@ class Guard:
             grads: the gradients to use instead of each guarded parameter's ``.grad``,
                 one per guarded parameter in order (``None`` where it has none), for an
                 engine that keeps them elsewhere (DeepSpeed).
-            sgd: the optimizer's step is ``lr`` times the gradient (``torch.optim.SGD``,
-                momentum or not): policies that bound the step relative to the weights
-                (:class:`~gradguard.FeedbackClip`) then get the weights' norm.
+            sgd: the optimizer's step is ``lr`` times the gradient (``torch.optim.SGD``):
+                ``True``, or its momentum gain ``(1 - dampening) / (1 - momentum)`` (10 at
+                momentum 0.9; ``True`` is 1, no momentum). Policies that bound the step
+                relative to the weights (:class:`~gradguard.FeedbackClip`) then get the
+                weights' norm.
         """
         number = None if step is None else check.positive_int("step", step, minimum=0)
+        if not isinstance(sgd, bool):
+            sgd = check.positive("sgd", sgd)
         collected = self._collect() if grads is None else self._given(grads)
         if number is not None:
             self._step = number
@@ -335,7 +339,7 @@ class Guard:
         found_inf: Any,
         loss_scale: Any,
         defer_scale: bool,
-        sgd: bool = False,
+        sgd: bool | float = False,
     ) -> StepResult:
         if loss is not None or lr is not None:
             check_scalar("loss", loss)
@@ -355,7 +359,7 @@ class Guard:
         lr: Any,
         found_inf: Any,
         defer_scale: bool,
-        sgd: bool = False,
+        sgd: bool | float = False,
     ) -> StepResult:
         """Measure, decide and apply: the step's :class:`StepResult`."""
         stats = self._measure(collected)
@@ -367,8 +371,8 @@ class Guard:
             if loss is None and self.policy.needs_loss and not self._loss_warned:
                 self._loss_warned = True
                 _warn.warn(
-                    "gradguard: the policy's unstable-SGD-step rule (FeedbackClip(step_ratio="
-                    "...)) needs the step's loss and does nothing without it: pass "
+                    "gradguard: FeedbackClip's unstable-SGD-step check (part of the default "
+                    "policy) needs the step's loss and is off without it: pass "
                     "guard.step(optimizer, loss=loss)"
                 )
         inputs = StepInputs.from_stats(
@@ -379,6 +383,7 @@ class Guard:
             loss=loss,
             lr=lr_value(lr, xp),
             weight_norm=weights,
+            step_gain=float(sgd) if weights is not None else 1.0,
         )
         decision = self.policy.decide(inputs, params)
         if self._custom_decide:

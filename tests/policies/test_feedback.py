@@ -16,7 +16,7 @@ from gradguard.policies.feedback import FeedbackClip, FeedbackConfig, FeedbackSt
 from tests.conftest import forbid_host_sync
 
 
-def inputs(xp, norm, loss=None, lr=None, step=0, weights=None):
+def inputs(xp, norm, loss=None, lr=None, step=0, weights=None, gain=1.0):
     """One step's inputs in ``xp``'s library, as the guard builds them."""
     if xp is NUMPY:
         total = np.float32(norm)
@@ -27,11 +27,16 @@ def inputs(xp, norm, loss=None, lr=None, step=0, weights=None):
         loss = None if loss is None else torch.tensor(float(loss))
         weights = None if weights is None else torch.tensor(float(weights))
     norms = xp.ravel(total) if xp is TORCH else np.array([total])
-    return StepInputs(total, norms, xp, step, loss, lr, weight_norm=weights)
+    return StepInputs(total, norms, xp, step, loss, lr, weight_norm=weights, step_gain=gain)
 
 
-def drive(norms, losses=None, lrs=None, config=None, xp=NUMPY, policy=None, weights=None):
-    """Run the pure update over a sequence; return (thresholds, states)."""
+def drive(
+    norms, losses=None, lrs=None, config=None, xp=NUMPY, policy=None, weights=None, gain=10.0
+):
+    """Run the pure update over a sequence; return (thresholds, states).
+
+    With ``weights``, the steps are SGD's, at momentum 0.9 unless ``gain`` says otherwise.
+    """
     policy = FeedbackClip(**({} if config is None else vars(config))) if policy is None else policy
     state = None
     thresholds, states = [], []
@@ -43,6 +48,7 @@ def drive(norms, losses=None, lrs=None, config=None, xp=NUMPY, policy=None, weig
             None if lrs is None else lrs[i],
             i,
             None if weights is None else weights[i],
+            gain,
         )
         if state is None:
             state = policy.init(step, xp)
@@ -337,22 +343,27 @@ def test_the_default_follows_a_norm_that_climbs_where_zclip_clips_for_good():
     assert isinstance(gg.default_policy().policies[1], FeedbackClip)
 
 
-# -- unstable SGD steps (opt-in): lr·‖g‖ > step_alarm·‖w‖ and lr·‖g‖² > step_overshoot·loss
-# lower the ceiling to a step_ratio step --
+# -- unstable SGD steps: k·lr·‖g‖ > step_alarm·‖w‖ (k: momentum's gain) and
+# lr·‖g‖² > step_overshoot·loss lower the ceiling to a carried step of step_ratio·‖w‖ --
 
-STEP = FeedbackConfig(step_ratio=0.01)
+STEP = FeedbackConfig()  # the rule is on by default
+OFF = FeedbackConfig(step_ratio=0.0)
 
 
 def opt_in() -> gg.Policy:
-    """The default chain with the unstable-step rule switched on."""
-    return gg.chain(gg.SkipNonFinite(), FeedbackClip(step_ratio=0.01))
+    """The default chain (its unstable-step rule is on)."""
+    return gg.default_policy()
+
+
+def rule_off() -> gg.Policy:
+    return gg.chain(gg.SkipNonFinite(), FeedbackClip(step_ratio=0.0))
 
 
 @pytest.mark.parametrize("xp", [NUMPY, TORCH], ids=["host", "device"])
 def test_an_unstable_sgd_step_lowers_the_ceiling_from_the_first_step(xp):
-    # an RNN unstable from its first step: norms of 10 at lr 0.1 move weights of norm 6
-    # by 1 (16 %) per step and, with a loss of 1, overshoot it (lr·‖g‖² = 10 > 4); no
-    # statistic has been learnt yet, the rule needs none
+    # an RNN unstable from its first step (SGD, momentum 0.9): norms of 10 at lr 0.1
+    # move weights of norm 6 by 1 (16 %) per step, 10 carried, and with a loss of 1
+    # overshoot it (lr·‖g‖² = 10 > 4); no statistic has been learnt yet, the rule needs none
     thresholds, states = drive(
         [10.0, 12.0, 30.0, 0.1, 0.1],
         [1.0, 1.0, 1.0, 0.9, 0.9],
@@ -361,7 +372,8 @@ def test_an_unstable_sgd_step_lowers_the_ceiling_from_the_first_step(xp):
         xp=xp,
         config=STEP,
     )
-    # a 1 % step is a norm of 0.01 · 6 / 0.1 = 0.6; the ceiling keeps the lowest
+    # a carried step of 10 % is a norm of 0.1 · 6 / (10 · 0.1) = 0.6; the ceiling keeps
+    # the lowest
     np.testing.assert_allclose(thresholds, [0.6] * 5, rtol=1e-5)
     assert float(states[-1].episodes) == 0  # not a loss divergence: Rewind is not told
 
@@ -380,7 +392,7 @@ def test_a_step_under_the_alarm_is_left_alone():
 @pytest.mark.parametrize("with_loss", [True, False], ids=["loss", "no-loss"])
 def test_the_lowered_ceiling_grows_back_after_healthy_steps(with_loss):
     # without a loss only the rule that does not ask for one (step_overshoot=0) acts
-    config = FeedbackConfig(interval=50, step_ratio=0.01, step_overshoot=4.0 if with_loss else 0)
+    config = FeedbackConfig(interval=50, step_overshoot=4.0 if with_loss else 0)
     norms, losses = healthy(121)
     norms[0] = 10.0  # lr·‖g‖² = 10 overshoots the first loss (2) by more than 4×
     _, states = drive(
@@ -399,8 +411,9 @@ def test_without_the_weight_norm_or_with_zero_weights_nothing_happens():
     # weights all zero (a model initialised at zero) or no LR: no rule either
     assert drive([10.0], lrs=[0.1], weights=[0.0], config=STEP)[0] == [math.inf]
     assert drive([10.0], weights=[6.0], config=STEP)[0] == [math.inf]
-    # off, as in the default
-    assert drive([10.0], [1.0], lrs=[0.1], weights=[6.0])[0] == [math.inf]
+    # switched off
+    assert drive([10.0], [1.0], lrs=[0.1], weights=[6.0], config=OFF)[0] == [math.inf]
+    assert drive([10.0], [1.0], lrs=[0.1], weights=[6.0])[0] == [pytest.approx(0.6, rel=1e-5)]
 
 
 @pytest.mark.parametrize("xp", [NUMPY, TORCH], ids=["host", "device"])
@@ -416,7 +429,7 @@ def test_a_big_step_that_does_not_overshoot_the_loss_is_left_alone(xp):
     assert drive([1.4], [-0.5], **big)[0] == [math.inf]
     assert drive([1.4], [math.nan], **big)[0] == [math.inf]
     # step_overshoot=0 asks for no loss: the step alone trips the rule
-    alone = FeedbackConfig(step_ratio=0.01, step_overshoot=0.0)
+    alone = FeedbackConfig(step_overshoot=0.0)
     assert drive([1.4], lrs=[0.1], weights=[5e-4], xp=xp, config=alone)[0] == [
         pytest.approx(0.01 * 5e-4 / 0.1, rel=1e-5)
     ]
@@ -434,8 +447,15 @@ def test_the_guard_gives_the_weight_norm_to_sgd_only(host_math):
         loss.backward()
         return float(guard.step(optimizer, loss=loss).threshold), weights
 
+    # a carried step of 10 % of the weights: at momentum 0.9 a single step of 1 %
     threshold, weights = first_threshold(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
     assert threshold == pytest.approx(0.01 * weights / 0.1, rel=1e-5)
+    threshold, _ = first_threshold(
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True)
+    )
+    assert threshold == pytest.approx(0.01 * weights / 0.1, rel=1e-5)
+    threshold, _ = first_threshold(lambda p: torch.optim.SGD(p, lr=0.1))  # no momentum
+    assert threshold == pytest.approx(0.1 * weights / 0.1, rel=1e-5)
     threshold, _ = first_threshold(lambda p: torch.optim.AdamW(p, lr=0.1))
     assert threshold == math.inf  # Adam's step is not lr × g: no rule, no history yet
 
@@ -457,17 +477,51 @@ def test_process_gives_the_weight_norm_when_told_the_step_is_sgd():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
     weights = float(torch.cat([p.detach().flatten() for p in model.parameters()]).norm())
-    loss = (100 * model(torch.randn(8, 4))).pow(2).mean()
-    loss.backward()
-    guard = gg.Guard(model, opt_in(), health=False)
-    assert float(guard.process(loss=loss, lr=0.1).threshold) == math.inf  # not told: no rule
-    model.zero_grad()
-    loss = (100 * model(torch.randn(8, 4))).pow(2).mean()
-    loss.backward()
-    guard = gg.Guard(model, opt_in(), health=False)
-    assert float(guard.process(loss=loss, lr=0.1, sgd=True).threshold) == pytest.approx(
-        0.01 * weights / 0.1, rel=1e-5
-    )
+    batch = torch.randn(8, 4)
+
+    def first_threshold(**told):
+        model.zero_grad()
+        loss = (100 * model(batch)).pow(2).mean()
+        loss.backward()
+        guard = gg.Guard(model, opt_in(), health=False)
+        return float(guard.process(loss=loss, lr=0.1, **told).threshold)
+
+    assert first_threshold() == math.inf  # not told: no rule
+    # True: no momentum, a carried step of 10 %; a gain of 10 (momentum 0.9): 1 % a step
+    assert first_threshold(sgd=True) == pytest.approx(0.1 * weights / 0.1, rel=1e-5)
+    assert first_threshold(sgd=10.0) == pytest.approx(0.01 * weights / 0.1, rel=1e-5)
+    for bad in (-1.0, 0.0, math.nan):
+        with pytest.raises(ValueError, match="sgd"):
+            first_threshold(sgd=bad)
+
+
+@pytest.mark.parametrize("xp", [NUMPY, TORCH], ids=["host", "device"])
+def test_the_rule_judges_the_step_momentum_carries(xp):
+    # a step of 50 % of the weights' norm that overshoots the loss (lr·‖g‖² = 15 > 4):
+    # plain SGD on the edge of stability takes it once, and it is left alone; under
+    # momentum 0.9 the same gradient, persisting, moves the weights 10 times as far
+    step = dict(lrs=[0.1], weights=[6.0], xp=xp)
+    assert drive([30.0], [0.2], gain=1.0, **step)[0] == [math.inf]
+    assert drive([30.0], [0.2], gain=10.0, **step)[0] == [pytest.approx(0.6, rel=1e-5)]
+    # plain SGD is stopped once its single step is bigger than the weights themselves:
+    # then capped at a step of 10 %
+    assert drive([90.0], [0.2], gain=1.0, **step)[0] == [pytest.approx(6.0, rel=1e-5)]
+
+
+def test_the_momentum_gain_is_read_from_the_optimizer():
+    from gradguard._update import steps_by_gradient
+
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert steps_by_gradient(torch.optim.SGD(params, lr=0.1)) == 1.0
+    assert steps_by_gradient(torch.optim.SGD(params, lr=0.1, momentum=0.9)) == pytest.approx(10)
+    assert steps_by_gradient(
+        torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)
+    ) == pytest.approx(10)
+    assert steps_by_gradient(
+        torch.optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.5)
+    ) == pytest.approx(5)
+    assert steps_by_gradient(torch.optim.SGD(params, lr=0.1, momentum=0.99)) == pytest.approx(100)
+    assert steps_by_gradient(torch.optim.AdamW(params, lr=0.1)) == 0.0  # not lr × g
 
 
 def test_the_guard_warns_once_when_the_rule_needs_a_loss_it_is_not_given():
@@ -488,10 +542,10 @@ def test_the_guard_warns_once_when_the_rule_needs_a_loss_it_is_not_given():
     sgd = lambda p: torch.optim.SGD(p, lr=0.1)  # noqa: E731
     assert len(steps(opt_in(), sgd, with_loss=False)) == 1  # once, not every step
     assert steps(opt_in(), sgd, with_loss=True) == []
-    assert steps(gg.default_policy(), sgd, with_loss=False) == []  # the rule is off
+    assert steps(rule_off(), sgd, with_loss=False) == []  # the rule is off
     assert steps(opt_in(), lambda p: torch.optim.AdamW(p, lr=0.1), with_loss=False) == []
     # the size test alone asks for no loss
-    alone = gg.chain(gg.SkipNonFinite(), FeedbackClip(step_ratio=0.01, step_overshoot=0.0))
+    alone = gg.chain(gg.SkipNonFinite(), FeedbackClip(step_overshoot=0.0))
     assert steps(alone, sgd, with_loss=False) == []
 
 
@@ -520,9 +574,9 @@ def test_the_guard_measures_the_weights_every_ten_steps(monkeypatch):
         loss.backward()
         guard.step(optimizer, loss=loss)
     assert len(calls) == 3 == math.ceil(25 / guard_module.WEIGHTS_EVERY)
-    # a policy that does not read it never pays for it (the default does not)
+    # a policy that does not read it never pays for it
     calls.clear()
-    guard = gg.Guard(model, health=False)
+    guard = gg.Guard(model, rule_off(), health=False)
     optimizer.zero_grad()
     model(torch.randn(8, 4)).pow(2).mean().backward()
     guard.step(optimizer)
@@ -582,5 +636,5 @@ def test_a_linear_model_with_small_weights_is_left_alone_unless_the_loss_is_igno
     assert final_loss(None) == pytest.approx(unclipped, rel=0.02)  # the default
     assert final_loss(opt_in()) == pytest.approx(unclipped, rel=0.02)
     # the size test alone (no overshoot asked) holds the weights back
-    alone = gg.chain(gg.SkipNonFinite(), FeedbackClip(step_ratio=0.01, step_overshoot=0.0))
+    alone = gg.chain(gg.SkipNonFinite(), FeedbackClip(step_overshoot=0.0))
     assert final_loss(alone) > 3 * unclipped

@@ -16,23 +16,26 @@ cancel out and a jump shows as a jump; the bare norm when no LR is given):
   first loss, ``persist`` steps in a row. When one begins, a ceiling on the size drops
   to ``min(backoff × ceiling, first × typical size)``; after ``interval`` healthy steps
   it grows ×``growth``.
-* **Unstable SGD step** (opt-in: ``step_ratio=0.01``; needs no history). Where the
-  optimizer's step is ``lr × g`` (``torch.optim.SGD``; the guard then gives the weights'
-  norm ``‖w‖``), a step that would move the weights by more than ``step_alarm`` (10 %)
-  of their norm *and* overshoot the loss, ``lr · ‖g‖² > step_overshoot × loss`` (4),
-  lowers the ceiling to a step of ``step_ratio`` (1 %): ``lr · ‖g‖ = 0.01 · ‖w‖``.
-  The second test is the stability bound of gradient descent on a quadratic whose
-  minimum is 0: there ``‖g‖² = 2λ · loss``, so ``lr · ‖g‖² / loss = 2 · lr · λ``, and
-  a step is unstable beyond ``lr · λ = 2``. It keeps the rule off a linear or
-  logistic model whose weights start small and must grow (big steps relative to the
-  weights, yet no overshoot). Healthy SGD networks stay under 10 % (CNNs early in
-  training reach 3–4 %); a run unstable from its first step (an RNN whose gradient
-  explodes) starts at 14–16 % and an overshoot of 4.5–15, before the other two rules
-  have any past to judge by. Off by default: networks trained at a high LR on the
-  edge of stability (plain SGD at lr ≥ 1 on small models) overshoot on healthy steps
-  and are held back. Needs the step's mean loss (under gradient accumulation the whole
-  step's, not a micro-batch's share: a loss k times too small makes every step look k
-  times more overshooting); a step whose loss is not positive never confirms.
+* **Unstable SGD step** (needs no history). Where the optimizer's step is ``lr × g``
+  (``torch.optim.SGD``; the guard then gives the weights' norm ``‖w‖`` and momentum's
+  gain ``k = (1 - dampening) / (1 - momentum)``, 10 at momentum 0.9, 1 without), a step
+  whose *carried* size ``k · lr · ‖g‖`` (how far a gradient that persists moves the
+  weights) exceeds ``step_alarm`` (1) × ``‖w‖`` *and* that would overshoot the loss,
+  ``lr · ‖g‖² > step_overshoot × loss`` (4), lowers the ceiling to a carried step of
+  ``step_ratio`` (0.1): ``k · lr · ‖g‖ = 0.1 · ‖w‖``. The second test is the stability
+  bound of gradient descent on a quadratic whose minimum is 0: there
+  ``‖g‖² = 2λ · loss``, so ``lr · ‖g‖² / loss = 2 · lr · λ``, and a step is unstable
+  beyond ``lr · λ = 2``; it keeps the rule off a linear or logistic model whose weights
+  start small and must grow (big steps relative to the weights, yet no overshoot).
+  Judging the carried step keeps it off plain SGD at a high LR on the edge of stability
+  (whose single steps are big but are not carried on), and on momentum SGD it acts at
+  a single step of 10 % of ``‖w‖``: healthy momentum networks stay under that (CNNs
+  early in training reach 3–4 %); a run unstable from its first step (an RNN whose
+  gradient explodes) starts at 14–16 % and an overshoot of 4.5–15, before the other two
+  rules have any past to judge by. Needs the step's mean loss (under gradient
+  accumulation the whole step's, not a micro-batch's share: a loss k times too small
+  makes every step look k times more overshooting); without one the rule does nothing
+  (the guard warns once). ``step_ratio=0`` switches it off.
 
 The update is pure, over an explicit :class:`FeedbackState` of 0-d float32 arrays,
 written once over :mod:`gradguard.ops`: it runs on the device (no host sync), on host
@@ -72,12 +75,14 @@ class FeedbackConfig:
     progress: float = 0.05  #: ... and at least this share of the progress since the start
     persist: int = 3  #: ... on this many steps in a row (of the median of three losses)
     lr_beta: float = 0.9  #: EMA factor of the (log) learning rate's recent level
-    #: an SGD step that would move the weights by more than this share of their norm ...
-    step_alarm: float = 0.1
+    #: an SGD step whose carried size, gain · lr · ‖g‖ (gain: SGD's momentum gain,
+    #: (1 - dampening) / (1 - momentum), 10 at momentum 0.9), exceeds this share of the
+    #: weights' norm ...
+    step_alarm: float = 1.0
     #: ... and would overshoot the loss, lr · ‖g‖² > step_overshoot × loss (0: not asked) ...
     step_overshoot: float = 4.0
-    #: ... lowers the ceiling to a step of this share (0, the default: the rule is off)
-    step_ratio: float = 0.0
+    #: ... lowers the ceiling to a carried step of this share (0: the rule is off)
+    step_ratio: float = 0.1
 
     def __post_init__(self) -> None:
         if not self.spike > 1.0:
@@ -224,9 +229,9 @@ def feedback_update(
 def _unstable_step(
     xp: Ops, ceiling: Array, healthy: Array, inputs: StepInputs, shift: Any, config: FeedbackConfig
 ) -> tuple[Array, Array]:
-    """An SGD step that would move the weights by more than ``step_alarm`` of their norm
-    and overshoot the loss (``lr · ‖g‖² > step_overshoot × loss``) lowers the ceiling to
-    a step of ``step_ratio`` (``lr · ‖g‖ = step_ratio · ‖w‖``).
+    """An SGD step whose carried size ``k · lr · ‖g‖`` exceeds ``step_alarm × ‖w‖`` and
+    that would overshoot the loss (``lr · ‖g‖² > step_overshoot × loss``) lowers the
+    ceiling to a carried step of ``step_ratio × ‖w‖`` (``k``: ``inputs.step_gain``).
 
     Only where the guard gives the weights' norm (the optimizer is SGD, whose step is
     ``lr × g``), an LR, and (unless ``step_overshoot`` is 0) a positive loss. It needs
@@ -248,11 +253,13 @@ def _unstable_step(
         lr = xp.f32(lr)
         usable = usable & (lr > 0)
         lr = xp.where(lr > 0, lr, 1.0)
+    if inputs.step_gain != 1.0:  # the step a persistent gradient makes, against the weights
+        weights = weights * (1.0 / inputs.step_gain)
     unstable = usable & (g * lr > weights * config.step_alarm)
     if config.step_overshoot > 0:  # lr·‖g‖²/loss = 2·lr·λ on a quadratic with minimum 0
         loss = xp.f32(loss)
         unstable = unstable & (loss > 0) & (g * g * lr > loss * config.step_overshoot)
-    tight = (weights * config.step_ratio) / lr  # the norm of a step_ratio step
+    tight = (weights * config.step_ratio) / lr  # the norm of a step_ratio carried step
     size = _ln(xp, xp.where(unstable, tight, 1.0)) + shift
     return xp.where(unstable, xp.minimum(ceiling, size), ceiling), xp.where(unstable, 0.0, healthy)
 
@@ -314,11 +321,12 @@ class FeedbackClip(Policy):
     Clips a step whose size jumps above 4× the run's typical size (harder the larger
     the jump; an LR jump counts), and, once the loss diverges, caps the size at twice
     the typical one, halving that cap at each new divergence and doubling it after 200
-    healthy steps. With ``step_ratio=0.01`` (opt-in), under SGD, a step that would move
-    the weights by more than 10 % of their norm and overshoot the loss (``lr · ‖g‖² >
-    4 × loss``) caps steps at 1 % of it (relaxed the same way): for SGD runs unstable
-    from their first step; not for small models trained at a high LR. It reads each
-    step's loss (``guard.step(optimizer, loss=loss)``) and learning rate; without a
+    healthy steps. Under SGD, a step whose carried size (``lr · ‖g‖`` times momentum's
+    gain, 10 at momentum 0.9) exceeds the weights' norm and that would overshoot the
+    loss (``lr · ‖g‖² > 4 × loss``) caps carried steps at 10 % of the weights' norm
+    (relaxed the same way): for SGD runs unstable from their first step, before any
+    statistic exists (``step_ratio=0`` switches it off). It reads each step's loss
+    (``guard.step(optimizer, loss=loss)``) and learning rate; without a
     loss it only clips spikes of the update size. Works with
     :class:`~gradguard.Rewind`: a divergence it detects makes the rewinder restore the
     last snapshot, and its ceiling stays tightened (:meth:`rewound`).

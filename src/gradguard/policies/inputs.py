@@ -36,6 +36,9 @@ class StepInputs:
         weight_norm: 0-d float32 global norm of the parameters, given only where the
             optimizer's step is the learning rate times the gradient (``torch.optim.SGD``)
             and the policy asks for it (:attr:`Policy.reads_weight_norm`), else ``None``.
+        step_gain: with ``weight_norm``, how many steps of ``lr × g`` a persistent
+            gradient moves the weights by: SGD's momentum gain
+            ``(1 - dampening) / (1 - momentum)`` (1 without momentum); a host number.
     """
 
     __slots__ = (
@@ -48,6 +51,7 @@ class StepInputs:
         "params",
         "stats",
         "step",
+        "step_gain",
         "total_norm",
         "weight_norm",
         "xp",
@@ -66,6 +70,7 @@ class StepInputs:
         stats: GradStats | None = None,
         params: Sequence[Tensor] = (),
         weight_norm: Array | None = None,
+        step_gain: float = 1.0,
     ) -> None:
         self.total_norm = total_norm
         self._norms = norms
@@ -78,6 +83,7 @@ class StepInputs:
         self.stats = stats
         self.params = params
         self.weight_norm = weight_norm
+        self.step_gain = step_gain
         #: How many tensors were measured.
         self.count = int(norms.shape[0])
 
@@ -96,7 +102,7 @@ class StepInputs:
     def replace(self, **changes: Any) -> StepInputs:
         """A copy with some fields changed."""
         names = ("total_norm", "norms", "xp", "step", "loss", "lr", "names", "norm_type")
-        fields = {name: getattr(self, name) for name in (*names, "stats", "params", "weight_norm")}
+        fields = {name: getattr(self, name) for name in (*names, "stats", "params", "weight_norm", "step_gain")}
         fields.update(changes)
         return StepInputs(**fields)
 
@@ -117,6 +123,7 @@ class StepInputs:
         loss: Tensor | float | None = None,
         lr: Any = None,
         weight_norm: Tensor | None = None,
+        step_gain: float = 1.0,
     ) -> StepInputs:
         """The inputs of a step measured by :func:`gradguard.measure`.
 
@@ -153,6 +160,7 @@ class StepInputs:
             stats,
             params,
             weight_norm,
+            step_gain,
         )
 
 
