@@ -105,7 +105,7 @@ def test_recording_fault_never_stops_training(tmp_path):
             loss = model(torch.randn(4, 4)).pow(2).mean()
             optimizer.zero_grad()
             loss.backward()
-            assert guard.step(optimizer) is not None
+            assert guard.step(optimizer, loss=loss) is not None
         guard.close()
     runtime = [w for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(runtime) == 1, [str(w.message) for w in runtime]

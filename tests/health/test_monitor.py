@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import statistics
 import time
 
 import numpy as np
@@ -83,8 +82,8 @@ def test_state_and_time_per_flush_do_not_grow_with_the_run():
     short, _ = _long_run(80)
     long, times = _long_run(800)
     assert abs(_state_size(long) - _state_size(short)) < 0.05 * _state_size(short)
-    early = statistics.median(times[40:120])
-    late = statistics.median(times[-80:])
+    # the fastest flush of each window: robust to a machine busy with other work
+    early, late = min(times[40:120]), min(times[-80:])
     assert late < 3 * early  # 40k steps in, a flush costs what it did at 2k
 
 

@@ -182,12 +182,15 @@ def test_the_hook_tells_the_policy_that_sgd_steps_by_the_gradient():
         model = nn.Linear(4, 1)
         weights = float(torch.cat([p.detach().flatten() for p in model.parameters()]).norm())
         # the size test alone: this checks what the hook tells the policy, not the loss
-        policy = chain(SkipNonFinite(), FeedbackClip(step_ratio=0.01, step_overshoot=0.0))
+        policy = chain(SkipNonFinite(), FeedbackClip(step_overshoot=0.0))
         hook = HookStep(Guard(model, policy, health=False))
         (100 * model(torch.randn(8, 4))).pow(2).mean().backward()
         return float(hook.run(make_optimizer(model.parameters())).threshold), weights
 
-    threshold, weights = first_threshold(lambda p: torch.optim.SGD(p, lr=0.1))
+    # and its momentum: a carried step of 10 % of the weights, 1 % a step at momentum 0.9
+    threshold, weights = first_threshold(lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9))
     assert threshold == pytest.approx(0.01 * weights / 0.1, rel=1e-5)
+    threshold, _ = first_threshold(lambda p: torch.optim.SGD(p, lr=0.1))
+    assert threshold == pytest.approx(0.1 * weights / 0.1, rel=1e-5)
     threshold, _ = first_threshold(lambda p: torch.optim.Adam(p, lr=0.1))
     assert threshold == float("inf")

@@ -490,7 +490,8 @@ def test_process_gives_the_weight_norm_when_told_the_step_is_sgd():
     # True: no momentum, a carried step of 10 %; a gain of 10 (momentum 0.9): 1 % a step
     assert first_threshold(sgd=True) == pytest.approx(0.1 * weights / 0.1, rel=1e-5)
     assert first_threshold(sgd=10.0) == pytest.approx(0.01 * weights / 0.1, rel=1e-5)
-    for bad in (-1.0, 0.0, math.nan):
+    assert first_threshold(sgd=0.0) == math.inf  # 0: not SGD
+    for bad in (-1.0, math.inf, math.nan):
         with pytest.raises(ValueError, match="sgd"):
             first_threshold(sgd=bad)
 

@@ -102,7 +102,8 @@ class StepInputs:
     def replace(self, **changes: Any) -> StepInputs:
         """A copy with some fields changed."""
         names = ("total_norm", "norms", "xp", "step", "loss", "lr", "names", "norm_type")
-        fields = {name: getattr(self, name) for name in (*names, "stats", "params", "weight_norm", "step_gain")}
+        extra = ("stats", "params", "weight_norm", "step_gain")
+        fields = {name: getattr(self, name) for name in (*names, *extra)}
         fields.update(changes)
         return StepInputs(**fields)
 

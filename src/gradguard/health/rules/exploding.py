@@ -20,9 +20,10 @@ _JUMP, _GROWTH, _ABOVE = "jump", "growth", "above"
 #: for growth from the first steps, which no detector with a past can catch in time
 _FROM_THE_START = (
     "Unstable from the first steps: a fixed clip near the first healthy norms (`gradguard "
-    "diagnose` suggests one), `gg.Rewind` (returns to the last good state and tightens), "
-    "or, under SGD, `gg.FeedbackClip(step_ratio=0.01)` (caps each step relative to the "
-    "weights from step one; the default has no past to judge such a run by)."
+    "diagnose` suggests one), or `gg.Rewind` (returns to the last good state and tightens). "
+    "Under SGD the default policy caps, from step one, a step that is too big for the "
+    "weights and overshoots the loss, if it is given the loss (`guard.step(optimizer, "
+    "loss=loss)`); under other optimizers it has no past to judge such a run by."
 )
 
 
