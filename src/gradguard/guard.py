@@ -192,9 +192,9 @@ class Guard:
                 engine that keeps them elsewhere (DeepSpeed).
             sgd: the optimizer's step is ``lr`` times the gradient (``torch.optim.SGD``):
                 ``True``, or its momentum gain ``(1 - dampening) / (1 - momentum)`` (10 at
-                momentum 0.9; ``True`` is 1, no momentum; 0 or ``False``: not SGD). Policies that bound the step
-                relative to the weights (:class:`~gradguard.FeedbackClip`) then get the
-                weights' norm.
+                momentum 0.9; ``True`` is 1, no momentum; 0 or ``False``: not SGD).
+                Policies that bound the step relative to the weights
+                (:class:`~gradguard.FeedbackClip`) then get the weights' norm.
         """
         number = None if step is None else check.positive_int("step", step, minimum=0)
         if not isinstance(sgd, bool):
