@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import argparse
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from functools import cache
-from multiprocessing import get_context
 
 import torch
 from torch import nn
 
 import gradguard as gg
 
+from .parallel import starmap
 from .policies import resolve
 from .suite import SWEEP
 
@@ -84,11 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         for row in rows
         for seed in range(args.seeds)
     ]
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs, mp_context=get_context("fork")) as pool:
-            results = list(pool.map(final_loss, *zip(*specs)))
-    else:
-        results = [final_loss(*spec) for spec in specs]
+    results = starmap(final_loss, specs, args.jobs)
     done = dict(zip(specs, results))
     runs = [(d, m, lr, mom, s) for d in DATASETS for m in MODELS for lr, mom in SETTINGS
             for s in range(args.seeds)]  # fmt: skip

@@ -27,9 +27,7 @@ import os
 import sys
 import tempfile
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
-from multiprocessing import get_context
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -43,6 +41,7 @@ from benchmarks.diagnosis.corpus import FAULTY, HEALTHY
 from benchmarks.diagnosis.runner import RunSpec, train
 from gradguard.record.store import RunStore
 
+from .parallel import starmap
 from .suite import SWEEP
 
 #: Paired final losses closer than this (relative) match.
@@ -93,11 +92,7 @@ def reseeded(specs: list[RunSpec], seeds: int) -> list[RunSpec]:
 def measure(specs: list[RunSpec], rows: list[str], jobs: int = 1) -> dict[str, dict[str, dict]]:
     """``{run name: {row: figures}}``."""
     pairs = [(spec, row) for spec in specs for row in rows]
-    if jobs > 1:
-        with ProcessPoolExecutor(jobs, mp_context=get_context("fork")) as pool:
-            results = list(pool.map(_one, *zip(*pairs)))
-    else:
-        results = [_one(*pair) for pair in pairs]
+    results = starmap(_one, pairs, jobs)
     out: dict[str, dict[str, dict]] = {}
     for (spec, row), figures in zip(pairs, results):
         out.setdefault(spec.name, {})[row] = figures

@@ -16,14 +16,13 @@ import argparse
 import statistics
 import warnings
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from typing import Any
 
 import torch
 
 from . import cnn, lstm, rnn
+from .parallel import starmap
 from .policies import resolve
 from .suite import SWEEP
 
@@ -86,11 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     cases, rows = args.cases.split(","), args.rows.split(",")
     seeds = range(args.seed_base, args.seed_base + args.seeds)
     specs = [(c, r, s) for c in cases for r in rows for s in seeds]
-    if args.jobs > 1:
-        with ProcessPoolExecutor(args.jobs, mp_context=get_context("fork")) as pool:
-            results = list(pool.map(_job, *zip(*specs)))
-    else:
-        results = [_job(*spec) for spec in specs]
+    results = starmap(_job, specs, args.jobs)
     done = dict(zip(specs, results))
     for case in cases:
         print(f"\n{case} (seeds {seeds.start}–{seeds.stop - 1})\n")
