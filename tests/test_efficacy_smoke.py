@@ -201,3 +201,37 @@ def test_heldout_runs_the_corpus_under_each_row_and_compares_paired_losses():
         (f"{spec.name}@1", spec.seed + 1000),
         (f"{spec.name}@2", spec.seed + 2000),
     ]
+
+
+def test_grid_trains_a_classifier_and_the_sgd_step_rule_leaves_a_stable_run_alone():
+    from benchmarks.efficacy import grid
+
+    # iris, softmax regression, plain SGD at lr 0.3: stable, so the default's SGD step
+    # rule never acts and the default ends where the default without it does
+    with_rule = grid.final_loss("iris", "linear", 0.3, 0.0, "default", 0)
+    without = grid.final_loss("iris", "linear", 0.3, 0.0, "fb:step_ratio=0", 0)
+    unclipped = grid.final_loss("iris", "linear", 0.3, 0.0, "none", 0)
+    assert math.isfinite(with_rule) and with_rule == without
+    assert with_rule == pytest.approx(unclipped, rel=0.05)
+
+
+def test_sgd_variants_train_with_nesterov_and_restore_torchs_sgd():
+    from benchmarks.efficacy import sgd_variants
+
+    seen = []
+    original = torch.optim.SGD
+
+    def spy(config, name, factory, seed, rewind):
+        seen.append(torch.optim.SGD)
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        seen.append(optimizer.param_groups[0]["nesterov"])
+        return loop.Result(name, seed, False, 1.0, [], 0.0, 0, 1, 0.0)
+
+    case = sgd_variants.CASES["cnn-nesterov"]
+    sgd_variants.CASES["spy"] = sgd_variants.Case(spy, case.config, nesterov=True)
+    try:
+        assert sgd_variants._job("spy", "default", 5) == (1.0, 0.0)
+    finally:
+        del sgd_variants.CASES["spy"]
+    assert seen == [sgd_variants.NesterovSGD, True]
+    assert torch.optim.SGD is original
