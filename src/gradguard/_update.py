@@ -70,7 +70,7 @@ def learning_rate(optimizer: Any) -> Tensor | float | None:
     return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
 
 
-def steps_by_gradient(optimizer: Any) -> float:
+def sgd_step_gain(optimizer: Any) -> float:
     """How far a persistent gradient moves the weights, in steps of ``lr × g``: 0.0 when
     the optimizer's step is not the learning rate times the gradient, else ``torch.optim.SGD``'s
     momentum gain ``(1 - dampening) / (1 - momentum)`` of the first parameter group (1.0

@@ -245,7 +245,7 @@ class Guard:
         found = _amp.found_inf(scaler, optimizer, device) if amp else None  # type: ignore[arg-type]
         scale = _amp.current_scale(scaler) if amp else None  # type: ignore[arg-type]
         lr = _update.learning_rate(optimizer)
-        sgd = _update.steps_by_gradient(optimizer)
+        sgd = _update.sgd_step_gain(optimizer)
         result = self._process(collected, loss, lr, found, scale, fold, sgd)
         skipped = _update.run(optimizer, result, fold=fold, scaler=scaler if amp else None)
         if skipped and not result.reported:

@@ -510,19 +510,19 @@ def test_the_rule_judges_the_step_momentum_carries(xp):
 
 
 def test_the_momentum_gain_is_read_from_the_optimizer():
-    from gradguard._update import steps_by_gradient
+    from gradguard._update import sgd_step_gain
 
     params = [torch.nn.Parameter(torch.zeros(2))]
-    assert steps_by_gradient(torch.optim.SGD(params, lr=0.1)) == 1.0
-    assert steps_by_gradient(torch.optim.SGD(params, lr=0.1, momentum=0.9)) == pytest.approx(10)
-    assert steps_by_gradient(
+    assert sgd_step_gain(torch.optim.SGD(params, lr=0.1)) == 1.0
+    assert sgd_step_gain(torch.optim.SGD(params, lr=0.1, momentum=0.9)) == pytest.approx(10)
+    assert sgd_step_gain(
         torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True)
     ) == pytest.approx(10)
-    assert steps_by_gradient(
+    assert sgd_step_gain(
         torch.optim.SGD(params, lr=0.1, momentum=0.9, dampening=0.5)
     ) == pytest.approx(5)
-    assert steps_by_gradient(torch.optim.SGD(params, lr=0.1, momentum=0.99)) == pytest.approx(100)
-    assert steps_by_gradient(torch.optim.AdamW(params, lr=0.1)) == 0.0  # not lr × g
+    assert sgd_step_gain(torch.optim.SGD(params, lr=0.1, momentum=0.99)) == pytest.approx(100)
+    assert sgd_step_gain(torch.optim.AdamW(params, lr=0.1)) == 0.0  # not lr × g
 
 
 def test_the_guard_warns_once_when_the_rule_needs_a_loss_it_is_not_given():

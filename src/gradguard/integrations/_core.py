@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from .. import _warn
-from .._update import learning_rate, steps_by_gradient, warn_if_private
+from .._update import learning_rate, sgd_step_gain, warn_if_private
 from ..guard import Guard, StepResult
 from ..policies import Chain, ClipNorm, Monitor, Policy, SkipNonFinite, chain, default_policy
 from ..schema import Sink
@@ -212,7 +212,7 @@ class HookStep:
         result = self.guard.process(
             loss=loss,
             lr=learning_rate(inner),
-            sgd=steps_by_gradient(inner),
+            sgd=sgd_step_gain(inner),
             step=step,
             found_inf=found_inf,
             loss_scale=loss_scale,
