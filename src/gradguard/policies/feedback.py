@@ -5,10 +5,13 @@ the learning rate relative to its own recent level (so a schedule's smooth chang
 cancel out and a jump shows as a jump; the bare norm when no LR is given):
 
 * **Spike rule** (after ZClip, in log space). A size more than ``spike`` × the running
-  typical size (an EMA of the log sizes applied) is clipped, the harder the larger it
-  is: an excess ``e`` over the typical size beyond ``t = log(spike)`` is cut to
-  ``t²/e``. The typical size learns from the clipped sizes and is held while the loss
-  is elevated, so it never chases a divergence.
+  typical size (an EMA of the sizes applied) is clipped, the harder the larger it is:
+  a log excess ``e`` over the typical size beyond the margin ``t = log(spike)`` is cut
+  to ``t²/e``. Spikes are rare by definition: where more than ``spike_rate`` (2 %) of
+  the steps go beyond the margin (a model that fits most of its batches, whose few
+  others give gradients a hundred times larger), the margin widens to that quantile of
+  the sizes. The typical size and the margin learn from the clipped sizes and are held
+  while the loss is elevated, so they never chase a divergence.
 * **Loss feedback** (GradScaler's back-off and growth, with the loss in the role of the
   overflow check). The loss, filtered by a median of the last three, is compared with a
   slow EMA of clamped losses; a *divergence* is a filtered loss above that reference by
@@ -64,7 +67,10 @@ _LN10 = math.log(10.0)
 class FeedbackConfig:
     """Settings of :class:`FeedbackClip` (the rules: :mod:`gradguard.policies.feedback`)."""
 
-    spike: float = 4.0  #: a size above spike × the typical size is a spike
+    spike: float = 4.0  #: a size above spike × the typical size is a spike ...
+    #: ... unless more than this share of the steps are: then the margin widens
+    spike_rate: float = 0.02
+    widen: float = 0.1  #: the margin's (log) step up at each size beyond it
     beta: float = 0.95  #: EMA factor of the typical (log) size
     backoff: float = 0.5  #: each new divergence multiplies the ceiling by this
     first: float = 2.0  #: ... but puts it at most at first × the typical size
@@ -87,6 +93,8 @@ class FeedbackConfig:
     def __post_init__(self) -> None:
         if not self.spike > 1.0:
             raise ValueError(f"spike must be > 1, got {self.spike}")
+        check.in_open_unit("spike_rate", self.spike_rate)
+        check.positive("widen", self.widen)
         check.in_open_unit("beta", self.beta)
         check.in_open_unit("backoff", self.backoff)
         check.positive("first", self.first)
@@ -107,7 +115,7 @@ class FeedbackState(NamedTuple):
     """The controller's state: 0-d float32 arrays, natural logs of sizes where noted."""
 
     count: Array  # finite norms seen
-    level: Array  # EMA of the log size applied
+    level: Array  # log of an EMA of the sizes applied
     lr_level: Array  # EMA of the log learning rate
     ceiling: Array  # log ceiling on the size (+inf: none yet)
     healthy: Array  # steps since the last divergence or growth
@@ -119,16 +127,18 @@ class FeedbackState(NamedTuple):
     prev2: Array  # the loss before it
     streak: Array  # consecutive steps with an elevated filtered loss
     episodes: Array  # divergences detected so far
+    margin: Array  # how much (log) wider than log(spike) the spike margin is
 
 
-_LOSS = FeedbackState._fields.index("seen")  # the loss statistics: the fields from here on
+_LOSS = FeedbackState._fields.index("seen")  # the loss statistics: the fields from here ...
+_MARGIN = FeedbackState._fields.index("margin")  # ... to here
 _STREAK = FeedbackState._fields.index("streak")
 
 
 def initial_state(xp: Ops, like: Array) -> FeedbackState:
     """The state before the first step, where ``like`` lives."""
     zero, inf = xp.scalar(0.0, like), xp.scalar(math.inf, like)
-    return FeedbackState(zero, zero, zero, inf, *([zero] * 9))
+    return FeedbackState(zero, zero, zero, inf, *([zero] * 10))
 
 
 def _ln(xp: Ops, x: Array) -> Array:
@@ -137,6 +147,12 @@ def _ln(xp: Ops, x: Array) -> Array:
 
 def _exp(x: Array) -> Array:
     return 10.0 ** (x * (1.0 / _LN10))
+
+
+def _spike_margin(xp: Ops, state: FeedbackState, config: FeedbackConfig) -> Array:
+    """How far (log) above the typical size a spike begins: ``log(spike)``, widened where
+    sizes beyond it are not rare (the state keeps the widening)."""
+    return state.margin + math.log(config.spike)
 
 
 def _median3(xp: Ops, a: Array, b: Array, c: Array) -> Array:
@@ -149,7 +165,7 @@ def _loss_feedback(
     """Update the loss statistics; lower the ceiling when a divergence begins.
 
     Returns the ceiling, the healthy-step count and the new loss statistics (the
-    state's fields from ``seen`` on, in order).
+    state's fields from ``seen`` to ``episodes``, in order).
 
     Written for few operations (each is a kernel launch on a device): a flag times a
     number stands for a select where the two agree bit for bit, and the slots a
@@ -274,7 +290,7 @@ def _hold(
     xp: Ops, state: FeedbackState, inputs: StepInputs, config: FeedbackConfig
 ) -> tuple[FeedbackState, Array]:
     """A skipped step: the state unchanged, the threshold a typical step would get."""
-    bound = xp.minimum(state.level + math.log(config.spike), state.ceiling)
+    bound = xp.minimum(state.level + _spike_margin(xp, state, config), state.ceiling)
     return state, _exp(xp.where(state.count > 0, bound, math.inf))
 
 
@@ -291,24 +307,44 @@ def _update(
     if inputs.loss is not None:
         ceiling, healthy, statistics = _loss_feedback(xp, state, xp.f32(inputs.loss), config)
     else:
-        ceiling, healthy, statistics = state.ceiling, state.healthy + 1.0, state[_LOSS:]
+        ceiling, healthy, statistics = state.ceiling, state.healthy + 1.0, state[_LOSS:_MARGIN]
     ceiling, healthy = _unstable_step(xp, ceiling, healthy, inputs, shift, config)
     ceiling, healthy = _grow(xp, ceiling, healthy, config)
     size = _ln(xp, xp.where(finite, g, 1.0)) + shift
     ready = state.count > 0
     # spike rule (in log space, after ZClip): a size `excess` above the level beyond
-    # t = log(spike) is clipped to level + t²/excess: the larger the outlier, the harder
-    t = math.log(config.spike)
+    # the margin t is clipped to level + t²/excess: the larger the outlier, the harder
+    t = _spike_margin(xp, state, config)
     excess = xp.maximum(size - state.level, t)
-    spike = xp.where(ready, state.level + xp.div(t * t, excess), math.inf)
+    spike = xp.where(ready, state.level + t * t / excess, math.inf)
     bound = xp.minimum(spike, ceiling)
     applied = xp.minimum(size, bound)
     b = config.beta
-    level = xp.where(ready, b * state.level + (1 - b) * applied, applied)
-    # the level is held while the loss is elevated: it never chases a divergence
+    # the typical size is an EMA of the applied sizes themselves (its log is kept): a
+    # spike moves it up by a bounded step (the applied size is within the margin) and a
+    # size near zero down by at most log(beta); an EMA of the log sizes would fall
+    # without bound on batches whose gradient vanishes (a model that fits most of its
+    # batches), until every informative step is clipped
+    level = state.level + _ln(xp, b + (1 - b) * _exp(applied - state.level))
+    level = xp.where(ready, level, applied)
+    # the margin tracks the (1 - spike_rate) quantile of the sizes above the level, never
+    # under log(spike): spikes are rare by definition; where they are not (a model that
+    # fits most batches, whose few others give gradients a hundred times larger), the
+    # sizes beyond it are the run's spread, not outliers
+    beyond = ready & (size - state.level > t)
+    down = config.widen * config.spike_rate / (1.0 - config.spike_rate)
+    margin = xp.maximum(xp.where(beyond, state.margin + config.widen, state.margin - down), 0.0)
+    # the statistics are held while the loss is elevated: they never chase a divergence
     update = finite & (statistics[_STREAK - _LOSS] == 0)
-    level = xp.where(update, level, state.level)
-    new = FeedbackState(state.count + finite, level, lr_level, ceiling, healthy, *statistics)
+    new = FeedbackState(
+        state.count + finite,
+        xp.where(update, level, state.level),
+        lr_level,
+        ceiling,
+        healthy,
+        *statistics,
+        xp.where(update, margin, state.margin),
+    )
     return new, _exp(bound - shift)
 
 
@@ -318,16 +354,16 @@ class FeedbackClip(Policy):
     The default policy, after :class:`~gradguard.SkipNonFinite`
     (:func:`~gradguard.default_policy`).
 
-    Clips a step whose size jumps above 4× the run's typical size (harder the larger
-    the jump; an LR jump counts), and, once the loss diverges, caps the size at twice
-    the typical one, halving that cap at each new divergence and doubling it after 200
-    healthy steps. Under SGD, a step whose carried size (``lr · ‖g‖`` times momentum's
-    gain, 10 at momentum 0.9) exceeds the weights' norm and that would overshoot the
-    loss (``lr · ‖g‖² > 4 × loss``) caps carried steps at 10 % of the weights' norm
-    (relaxed the same way): for SGD runs unstable from their first step, before any
-    statistic exists (``step_ratio=0`` switches it off). It reads each step's loss
-    (``guard.step(optimizer, loss=loss)``) and learning rate; without a
-    loss it only clips spikes of the update size. Works with
+    Clips a step whose size jumps above 4× the run's typical size (harder the larger the
+    jump; an LR jump counts; wider where such sizes are not rare), and, once the loss
+    diverges, caps the size at twice the typical one, halving that cap at each new
+    divergence and doubling it after 200 healthy steps. Under SGD, a step whose carried
+    size (``lr · ‖g‖`` times momentum's gain, 10 at momentum 0.9) exceeds the weights'
+    norm and that would overshoot the loss (``lr · ‖g‖² > 4 × loss``) caps carried steps
+    at 10 % of the weights' norm (relaxed the same way): for SGD runs unstable from
+    their first step, before any statistic exists (``step_ratio=0`` switches it off). It
+    reads each step's loss (``guard.step(optimizer, loss=loss)``) and learning rate;
+    without a loss it only clips spikes of the update size. Works with
     :class:`~gradguard.Rewind`: a divergence it detects makes the rewinder restore the
     last snapshot, and its ceiling stays tightened (:meth:`rewound`).
 
@@ -336,7 +372,7 @@ class FeedbackClip(Policy):
     """
 
     State = FeedbackState
-    finite_fields = ("count", "level", "lr_level", "healthy", "seen", "start", "streak")
+    finite_fields = ("count", "level", "lr_level", "healthy", "seen", "start", "streak", "margin")
 
     def __init__(self, **settings: Any) -> None:
         self.config = FeedbackConfig(**settings)
@@ -362,6 +398,13 @@ class FeedbackClip(Policy):
         state, threshold = feedback_update(xp, state, inputs, self.config)
         scale = clip_coefficient(xp, threshold, inputs.total_norm)
         return Decision(scale=scale, threshold=threshold), state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a saved state; one saved before the margin existed gets ``log(spike)``."""
+        state = dict(state)
+        if "margin" not in state and "_margin" not in state and state.get("level") is not None:
+            state["margin"] = torch.zeros(())
+        super().load_state_dict(state)
 
     @property
     def divergences(self) -> Tensor:
