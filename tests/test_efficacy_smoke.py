@@ -235,3 +235,13 @@ def test_sgd_variants_train_with_nesterov_and_restore_torchs_sgd():
         del sgd_variants.CASES["spy"]
     assert seen == [sgd_variants.NesterovSGD, True]
     assert torch.optim.SGD is original
+
+
+def test_fitted_counts_the_steps_a_policy_clips():
+    from benchmarks.efficacy import fitted
+
+    final, rate, late = fitted.train("iris", "sgd-plain", "clip 0.1", 0, steps=40)
+    free, none_rate, _ = fitted.train("iris", "sgd-plain", "none", 0, steps=40)
+    assert math.isfinite(final) and math.isfinite(free)
+    assert rate > 0.9 and late > 0.9  # iris's first gradients are far above 0.1
+    assert none_rate == 0.0
