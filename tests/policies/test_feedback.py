@@ -127,8 +127,10 @@ def test_sizes_beyond_the_margin_that_are_not_rare_widen_it():
 
 def test_an_lr_jump_holds_the_update_size_for_a_few_steps():
     lrs = [0.05] * 30 + [1.0] * 30
-    thresholds, _ = drive([1.0] * 60, lrs=lrs)
+    thresholds, states = drive([1.0] * 60, lrs=lrs)
     assert thresholds[29] == pytest.approx(4.0, rel=1e-5)
+    # a run of sizes beyond the margin is a new regime: it widens the margin once only
+    assert float(states[40].margin) <= 0.1 + 1e-6
     # the size (norm × LR against its recent level) jumps 20x: the norm is clipped so the
     # step stays near the size taken before
     assert thresholds[30] == pytest.approx(math.exp(T * T / math.log(20.0)) / 20, rel=1e-4)

@@ -128,6 +128,7 @@ class FeedbackState(NamedTuple):
     streak: Array  # consecutive steps with an elevated filtered loss
     episodes: Array  # divergences detected so far
     margin: Array  # how much (log) wider than log(spike) the spike margin is
+    beyond: Array  # 1 when the last step's size was beyond the margin
 
 
 _LOSS = FeedbackState._fields.index("seen")  # the loss statistics: the fields from here ...
@@ -138,7 +139,7 @@ _STREAK = FeedbackState._fields.index("streak")
 def initial_state(xp: Ops, like: Array) -> FeedbackState:
     """The state before the first step, where ``like`` lives."""
     zero, inf = xp.scalar(0.0, like), xp.scalar(math.inf, like)
-    return FeedbackState(zero, zero, zero, inf, *([zero] * 10))
+    return FeedbackState(zero, zero, zero, inf, *([zero] * 11))
 
 
 def _ln(xp: Ops, x: Array) -> Array:
@@ -328,12 +329,15 @@ def _update(
     level = state.level + _ln(xp, b + (1 - b) * _exp(applied - state.level))
     level = xp.where(ready, level, applied)
     # the margin tracks the (1 - spike_rate) quantile of the sizes above the level, never
-    # under log(spike): spikes are rare by definition; where they are not (a model that
-    # fits most batches, whose few others give gradients a hundred times larger), the
-    # sizes beyond it are the run's spread, not outliers
-    beyond = ready & (size - state.level > t)
+    # under log(spike): spikes are rare and isolated by definition; where isolated sizes
+    # beyond it are not rare (a model that fits most batches, whose few others give
+    # gradients a hundred times larger), they are the run's spread, not outliers. A run
+    # of them is a new regime (an LR jump, a divergence) and does not widen it, nor does
+    # a step the ceiling holds (its size is the ceiling's business).
+    beyond = ready & (size - state.level > t) & (spike < ceiling)
+    widen = beyond & (state.beyond == 0)
     down = config.widen * config.spike_rate / (1.0 - config.spike_rate)
-    margin = xp.maximum(xp.where(beyond, state.margin + config.widen, state.margin - down), 0.0)
+    margin = xp.maximum(xp.where(widen, state.margin + config.widen, state.margin - down), 0.0)
     # the statistics are held while the loss is elevated: they never chase a divergence
     update = finite & (statistics[_STREAK - _LOSS] == 0)
     new = FeedbackState(
@@ -344,6 +348,7 @@ def _update(
         healthy,
         *statistics,
         xp.where(update, margin, state.margin),
+        xp.where(beyond, 1.0, 0.0),
     )
     return new, _exp(bound - shift)
 
@@ -372,7 +377,9 @@ class FeedbackClip(Policy):
     """
 
     State = FeedbackState
-    finite_fields = ("count", "level", "lr_level", "healthy", "seen", "start", "streak", "margin")
+    finite_fields = (
+        "count", "level", "lr_level", "healthy", "seen", "start", "streak", "margin", "beyond"
+    )  # fmt: skip
 
     def __init__(self, **settings: Any) -> None:
         self.config = FeedbackConfig(**settings)
@@ -403,7 +410,7 @@ class FeedbackClip(Policy):
         """Restore a saved state; one saved before the margin existed gets ``log(spike)``."""
         state = dict(state)
         if "margin" not in state and "_margin" not in state and state.get("level") is not None:
-            state["margin"] = torch.zeros(())
+            state["margin"] = state["beyond"] = torch.zeros(())
         super().load_state_dict(state)
 
     @property
