@@ -128,7 +128,8 @@ class LossTrend(Signal):
     a lucky batch, and the median is taken) and ``best`` (the lowest of ``initial`` and the
     medians so
     far); ``seen`` counts the finite losses so far and ``first_step`` is the first step
-    with one.
+    with one; ``fitted`` marks rows whose smoothed loss is down to ``fitted_loss`` × the
+    initial level.
     """
 
     thresholds = (
@@ -137,6 +138,14 @@ class LossTrend(Signal):
             7,
             check.counter(3),
             "losses in the rolling median that smooths single noisy or corrupt batches",
+        ),
+        Threshold(
+            "fitted_loss",
+            1e-3,
+            check.fraction,
+            "a smoothed loss this share of the initial one means the model fits its data: "
+            "vanishing gradients are then the fit, not a fault (classifiers on scikit-learn's "
+            "tables trained 2,000 steps reach 1e-4 to 1e-8 of their initial loss)",
         ),
     )
 
@@ -149,6 +158,7 @@ class LossTrend(Signal):
         self.first_loss = math.nan
         self.first_step: int | None = None
         self.median = self.best = self.initial = self.seen = _nan(0)
+        self.fitted = np.zeros(0, dtype=bool)
 
     def update(self, steps: Steps) -> None:
         w = self.config.loss_window
@@ -174,6 +184,8 @@ class LossTrend(Signal):
         self.median, self.best, self.initial, self.seen = _nan(n), _nan(n), _nan(n), _nan(n)
         self.median[valid], self.best[valid], self.seen[valid] = median, best, seen
         self.initial[valid] = np.where(seen >= w, self.initial_level, np.nan)
+        with np.errstate(invalid="ignore"):
+            self.fitted = self.median <= self.config.fitted_loss * np.abs(self.initial)
 
     def current(self) -> float:
         """The latest smoothed loss (NaN before the window fills)."""

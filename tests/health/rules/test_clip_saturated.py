@@ -23,3 +23,13 @@ def test_an_adaptive_clipper_clipping_every_step_is_information():
     norms = np.geomspace(0.5, 5.0, 200)  # a rising norm an EMA threshold lags behind
     found = final(batch(norms.tolist(), threshold=(norms / 3).tolist()))
     assert [f.severity.value for f in found if f.kind == "clip_saturated"] == ["info"]
+
+
+def test_clipping_a_model_that_fits_its_data_is_not_reported():
+    norms = noisy(1e-8, 150)  # what is clipped moves nothing: the loss is 1e-6 of its start
+    losses = [1.0] * 10 + [1e-6] * 140
+    found = final(batch(norms, threshold=1e-9, loss=losses))
+    assert [f for f in found if f.kind == "clip_saturated"] == []
+    high = [1.0] * 150  # the same clipping while the loss is still high is
+    found = final(batch(norms, threshold=1e-9, loss=high))
+    assert [f.kind for f in found if f.kind == "clip_saturated"] == ["clip_saturated"]

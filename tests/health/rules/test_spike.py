@@ -36,3 +36,29 @@ def test_a_20x_swing_of_a_converged_run_is_no_spike():
     norms = noisy(0.05, 200, spread=0.3)
     norms[120] = 20 * 0.05  # one hard example: ten to twenty times is natural here
     assert final(batch(norms)) == []
+
+
+def fitted_run(n=400, hard_at=300, hard_norm=0.6, hard_loss=0.03):
+    """A classifier that fits its data: the loss falls from 2.3 to 1e-4, the norms from
+    0.5 to 0.005, and one batch of hard examples gives a norm the run started with."""
+    norms = noisy(0.5, 100) + noisy(0.005, n - 100, seed=1)
+    losses = [2.3] * 50 + [0.5] * 50 + [1e-4] * (n - 100)
+    norms[hard_at], losses[hard_at] = hard_norm, hard_loss
+    return norms, losses
+
+
+def test_a_fitted_models_hard_batch_is_no_spike():
+    norms, losses = fitted_run()
+    assert kinds(final(batch(norms, loss=losses), every=50)) == []
+    # without a recorded loss, its norm (no larger than the first) is the evidence
+    norms, _ = fitted_run(hard_norm=0.4)
+    assert kinds(final(batch(norms), every=50)) == []
+
+
+def test_a_bad_batch_in_a_fitted_run_is_still_a_spike():
+    # its loss above the run's initial loss: a corrupt batch, whatever its norm
+    norms, losses = fitted_run(hard_loss=50.0)
+    assert kinds(final(batch(norms, loss=losses), every=50)) == ["spike"]
+    # or its norm far above the scale training started at
+    norms, losses = fitted_run(hard_norm=20.0)
+    assert kinds(final(batch(norms, loss=losses), every=50)) == ["spike"]

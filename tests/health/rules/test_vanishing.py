@@ -14,3 +14,11 @@ def test_sustained_tiny_norms_vanish_with_their_range():
 
 def test_small_but_healthy_norms_do_not():
     assert kinds(final(batch(noisy(1e-5, 50)))) == []
+
+
+def test_a_model_that_fits_its_data_is_not_vanishing():
+    norms = noisy(0.5, 50) + noisy(1e-8, 150, seed=1)
+    fitted = [1.0] * 50 + [1e-5] * 150  # the loss down to 1e-5 of where it began
+    assert kinds(final(batch(norms, loss=fitted), every=25)) == []
+    stuck = [1.0] * 50 + [0.9] * 150  # the same norms with the loss still high: vanishing
+    assert kinds(final(batch(norms, loss=stuck), every=25)) == ["vanishing"]

@@ -28,3 +28,15 @@ def test_one_episode_while_any_layer_vanishes():
 
 def test_healthy_spread_is_not_vanishing():
     assert layers([[1e-3, 1e-3, 1e-2, 1e-1]] * 4) == []
+
+
+def test_layers_of_a_model_that_fits_its_data_are_not_vanishing():
+    rows = [[1e-9, 1e-9, 1e-3, 1e-3]] * 6
+    snaps = [(10 * i, row) for i, row in enumerate(rows)]
+    norms = noisy(0.5, 60)
+    fitted = [1.0] * 10 + [1e-5] * 50
+    found = final(batch(norms, loss=fitted, names=NAMES, snapshots=snaps[1:]), every=10)
+    assert [f for f in found if f.kind == "vanishing_layer"] == []
+    stuck = [1.0] * 60
+    found = final(batch(norms, loss=stuck, names=NAMES, snapshots=snaps[1:]), every=10)
+    assert [f.kind for f in found if f.kind == "vanishing_layer"] == ["vanishing_layer"]

@@ -7,7 +7,7 @@ from ..advice import LOWER_LR
 from ..base import Context, Rule, Steps, Threshold
 from ..episodes import Tracker
 from ..findings import Severity
-from ..signals import CLIPPED, ClipActivity
+from ..signals import CLIPPED, ClipActivity, LossTrend
 
 
 class ClipSaturated(Rule):
@@ -18,7 +18,8 @@ class ClipSaturated(Rule):
         "over `clip_window` steps, >= clip_saturated_share of them are clipped; a warning "
         "when the threshold is fixed and the median norm is >= saturated_factor × it (clipping "
         "hides much larger gradients), else information (a threshold just under the typical "
-        "norm, or an adaptive clipper lagging a rising norm)"
+        "norm, or an adaptive clipper lagging a rising norm); not once the loss is down to "
+        "`fitted_loss` × its initial level (what is clipped then moves nothing)"
     )
     advice = (
         LOWER_LR + " Clipping every step turns the optimiser into normalised SGD.",
@@ -44,13 +45,14 @@ class ClipSaturated(Rule):
     def __init__(self, context: Context) -> None:
         super().__init__(context)
         self.clip = context.signal(ClipActivity)
+        self.loss = context.signal(LossTrend)
         self.tracker = Tracker(self.kind, 1, self.config.rearm_steps)
 
     def on_steps(self, steps: Steps) -> None:
         c, clip = self.config, self.clip
         saturated = clip.active & clip.full & (clip.shares[:, CLIPPED] >= c.clip_saturated_share)
         # the episode spans the window it was seen in, then extends over clipped steps
-        saturated = saturated & clip.flags[:, CLIPPED]
+        saturated = saturated & clip.flags[:, CLIPPED] & ~self.loss.fitted
         for change in self.updated(self.tracker.feed(steps.step, saturated, clip.first_step)[0]):
             episode, row = change.episode, change.hi
             ratio = clip.median_ratio(row)

@@ -9,13 +9,17 @@ from ..advice import ACTIVATIONS, INIT, RESIDUAL_NORM
 from ..base import Context, Rule, Steps, Threshold
 from ..episodes import Tracker
 from ..findings import Severity
+from ..signals import LossTrend
 
 
 class Vanishing(Rule):
     kind = "vanishing"
     severity = Severity.WARNING
     scope = "step"
-    condition = "total_norm < vanish_total for `sustain` steps in a row"
+    condition = (
+        "total_norm < vanish_total for `sustain` steps in a row, the loss (when recorded) "
+        "not down to `fitted_loss` × its initial level (a model that fits its data)"
+    )
     advice = (
         ACTIVATIONS,
         RESIDUAL_NORM,
@@ -34,10 +38,11 @@ class Vanishing(Rule):
     def __init__(self, context: Context) -> None:
         super().__init__(context)
         self.tracker = Tracker(self.kind, self.config.sustain, self.config.rearm_steps)
+        self.loss = context.signal(LossTrend)
 
     def on_steps(self, steps: Steps) -> None:
         c = self.config
-        low = steps.finite & (steps.norm < c.vanish_total)
+        low = steps.finite & (steps.norm < c.vanish_total) & ~self.loss.fitted
         for change in self.updated(self.tracker.feed(steps.step, low)[0]):
             episode = change.episode
             rows = slice(change.lo, change.hi + 1)

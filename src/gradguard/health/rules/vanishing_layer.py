@@ -6,9 +6,9 @@ import math
 
 from .. import _check as check
 from ..advice import ACTIVATIONS, INIT, RESIDUAL_NORM
-from ..base import LayerRule, Threshold
+from ..base import Context, LayerRule, Threshold
 from ..findings import Severity
-from ..signals import LayerSnapshot
+from ..signals import LayerSnapshot, LossTrend
 
 
 class VanishingLayer(LayerRule):
@@ -16,7 +16,8 @@ class VanishingLayer(LayerRule):
     severity = Severity.WARNING
     condition = (
         "a layer's norm is < vanish_layer, or < vanish_layer_relative × the largest layer "
-        "norm, for `tensor_sustain` snapshots in a row"
+        "norm, for `tensor_sustain` snapshots in a row, unless the loss is down to "
+        "`fitted_loss` × its initial level (the model fits its data)"
     )
     advice = (ACTIVATIONS, RESIDUAL_NORM, INIT)
     thresholds = (
@@ -35,8 +36,14 @@ class VanishingLayer(LayerRule):
         ),
     )
 
+    def __init__(self, context: Context) -> None:
+        super().__init__(context)
+        self.loss = context.signal(LossTrend)
+
     def on_snapshot(self, snapshot: LayerSnapshot) -> None:
-        held = self.held(snapshot.step, dict(zip(snapshot.layers, snapshot.low)))
+        fitted = self.loss.current() <= self.config.fitted_loss * abs(self.loss.initial_level)
+        low = (False,) * len(snapshot.low) if fitted else snapshot.low
+        held = self.held(snapshot.step, dict(zip(snapshot.layers, low)))
         start = min(held.values(), default=snapshot.step)
         for change in self.observe(snapshot.step, bool(held), start):
             episode = change.episode
