@@ -245,3 +245,12 @@ def test_fitted_counts_the_steps_a_policy_clips():
     assert math.isfinite(final) and math.isfinite(free)
     assert rate > 0.9 and late > 0.9  # iris's first gradients are far above 0.1
     assert none_rate == 0.0
+
+
+def test_sweep_arguments_put_the_unclipped_row_first_and_type_the_extras():
+    from benchmarks.efficacy.parallel import sweep_arguments
+
+    args, rows = sweep_arguments(["--rows", "default,clip 1", "--steps", "50"], None, (), 3, steps=9)
+    assert rows == ["none", "default", "clip 1"] and args.steps == 50 and args.seeds == 3
+    _, kept = sweep_arguments(["--rows", "clip 1,none"], None, (), 3)
+    assert kept == ["clip 1", "none"]

@@ -13,7 +13,6 @@ of the same seed. Rows are the efficacy suite's names.
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from statistics import median
 
@@ -23,7 +22,7 @@ from torch import nn
 import gradguard as gg
 
 from .grid import _table
-from .parallel import starmap
+from .parallel import starmap, sweep_arguments
 from .policies import resolve
 from .suite import SWEEP
 
@@ -74,15 +73,7 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--rows", default=",".join(ROWS))
-    args = parser.parse_args(argv)
-    rows = args.rows.split(",")
-    if "none" not in rows:
-        rows.insert(0, "none")
+    args, rows = sweep_arguments(argv, __doc__, ROWS, 3, steps=2000)
     specs = [
         (d, o, row, seed, args.steps)
         for d in DATASETS

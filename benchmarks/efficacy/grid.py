@@ -11,7 +11,6 @@ rescued (unclipped above 1, the row below 0.5). Rows are the efficacy suite's na
 
 from __future__ import annotations
 
-import argparse
 import warnings
 from functools import cache
 
@@ -20,7 +19,7 @@ from torch import nn
 
 import gradguard as gg
 
-from .parallel import starmap
+from .parallel import starmap, sweep_arguments
 from .policies import resolve
 from .suite import SWEEP
 
@@ -67,14 +66,7 @@ def final_loss(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seeds", type=int, default=4)
-    parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--rows", default=",".join(ROWS))
-    args = parser.parse_args(argv)
-    rows = args.rows.split(",")
-    if "none" not in rows:
-        rows.insert(0, "none")
+    args, rows = sweep_arguments(argv, __doc__, ROWS, 4)
     specs = [
         (d, m, lr, mom, row, seed)
         for d in DATASETS
