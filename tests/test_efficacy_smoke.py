@@ -250,7 +250,8 @@ def test_fitted_counts_the_steps_a_policy_clips():
 def test_sweep_arguments_put_the_unclipped_row_first_and_type_the_extras():
     from benchmarks.efficacy.parallel import sweep_arguments
 
-    args, rows = sweep_arguments(["--rows", "default,clip 1", "--steps", "50"], None, (), 3, steps=9)
+    argv = ["--rows", "default,clip 1", "--steps", "50"]
+    args, rows = sweep_arguments(argv, None, (), 3, steps=9)
     assert rows == ["none", "default", "clip 1"] and args.steps == 50 and args.seeds == 3
     _, kept = sweep_arguments(["--rows", "clip 1,none"], None, (), 3)
     assert kept == ["clip 1", "none"]
