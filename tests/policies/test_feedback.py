@@ -161,6 +161,19 @@ def test_loss_divergence_caps_the_size_at_twice_the_typical_one():
     assert thresholds[63] <= math.exp(level + math.log(2.0)) / 0.1 * (1 + 1e-5)
 
 
+def test_sizes_the_ceiling_holds_do_not_widen_the_margin():
+    # a divergence sets a ceiling at twice the typical size; afterwards, isolated sizes
+    # 10x the typical one are the ceiling's to hold: the spike margin must not learn them
+    norms = [1.0] * 60 + [3.0, 9.0, 27.0, 81.0, 243.0] + ([1.0] * 4 + [10.0]) * 20
+    losses = [2.0 - i / 60 for i in range(60)] + [3.0, 10.0, 30.0, 100.0, 300.0]
+    losses += [1.0] * (len(norms) - len(losses))
+    thresholds, states = drive(norms, losses)
+    assert math.isfinite(float(states[-1].ceiling))
+    assert all(float(s.margin) == 0.0 for s in states)
+    cap = math.exp(float(states[-1].ceiling))  # twice the typical size, 1.1
+    assert cap < 2.5 and all(t <= cap * 1.0001 for t in thresholds[70:])
+
+
 def test_one_or_two_bad_batches_are_not_a_divergence_three_are():
     base = [2.0 - i / 100 for i in range(60)]
     for bad, expected in ((1, 0), (2, 0), (3, 1)):
