@@ -305,6 +305,8 @@ def test_decide_makes_no_host_sync():
         ({"interval": 0}, "interval must be >= 1"),
         ({"loss_z": -1.0}, "loss_z must be a finite number > 0"),
         ({"progress": math.nan}, "progress must be a finite number >= 0"),
+        ({"spike_rate": 1.0}, "spike_rate must lie strictly between 0 and 1"),
+        ({"widen": 0.0}, "widen must be a finite number > 0"),
     ],
 )
 def test_bad_settings_are_named(settings, match):
