@@ -71,7 +71,7 @@ class FeedbackConfig:
     #: ... unless more than this share of the steps are: then the margin widens
     spike_rate: float = 0.02
     widen: float = 0.1  #: the margin's (log) step up at each size beyond it
-    beta: float = 0.95  #: EMA factor of the typical (log) size
+    beta: float = 0.95  #: EMA factor of the typical size
     backoff: float = 0.5  #: each new divergence multiplies the ceiling by this
     first: float = 2.0  #: ... but puts it at most at first × the typical size
     growth: float = 2.0  #: the ceiling grows by this factor ...
