@@ -185,13 +185,20 @@ class LossTrend(Signal):
         self.median[valid], self.best[valid], self.seen[valid] = median, best, seen
         self.initial[valid] = np.where(seen >= w, self.initial_level, np.nan)
         with np.errstate(invalid="ignore"):
-            self.fitted = self.median <= self.config.fitted_loss * np.abs(self.initial)
+            self.fitted = self._is_fitted(self.median, self.initial)
 
     def current(self) -> float:
         """The latest smoothed loss (NaN before the window fills)."""
         if self.total < self.config.loss_window:
             return math.nan
         return self._window.statistic()
+
+    def fitted_now(self) -> bool:
+        """Whether the latest smoothed loss says the model fits its data (see ``fitted``)."""
+        return bool(self._is_fitted(self.current(), self.initial_level))
+
+    def _is_fitted(self, smoothed: Any, initial: Any) -> Any:
+        return smoothed <= self.config.fitted_loss * np.abs(initial)
 
 
 IDLE, CLIPPED, HOVER = 0, 1, 2

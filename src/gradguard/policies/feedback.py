@@ -150,7 +150,7 @@ def _exp(x: Array) -> Array:
     return 10.0 ** (x * (1.0 / _LN10))
 
 
-def _spike_margin(xp: Ops, state: FeedbackState, config: FeedbackConfig) -> Array:
+def _spike_margin(state: FeedbackState, config: FeedbackConfig) -> Array:
     """How far (log) above the typical size a spike begins: ``log(spike)``, widened where
     sizes beyond it are not rare (the state keeps the widening)."""
     return state.margin + math.log(config.spike)
@@ -291,7 +291,7 @@ def _hold(
     xp: Ops, state: FeedbackState, inputs: StepInputs, config: FeedbackConfig
 ) -> tuple[FeedbackState, Array]:
     """A skipped step: the state unchanged, the threshold a typical step would get."""
-    bound = xp.minimum(state.level + _spike_margin(xp, state, config), state.ceiling)
+    bound = xp.minimum(state.level + _spike_margin(state, config), state.ceiling)
     return state, _exp(xp.where(state.count > 0, bound, math.inf))
 
 
@@ -315,7 +315,7 @@ def _update(
     ready = state.count > 0
     # spike rule (in log space, after ZClip): a size `excess` above the level beyond
     # the margin t is clipped to level + t²/excess: the larger the outlier, the harder
-    t = _spike_margin(xp, state, config)
+    t = _spike_margin(state, config)
     excess = xp.maximum(size - state.level, t)
     spike = xp.where(ready, state.level + t * t / excess, math.inf)
     bound = xp.minimum(spike, ceiling)

@@ -41,8 +41,7 @@ class VanishingLayer(LayerRule):
         self.loss = context.signal(LossTrend)
 
     def on_snapshot(self, snapshot: LayerSnapshot) -> None:
-        fitted = self.loss.current() <= self.config.fitted_loss * abs(self.loss.initial_level)
-        low = (False,) * len(snapshot.low) if fitted else snapshot.low
+        low = (False,) * len(snapshot.low) if self.loss.fitted_now() else snapshot.low
         held = self.held(snapshot.step, dict(zip(snapshot.layers, low)))
         start = min(held.values(), default=snapshot.step)
         for change in self.observe(snapshot.step, bool(held), start):
