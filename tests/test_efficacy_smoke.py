@@ -247,6 +247,19 @@ def test_fitted_counts_the_steps_a_policy_clips():
     assert none_rate == 0.0
 
 
+def test_families_train_every_set_up_and_read_back_the_findings():
+    from benchmarks.efficacy import families
+
+    for family in families.FAMILIES:
+        final, rate, found = families.train(family, "sgd", "step", "none", 0, steps=12)
+        assert math.isfinite(final) and rate == 0.0 and found == []
+    # a summed loss's norms are far above 0.1: every step clipped, and the store says so
+    _, rate, found = families.train("summed", "adam", "constant", "clip 0.1", 0, steps=150)
+    assert rate == 1.0 and found == ["clip_saturated@0"]
+    gauss, _, _ = families.train("gauss-nll", "adam", "constant", "none", 0, steps=300)
+    assert gauss < 0  # a negative log-likelihood that goes below zero, as documented
+
+
 def test_sweep_arguments_put_the_unclipped_row_first_and_type_the_extras():
     from benchmarks.efficacy.parallel import sweep_arguments
 

@@ -198,6 +198,16 @@ def test_each_new_divergence_halves_the_ceiling_and_healthy_steps_double_it():
     assert ceilings[end + 20] == pytest.approx(first, abs=1e-5)
 
 
+def test_a_noisy_start_is_not_a_divergence():
+    # an autoencoder's first batches (digits, Adam): losses spread 0.8-2.2 with no trend;
+    # the noise scale must be its size from the first steps, not an EMA still near zero
+    losses = [1.04, 0.87, 2.11, 2.23, 1.01, 1.73, 0.82, 0.84, 1.07, 0.82, 2.16, 1.24, 1.09]
+    losses += [0.8 + 0.6 * ((i * 7) % 5) / 4 for i in range(60)]
+    _, states = drive([0.1] * len(losses), losses)
+    assert float(states[-1].episodes) == 0
+    assert math.isinf(float(states[-1].ceiling))
+
+
 def test_noisy_near_zero_loss_is_not_a_divergence():
     gen = torch.Generator().manual_seed(3)
     losses = [2.3 * math.exp(-i / 40) for i in range(300)]

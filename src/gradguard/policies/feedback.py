@@ -15,10 +15,10 @@ cancel out and a jump shows as a jump; the bare norm when no LR is given):
 * **Loss feedback** (GradScaler's back-off and growth, with the loss in the role of the
   overflow check). The loss, filtered by a median of the last three, is compared with a
   slow EMA of clamped losses; a *divergence* is a filtered loss above that reference by
-  more than ``loss_z`` noise deviations and ``progress`` of the progress made since the
-  first loss, ``persist`` steps in a row. When one begins, a ceiling on the size drops
-  to ``min(backoff × ceiling, first × typical size)``; after ``interval`` healthy steps
-  it grows ×``growth``.
+  more than ``loss_z`` noise deviations (their EMA, a plain mean over its first steps)
+  and ``progress`` of the progress made since the first loss, ``persist`` steps in a
+  row. When one begins, a ceiling on the size drops to ``min(backoff × ceiling, first ×
+  typical size)``; after ``interval`` healthy steps it grows ×``growth``.
 * **Unstable SGD step** (needs no history). Where the optimizer's step is ``lr × g``
   (``torch.optim.SGD``; the guard then gives the weights' norm ``‖w‖`` and momentum's
   gain ``k = (1 - dampening) / (1 - momentum)``, 10 at momentum 0.9, 1 without), a step
@@ -193,8 +193,14 @@ def _loss_feedback(
     b = config.loss_beta
     first = state.seen <= 0  # not has1: the reference and its noise are still zero here
     slow = xp.where(first, xp.where(ok, value, 0.0), b * state.slow + (1 - b) * clamped)
-    # the noise scale learns from healthy steps only: a divergence cannot blind the test
-    noise = b * state.dev + (1 - b) * abs(clamped - state.slow)
+    # the noise scale learns from healthy steps only: a divergence cannot blind the test.
+    # Its first steps are a plain mean (weight 1/k on the k-th deviation, at least
+    # 1 - beta): an EMA started at zero would take tens of steps to reach the noise's
+    # size, and a noisy start (an autoencoder's batch losses spread 0.8-2.2) would read
+    # as a divergence. The reference keeps its EMA: it stays near the first loss, so a
+    # run whose loss rises from its first steps is still caught.
+    weight = xp.maximum(1.0 / xp.maximum(state.seen, 1.0), 1.0 - b)
+    noise = state.dev + weight * (abs(clamped - state.slow) - state.dev)
     statistics = (
         state.seen + ok,  # seen
         xp.where(first & ok, value, state.start),  # start
