@@ -258,6 +258,9 @@ def test_families_train_every_set_up_and_read_back_the_findings():
     assert rate == 1.0 and found == ["clip_saturated@0"]
     gauss, _, _ = families.train("gauss-nll", "adam", "constant", "none", 0, steps=300)
     assert gauss < 0  # a negative log-likelihood that goes below zero, as documented
+    # the monitor row measures and diagnoses the same run without changing a step
+    watched, rate, _ = families.train("gauss-nll", "adam", "constant", "monitor", 0, steps=300)
+    assert watched == gauss and rate == 0.0
 
 
 def test_sweep_arguments_put_the_unclipped_row_first_and_type_the_extras():

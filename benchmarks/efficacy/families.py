@@ -16,7 +16,9 @@ the LR cut ×0.1 at half and three quarters of the run:
   part: the loss never nears zero).
 
 Per run: the final loss on the whole table (eval mode) against the unclipped run of the
-same seed, the share of steps clipped, and the health findings the guard recorded.
+same seed, the share of steps clipped, and the health findings the guard recorded (row
+``monitor``: a guard that measures and diagnoses but never changes a step, so its
+findings are the health rules' alone on the unclipped run).
 """
 
 from __future__ import annotations
@@ -135,7 +137,9 @@ def train(
     with tempfile.TemporaryDirectory() as folder:
         store = Path(folder) / "run"
         guard = None
-        if row != "none":
+        if row == "monitor":  # measured and diagnosed, never changed: the rules alone
+            guard = gg.Guard(model, gg.Monitor(), store=store)
+        elif row != "none":
             factory, _ = resolve(row, SWEEP)
             guard = gg.Guard(model, factory(), store=store)
         clipped = 0
