@@ -208,6 +208,17 @@ def test_a_noisy_start_is_not_a_divergence():
     assert math.isinf(float(states[-1].ceiling))
 
 
+def test_a_loss_that_rises_from_its_first_steps_is_a_divergence_at_once():
+    # a transformer LM at AdamW lr 0.03 (the suite's lm-hot, seed 2): the loss rises from
+    # the first step; the reference stays at the first loss, so the third elevated step
+    # confirms a divergence, before any noise could be learnt from the rise itself
+    losses = [2.921, 3.288, 3.157, 3.110, 3.036, 2.916, 2.965, 2.740]
+    norms = [0.504, 2.266, 1.827, 1.847, 1.316, 1.027, 1.251, 0.634]
+    _, states = drive(norms, losses, [0.03] * len(losses))
+    assert [float(s.episodes) for s in states[:4]] == [0.0, 0.0, 0.0, 1.0]
+    assert math.isfinite(float(states[3].ceiling))
+
+
 def test_noisy_near_zero_loss_is_not_a_divergence():
     gen = torch.Generator().manual_seed(3)
     losses = [2.3 * math.exp(-i / 40) for i in range(300)]
