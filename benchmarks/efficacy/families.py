@@ -38,6 +38,7 @@ from .grid import _table
 from .parallel import starmap, sweep_arguments
 from .policies import resolve
 from .suite import SWEEP
+from .tables import markdown
 
 Loss = Callable[[Tensor], Tensor]  # batch indices -> mean loss
 
@@ -173,30 +174,32 @@ def main(argv: list[str] | None = None) -> None:
     done = dict(zip(specs, starmap(train, specs, args.jobs)))
     print(f"{args.steps} steps, seeds 0-{args.seeds - 1}; per seed: final loss "
           "(clip rate) [findings]\n")  # fmt: skip
-    print("| set-up | " + " | ".join(rows) + " |")
-    print("|---" * (len(rows) + 1) + "|")
-    for setup in setups:
-        cells = []
-        for row in rows:
-            runs = [done[(*setup, row, s, args.steps)] for s in range(args.seeds)]
-            text = ", ".join(f"{r[0]:.4g}" for r in runs)
-            if row != "none":
-                text += " (" + ", ".join(f"{r[1]:.1%}" for r in runs) + ")"
-                found = sorted({f for r in runs for f in r[2]})
-                text += f" [{', '.join(found)}]" if found else ""
-            cells.append(text)
-        print(f"| {', '.join(setup)} | " + " | ".join(cells) + " |")
-    print("\n| row | runs clipped > 5 % | runs > 1.05x the unclipped loss (or +0.01) | "
-          "runs with a finding |")  # fmt: skip
-    print("|---|---|---|---|")
+    cells = [
+        [", ".join(setup)] + [_cell(done, setup, row, args) for row in rows] for setup in setups
+    ]
+    print(markdown(["set-up", *rows], cells))
+    summary = []
     for row in rows[1:]:
         pairs = [(done[(*setup, row, s, args.steps)], done[(*setup, "none", s, args.steps)])
                  for setup in setups for s in range(args.seeds)]  # fmt: skip
         noisy = sum(mine[1] > 0.05 for mine, _ in pairs)
         worse = sum(mine[0] > free[0] + max(0.05 * abs(free[0]), 0.01) for mine, free in pairs)
         flagged = sum(bool(mine[2]) for mine, _ in pairs)
-        n = len(pairs)
-        print(f"| {row} | {noisy} of {n} | {worse} of {n} | {flagged} of {n} |")
+        summary.append([row, *(f"{k} of {len(pairs)}" for k in (noisy, worse, flagged))])
+    header = ["row", "runs clipped > 5 %", "runs > 1.05x the unclipped loss (or +0.01)",
+              "runs with a finding"]  # fmt: skip
+    print("\n" + markdown(header, summary))
+
+
+def _cell(done: dict, setup: tuple, row: str, args) -> str:
+    """One set-up's runs under one row: losses per seed, then clip rates and findings."""
+    runs = [done[(*setup, row, s, args.steps)] for s in range(args.seeds)]
+    text = ", ".join(f"{r[0]:.4g}" for r in runs)
+    if row != "none":
+        text += " (" + ", ".join(f"{r[1]:.1%}" for r in runs) + ")"
+        found = sorted({f for r in runs for f in r[2]})
+        text += f" [{', '.join(found)}]" if found else ""
+    return text
 
 
 if __name__ == "__main__":
