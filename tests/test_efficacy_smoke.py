@@ -251,7 +251,7 @@ def test_families_train_every_set_up_and_read_back_the_findings():
     from benchmarks.efficacy import families
 
     for family in families.FAMILIES:
-        final, rate, found = families.train(family, "sgd", "step", "none", 0, steps=12)
+        final, rate, found = families.train(family, "sgd", "restarts", "none", 0, steps=12)
         assert math.isfinite(final) and rate == 0.0 and found == []
     # a summed loss's norms are far above 0.1: every step clipped, and the store says so
     _, rate, found = families.train("summed", "adam", "constant", "clip 0.1", 0, steps=150)

@@ -139,6 +139,19 @@ def test_an_lr_jump_holds_the_update_size_for_a_few_steps():
     assert all(t > 1.0 for t in after[15:])  # then the new LR is the run's own
 
 
+def test_a_restart_to_an_lr_already_used_is_no_jump_but_an_lr_above_all_is():
+    # cosine cycles of 50 steps from 0.1 down to 1e-4, restarting at 0.1 (SGDR): the
+    # LR's reference does not follow it down, so a restart is no jump ...
+    cycle = [1e-4 + 0.5 * (0.1 - 1e-4) * (1 + math.cos(math.pi * i / 50)) for i in range(50)]
+    lrs = cycle * 4 + [2.0] * 10  # ... and then 20x the highest LR the run trained at is
+    norms = [1.0] * len(lrs)
+    thresholds, states = drive(norms, lrs=lrs)
+    assert all(t > 1.0 for t in thresholds[1:200])
+    assert all(t < 1.0 for t in thresholds[200:204])
+    # a decay leaves the reference where it was
+    assert float(states[199].lr_level) == pytest.approx(math.log(0.1), abs=1e-5)
+
+
 def test_a_smooth_warmup_is_never_clipped():
     lrs = [1e-3 * min(1.0, (i + 1) / 40) for i in range(100)]  # linear warm-up from 1/40
     thresholds, _ = drive([1.5] * 100, lrs=lrs)

@@ -1,8 +1,10 @@
 """FeedbackClip: a clip threshold that tunes itself from the gradient norm and the loss.
 
 Three rules, the first two on the log of the step's *size*: the gradient norm times
-the learning rate relative to its own recent level (so a schedule's smooth changes
-cancel out and a jump shows as a jump; the bare norm when no LR is given):
+how far the learning rate is above a reference that rises with it like an EMA and never
+follows it down (a warm-up's smooth rise cancels out, an LR above any the run trained at
+shows as a jump, and a decay or a restart to an LR already used changes nothing; the
+bare norm when no LR is given):
 
 * **Spike rule** (after ZClip, in log space). A size more than ``spike`` × the running
   typical size (an EMA of the sizes applied) is clipped, the harder the larger it is:
@@ -80,7 +82,7 @@ class FeedbackConfig:
     loss_z: float = 3.0  #: a divergence is this many noise deviations above the reference
     progress: float = 0.05  #: ... and at least this share of the progress since the start
     persist: int = 3  #: ... on this many steps in a row (of the median of three losses)
-    lr_beta: float = 0.9  #: EMA factor of the (log) learning rate's recent level
+    lr_beta: float = 0.9  #: EMA factor of the (log) learning rate's rising reference
     #: an SGD step whose carried size, gain · lr · ‖g‖ (gain: SGD's momentum gain,
     #: (1 - dampening) / (1 - momentum), 10 at momentum 0.9), exceeds this share of the
     #: weights' norm ...
@@ -116,7 +118,7 @@ class FeedbackState(NamedTuple):
 
     count: Array  # finite norms seen
     level: Array  # log of an EMA of the sizes applied
-    lr_level: Array  # EMA of the log learning rate
+    lr_level: Array  # the log learning rate's reference: rises like an EMA, never falls
     ceiling: Array  # log ceiling on the size (+inf: none yet)
     healthy: Array  # steps since the last divergence or growth
     seen: Array  # finite losses seen
@@ -217,7 +219,13 @@ def _loss_feedback(
 def _lr_shift(
     xp: Ops, state: FeedbackState, lr: Any, config: FeedbackConfig
 ) -> tuple[Array, Array | float]:
-    """The LR's log level updated, and the log LR relative to it (0 without an LR)."""
+    """The LR's log reference updated, and how far (log) the LR is above it (0 without an
+    LR, and at or under it).
+
+    The reference rises toward the LR like an EMA and never follows it down: an LR above
+    any the run has trained at shows as a jump for a few steps, while a decay, and a
+    restart back to an LR already used (warm restarts, cyclic schedules), change nothing.
+    """
     if lr is None:
         return state.lr_level, 0.0
     c = config.lr_beta
@@ -226,13 +234,16 @@ def _lr_shift(
             return state.lr_level, 0.0
         log_lr: Array = math.log(lr)
         lr_level = xp.where(state.count > 0, state.lr_level, log_lr)
-        return c * lr_level + (1 - c) * log_lr, log_lr - lr_level
+        level = c * lr_level + (1 - c) * xp.maximum(lr_level, log_lr)
+        return level, xp.maximum(log_lr - lr_level, 0.0)
     value = xp.f32(lr)  # an array (a tensor LR on the device, or traced)
     positive = value > 0
     log_lr = _ln(xp, xp.where(positive, value, 1.0))
     lr_level = xp.where(state.count > 0, state.lr_level, log_lr)
-    level = xp.where(positive, c * lr_level + (1 - c) * log_lr, state.lr_level)
-    return level, xp.where(positive, log_lr - lr_level, 0.0)
+    level = xp.where(
+        positive, c * lr_level + (1 - c) * xp.maximum(lr_level, log_lr), state.lr_level
+    )
+    return level, xp.where(positive, xp.maximum(log_lr - lr_level, 0.0), 0.0)
 
 
 def feedback_update(
@@ -306,8 +317,9 @@ def _update(
 ) -> tuple[FeedbackState, Array]:
     g = inputs.total_norm
     finite = xp.isfinite(g) & (g > 0)
-    # the size is the norm times the LR relative to its recent level: a schedule's smooth
-    # changes cancel out, a jump shows as a jump
+    # the size is the norm times how far the LR is above its rising reference: a
+    # warm-up cancels out, an LR above any used shows as a jump, a decay or a restart
+    # to an LR already used changes nothing
     # (the new state is built once: on the host, rebuilding it per rule costs more than
     # the rules' arithmetic)
     lr_level, shift = _lr_shift(xp, state, inputs.lr, config)
