@@ -36,6 +36,16 @@ def test_warmup_and_decay_without_harm_say_nothing():
     assert _run(lr, noisy(0.5, 300), np.linspace(5.0, 2.0, 300)) == []
 
 
+def test_a_warm_restart_back_to_an_lr_already_used_is_the_schedules():
+    # SGDR: cosine cycles of 100 steps from 0.05 to ~0, each restart raising the loss for
+    # a while (the catapult it is meant to give); then a jump above every LR used, harmful
+    cycle = list(1e-5 + 0.5 * 0.05 * (1 + np.cos(np.pi * np.arange(100) / 100)))
+    lr = cycle * 3 + [0.5] * 100
+    loss = np.r_[np.tile(np.r_[np.full(10, 3.0), np.linspace(1.0, 0.3, 90)], 3), np.full(100, 6.0)]
+    (finding,) = _run(lr, noisy(0.5, 400), loss)
+    assert finding.steps[0] == 300
+
+
 def test_harm_long_after_the_rise_is_not_blamed_on_it():
     lr = [1e-3] * 50 + [5e-3] * 350  # a 5× step at 50, harmless
     norms = noisy(0.5, 300) + noisy(50.0, 100, seed=1)  # explodes 250 steps later

@@ -21,10 +21,11 @@ class LRChange(Rule):
     scope = "step"
     condition = (
         "the recorded lr rises to >= lr_rise × its minimum over the previous lr_lookback "
-        "steps, and within lr_window steps the smoothed loss reaches >= divergence_factor × its "
-        "level before the rise, or the total norm >= jump_factor × its median before the rise "
-        "while the loss is no better than before it, for `jump_sustain` steps; the episode "
-        "starts at the rise and lasts while the lr "
+        "steps and above every lr the run has trained at (a warm restart back to an lr "
+        "already used is the schedule's), and within lr_window steps the smoothed loss "
+        "reaches >= divergence_factor × its level before the rise, or the total norm >= "
+        "jump_factor × its median before the rise while the loss is no better than before "
+        "it, for `jump_sustain` steps; the episode starts at the rise and lasts while the lr "
         "stays raised and the run is worse than before it (smoothed loss above its level "
         "before, or norm above sqrt(jump_factor) × its median before)"
     )
@@ -62,6 +63,7 @@ class LRChange(Rule):
         self._lr = Rolling(c.lr_lookback)
         self._rise: dict[str, Any] | None = None
         self._loss_level = math.nan  # the latest smoothed loss before the current row
+        self._peak = -math.inf  # the highest lr recorded so far
 
     def on_steps(self, steps: Steps) -> None:
         c = self.config
@@ -71,8 +73,10 @@ class LRChange(Rule):
         low, seen = self._lr.push(lr[known], "min")
         trailing = np.full(n, np.nan)
         trailing[known] = np.where(seen > 0, low if len(low) else np.nan, np.nan)
+        peaks = np.maximum.accumulate(np.r_[self._peak, np.where(known, lr, -np.inf)])
+        self._peak = float(peaks[-1])
         with np.errstate(invalid="ignore"):
-            rises = known & (lr >= c.lr_rise * trailing)
+            rises = known & (lr >= c.lr_rise * trailing) & (lr > peaks[:-1])
         loss_median = self.loss.median
         before = _previous_finite(loss_median, self._loss_level)
         i = 0
