@@ -280,6 +280,44 @@ def fused_speed(device: str) -> tuple[str, str]:
     )
 
 
+def compiled_update(device: str) -> tuple[str, str]:
+    """The default policy's update compiled (``Guard(compile=True)``, the default on CUDA
+    with Triton) decides as op by op, and what it costs: the first step, then per step."""
+    runs = {}
+    for compiled in (False, True):
+        model, (x, y) = _mlp(device), _data(device)
+        optimizer = _adamw(model, fused=True)
+        guard = gg.Guard(model, health=False, host_math=False, compile=compiled)
+        decisions, times = [], []
+        for step in range(60):
+            loss = _backward(model, optimizer, x, y)
+            if step == 30:  # a spike: the update clips it
+                for p in model.parameters():
+                    p.grad.mul_(50.0)
+            _wait(device)
+            start = time.perf_counter()
+            result = guard.step(optimizer, loss=loss)
+            _wait(device)
+            times.append(time.perf_counter() - start)
+            decisions.append(torch.stack([result.threshold.float(), result.clip_coef.float()]))
+        runs[compiled] = (torch.stack(decisions).cpu(), times)
+    (eager, eager_times), (fast, fast_times) = runs[False], runs[True]
+    assert torch.equal(torch.isfinite(eager), torch.isfinite(fast)), "thresholds differ in kind"
+    finite = torch.isfinite(eager)
+    assert torch.allclose(fast[finite], eager[finite], rtol=1e-5), (
+        f"decisions differ: {(fast - eager).abs()[finite].max():.3g}"
+    )
+    assert (eager[:, 1] < 1).any(), "the spike was not clipped"
+    ms = {
+        k: 1e3 * sorted(t[5:])[len(t[5:]) // 2]
+        for k, t in (("eager", eager_times), ("fast", fast_times))
+    }
+    return PASS, (
+        f"60 steps decided alike; first step {fast_times[0]:.1f} s (the compile); "
+        f"guard.step {ms['fast']:.3f} ms compiled, {ms['eager']:.3f} ms op by op"
+    )
+
+
 def amp_fp16(device: str) -> tuple[str, str]:
     from gradguard.schema import SkipReason
 
@@ -425,6 +463,7 @@ CHECKS: dict[str, Callable[[str], tuple[str, str]]] = {
         recording,
         fused_folding,
         fused_speed,
+        compiled_update,
         amp_fp16,
         low_precision,
         nccl_fsdp2,

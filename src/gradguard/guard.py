@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import _amp, _foreach, _update, _warn, distributed
+from . import _amp, _compiled, _foreach, _update, _warn, distributed
 from . import _validate as check
 from ._guard_setup import (
     attach_health,
@@ -72,6 +72,12 @@ class Guard:
         host_math: decide on the host (NumPy) when the gradients are on the CPU, where a
             0-d torch operation costs more than the arithmetic; ``False`` decides with
             torch operations wherever the gradients are, as on an accelerator.
+        compile: run the policy's device math as one compiled kernel
+            (``torch.compile``; the default policy's update is some 140 torch operations,
+            each a kernel launch, otherwise). ``None``: on CUDA devices where Triton is
+            installed; ``True``: wherever the device math runs; ``False``: never. The
+            first step compiles (seconds); a failed compile warns once and the policy
+            runs op by op.
     """
 
     def __init__(
@@ -88,6 +94,7 @@ class Guard:
         accumulate_dtype: torch.dtype | None = torch.float32,
         fold_fused: bool = True,
         host_math: bool = True,
+        compile: bool | None = None,
         resume: int | str | None = None,
     ) -> None:
         params, names = named_params(model)
@@ -105,6 +112,8 @@ class Guard:
             )
         check.one_of("fold_fused", fold_fused, (bool,), "a bool")
         check.one_of("host_math", host_math, (bool,), "a bool")
+        if compile is not None:
+            check.one_of("compile", compile, (bool,), "a bool or None")
         self.params = params
         self.names = names
         self.policy = policy if policy is not None else default_policy()
@@ -117,6 +126,7 @@ class Guard:
         self.accumulate_dtype = accumulate_dtype
         self.fold_fused = fold_fused
         self.host_math = host_math
+        self.compile = compile
         self.health: Any = None
         self._step = 0
         self._accumulating = False
@@ -274,6 +284,12 @@ class Guard:
     def _ops_for(self, device: torch.device) -> Ops:
         return NUMPY if self.host_math and device.type == "cpu" else TORCH
 
+    def _compiles(self, device: torch.device) -> bool:
+        """Whether the policy's device math runs compiled (see ``compile``)."""
+        if self.compile is not None:
+            return self.compile
+        return _compiled.by_default(device)
+
     def _collect(self) -> Collected:
         collected = collect(self.params, self.names)
         if not collected.grads:
@@ -384,6 +400,7 @@ class Guard:
             lr=lr_value(lr, xp),
             weight_norm=weights,
             step_gain=float(sgd) if weights is not None else 1.0,
+            compile=self._compiles(stats.total_norm.device),
         )
         decision = self.policy.decide(inputs, params)
         if self._custom_decide:

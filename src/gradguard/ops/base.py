@@ -157,6 +157,9 @@ def measured_count(args: tuple[Any, ...]) -> int | None:
 def merge(xp: Ops, predicate: Array, a: Any, b: Any, count: int | None) -> Any:
     """``a`` where ``predicate`` holds, else ``b``, leaf by leaf, for two results of the
     same structure (tuples, named tuples, decisions, arrays; host ints must agree)."""
+    if isinstance(a, tuple):  # before the identity test, which torch.compile cannot trace
+        merged = [merge(xp, predicate, x, y, count) for x, y in zip(a, b)]
+        return type(a)(*merged) if hasattr(a, "_fields") else tuple(merged)
     if a is b:  # unchanged by both branches (None included)
         return a
     if hasattr(a, "filled") and hasattr(b, "filled"):  # decisions: unset fields are neutral
@@ -164,9 +167,6 @@ def merge(xp: Ops, predicate: Array, a: Any, b: Any, count: int | None) -> Any:
             a, b = a.filled(xp, count), b.filled(xp, count)
         fields = [merge(xp, predicate, x, y, count) for x, y in zip(a.arrays(), b.arrays())]
         return type(a).from_arrays((*a.transforms, *b.transforms), fields)
-    if isinstance(a, tuple):
-        merged = [merge(xp, predicate, x, y, count) for x, y in zip(a, b)]
-        return type(a)(*merged) if hasattr(a, "_fields") else tuple(merged)
     if isinstance(a, int) and isinstance(b, int):
         if a != b:
             raise ValueError("cond: the branches returned different host counters")

@@ -26,6 +26,8 @@ class TorchOps(Ops):
             if dtype.is_floating_point
             else int(value)
         )
+        if torch.compiler.is_compiling():  # a constant of the compiled graph: no cache
+            return torch.full((), value, dtype=dtype, device=device)
         key = (value, dtype, device)
         constant = self._constants.get(key)
         if constant is None:  # shared and never written: one tensor per value and device

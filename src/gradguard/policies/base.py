@@ -146,6 +146,10 @@ class Policy:
     #: Whether a rule of the policy acts only when the step's loss is given: the guard
     #: warns once when a step that rule would judge comes without one.
     needs_loss: bool = False
+    #: Whether :meth:`update` reads only the inputs' arrays and numbers and returns no
+    #: transforms, so that on a device it can run as one compiled graph
+    #: (:attr:`StepInputs.compile`).
+    compilable: ClassVar[bool] = False
 
     # The state of the stateful form, in the library it was last used with.
     _state: Any = None
@@ -180,7 +184,12 @@ class Policy:
         state = self._state_in(xp, inputs.total_norm)
         if state is None and self.State is not None:
             state = self.init(inputs, xp)
-        decision, self._state = self.update(state, inputs, xp)
+        if inputs.compile and self.compilable and xp is _ops.TORCH:
+            from .. import _compiled
+
+            decision, self._state = _compiled.update(self, state, inputs)
+        else:
+            decision, self._state = self.update(state, inputs, xp)
         self._state_xp = xp
         return decision
 

@@ -395,6 +395,7 @@ class FeedbackClip(Policy):
     """
 
     State = FeedbackState
+    compilable = True
     finite_fields = (
         "count", "level", "lr_level", "healthy", "seen", "start", "streak", "margin", "beyond"
     )  # fmt: skip

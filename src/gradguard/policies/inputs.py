@@ -39,10 +39,13 @@ class StepInputs:
         step_gain: with ``weight_norm``, how many steps of ``lr × g`` a persistent
             gradient moves the weights by: SGD's momentum gain
             ``(1 - dampening) / (1 - momentum)`` (1 without momentum); a host number.
+        compile: whether a policy that can (:attr:`Policy.compilable`) runs its torch
+            update as one compiled graph (``torch.compile``); set by the guard.
     """
 
     __slots__ = (
         "_norms",
+        "compile",
         "count",
         "loss",
         "lr",
@@ -71,6 +74,7 @@ class StepInputs:
         params: Sequence[Tensor] = (),
         weight_norm: Array | None = None,
         step_gain: float = 1.0,
+        compile: bool = False,
     ) -> None:
         self.total_norm = total_norm
         self._norms = norms
@@ -84,6 +88,7 @@ class StepInputs:
         self.params = params
         self.weight_norm = weight_norm
         self.step_gain = step_gain
+        self.compile = compile
         #: How many tensors were measured.
         self.count = int(norms.shape[0])
 
@@ -102,7 +107,7 @@ class StepInputs:
     def replace(self, **changes: Any) -> StepInputs:
         """A copy with some fields changed."""
         names = ("total_norm", "norms", "xp", "step", "loss", "lr", "names", "norm_type")
-        extra = ("stats", "params", "weight_norm", "step_gain")
+        extra = ("stats", "params", "weight_norm", "step_gain", "compile")
         fields = {name: getattr(self, name) for name in (*names, *extra)}
         fields.update(changes)
         return StepInputs(**fields)
@@ -125,6 +130,7 @@ class StepInputs:
         lr: Any = None,
         weight_norm: Tensor | None = None,
         step_gain: float = 1.0,
+        compile: bool = False,
     ) -> StepInputs:
         """The inputs of a step measured by :func:`gradguard.measure`.
 
@@ -162,6 +168,7 @@ class StepInputs:
             params,
             weight_norm,
             step_gain,
+            compile and xp is _ops.TORCH,
         )
 
 
