@@ -263,6 +263,21 @@ def test_families_train_every_set_up_and_read_back_the_findings():
     assert watched == gauss and rate == 0.0
 
 
+def test_finetune_starts_from_a_trained_model_and_counts_divergences():
+    from benchmarks.efficacy import finetune
+
+    # pre-trained: the first fine-tuning losses are far below an untrained model's
+    for setup in finetune.SETUPS:
+        final, rate, divergences, found = finetune.train(setup, "sgd", "none", 0, steps=5)
+        assert math.isfinite(final) and rate == 0.0 and divergences == 0 and found == []
+    trained, _, _, _ = finetune.train("digits", "adam", "none", 0, steps=5)
+    assert trained < 0.3  # an untrained 10-class model starts near ln 10 = 2.3
+    # the monitor row changes no step
+    watched, rate, _, _ = finetune.train("wine", "adam", "monitor", 0, steps=30)
+    free, _, _, _ = finetune.train("wine", "adam", "none", 0, steps=30)
+    assert watched == free and rate == 0.0
+
+
 def test_sweep_arguments_put_the_unclipped_row_first_and_type_the_extras():
     from benchmarks.efficacy.parallel import sweep_arguments
 

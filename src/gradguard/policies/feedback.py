@@ -17,10 +17,13 @@ bare norm when no LR is given):
 * **Loss feedback** (GradScaler's back-off and growth, with the loss in the role of the
   overflow check). The loss, filtered by a median of the last three, is compared with a
   slow EMA of clamped losses; a *divergence* is a filtered loss above that reference by
-  more than ``loss_z`` noise deviations (their EMA, a plain mean over its first steps)
-  and ``progress`` of the progress made since the first loss, ``persist`` steps in a
-  row. When one begins, a ceiling on the size drops to ``min(backoff × ceiling, first ×
-  typical size)``; after ``interval`` healthy steps it grows ×``growth``.
+  more than ``loss_z`` noise deviations and ``progress`` of the progress made since the
+  first loss, ``persist`` steps in a row. The noise is measured from successive
+  differences of the losses (the smaller of the last two, not where both rise), so
+  neither a low first loss nor a divergence's onset enters it; a plain mean over its
+  first samples, then an EMA held while the loss is elevated. When a divergence begins,
+  a ceiling on the size drops to ``min(backoff × ceiling, first × typical size)``;
+  after ``interval`` healthy steps it grows ×``growth``.
 * **Unstable SGD step** (needs no history). Where the optimizer's step is ``lr × g``
   (``torch.optim.SGD``; the guard then gives the weights' norm ``‖w‖`` and momentum's
   gain ``k = (1 - dampening) / (1 - momentum)``, 10 at momentum 0.9, 1 without), a step
@@ -63,6 +66,9 @@ from ..ops import Array, Ops, clip_coefficient
 from .base import Decision, Policy, StepInputs
 
 _LN10 = math.log(10.0)
+#: The mean absolute deviation of Gaussian noise over the mean of the smaller of two
+#: successive differences' sizes, where not both rise (1.04; 1.10 for exponential noise).
+_NOISE_PER_DIFFERENCE = 1.05
 
 
 @dataclass(frozen=True)
@@ -172,17 +178,34 @@ def _loss_feedback(
 
     Written for few operations (each is a kernel launch on a device): a flag times a
     number stands for a select where the two agree bit for bit, and the slots a
-    decision cannot read yet (the previous losses before two were seen; the reference
-    and its noise, zero until the first finite loss) are written without a select.
+    decision cannot read yet (the previous losses before two were seen; the reference,
+    zero until the first finite loss) are written without a select.
     """
     ok = xp.isfinite(value)
     raw = xp.where(ok, value, math.inf)
-    has1, has2 = state.seen > 0, state.seen > 1
+    has2 = state.seen > 1
     # the median of the last three losses (of fewer, the loss itself: median(r, x, r) = r)
     filtered = xp.where(has2, _median3(xp, raw, state.prev1, state.prev2), raw)
-    scale = xp.maximum(state.dev, 0.02 * abs(state.slow))
+    # The noise: the batch losses' spread, from successive differences, the smaller of
+    # the last two (a jump, such as a divergence's onset, is in one of them only; a
+    # level, low or high, does not enter at all), except where both rise (a loss that
+    # climbs step after step is a trend, not noise). A plain mean over its first
+    # samples, then an EMA. It learns at every step while it is a plain mean (a noisy
+    # start cannot lock it at zero), then only where the loss is not elevated (a
+    # divergence cannot blind the test).
+    known1, known2 = xp.isfinite(state.prev1), xp.isfinite(state.prev2)
+    last = xp.where(known1, state.prev1, 0.0)  # (a non-finite loss is kept as +inf)
+    rise = xp.where(ok, value, 0.0) - last
+    last_rise = last - xp.where(known2, state.prev2, 0.0)
+    sample = _NOISE_PER_DIFFERENCE * xp.minimum(abs(rise), abs(last_rise))
+    learn = has2 & ok & known1 & known2 & ((rise <= 0) | (last_rise <= 0))
+    b = config.loss_beta
+    mean = 1.0 / xp.maximum(state.seen - 1.0, 1.0)  # the weight of a plain mean
+    noise = xp.where(learn, state.dev + xp.maximum(mean, 1.0 - b) * (sample - state.dev), state.dev)
+    scale = xp.maximum(noise, 0.02 * abs(state.slow))
     tolerance = xp.maximum(config.loss_z * scale, config.progress * (state.start - state.slow))
-    elevated = has1 & (filtered - state.slow > tolerance)
+    elevated = has2 & (filtered - state.slow > tolerance)
+    dev = xp.where((mean > 1.0 - b) | ~elevated, noise, state.dev)
     streak = (state.streak + 1.0) * elevated
     diverging = streak >= config.persist
     begins = streak == config.persist
@@ -192,22 +215,13 @@ def _loss_feedback(
     healthy = xp.where(diverging, 0.0, state.healthy + 1.0)
     # the reference takes clamped losses, so a divergence cannot drag it upward
     clamped = xp.minimum(xp.where(ok, value, state.slow), state.slow + config.loss_z * scale)
-    b = config.loss_beta
-    first = state.seen <= 0  # not has1: the reference and its noise are still zero here
+    first = state.seen <= 0  # not has1: the reference is still zero here
     slow = xp.where(first, xp.where(ok, value, 0.0), b * state.slow + (1 - b) * clamped)
-    # the noise scale learns from healthy steps only: a divergence cannot blind the test.
-    # Its first steps are a plain mean (weight 1/k on the k-th deviation, at least
-    # 1 - beta): an EMA started at zero would take tens of steps to reach the noise's
-    # size, and a noisy start (an autoencoder's batch losses spread 0.8-2.2) would read
-    # as a divergence. The reference keeps its EMA: it stays near the first loss, so a
-    # run whose loss rises from its first steps is still caught.
-    weight = xp.maximum(1.0 / xp.maximum(state.seen, 1.0), 1.0 - b)
-    noise = state.dev + weight * (abs(clamped - state.slow) - state.dev)
     statistics = (
         state.seen + ok,  # seen
         xp.where(first & ok, value, state.start),  # start
         slow,
-        xp.where(first | elevated, state.dev, noise),  # dev
+        dev,
         raw,  # prev1
         state.prev1,  # prev2
         streak,
