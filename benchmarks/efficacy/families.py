@@ -142,33 +142,50 @@ def train(
     batches = torch.Generator().manual_seed(seed)
     with tempfile.TemporaryDirectory() as folder:
         store = Path(folder) / "run"
-        guard = None
-        if row == "monitor":  # measured and diagnosed, never changed: the rules alone
-            guard = gg.Guard(model, gg.Monitor(), store=store)
-        elif row != "none":
-            factory, _ = resolve(row, SWEEP)
-            guard = gg.Guard(model, factory(), store=store)
+        guard = guard_for(row, model, store)
         clipped = 0
         for _ in range(steps):
             model.train()
             loss = loss_of(torch.randint(0, rows, (32,), generator=batches))
-            optimizer.zero_grad()
-            loss.backward()
-            if guard is None:
-                optimizer.step()
-            else:
-                clipped += bool(guard.step(optimizer, loss=loss).clip_coef < 1)
+            clipped += train_step(guard, optimizer, loss)
             scheduler.step()
-        findings: list[str] = []
-        if guard is not None:
-            guard.close()
-            from benchmarks.diagnosis.scorer import read_findings
-
-            findings = [f"{f.kind}@{f.steps[0]}" for f in read_findings(store)]
+        findings = closed_findings(guard, store)
     model.eval()
     with torch.no_grad():
         final = float(loss_of(torch.arange(rows)))
     return final, clipped / steps, findings
+
+
+def guard_for(row: str, model: nn.Module, store: Path) -> gg.Guard | None:
+    """The row's guard, recording to ``store``: none for ``none``; for ``monitor`` one that
+    measures and diagnoses but never changes a step (the health rules alone)."""
+    if row == "none":
+        return None
+    if row == "monitor":
+        return gg.Guard(model, gg.Monitor(), store=store)
+    factory, _ = resolve(row, SWEEP)
+    return gg.Guard(model, factory(), store=store)
+
+
+def train_step(guard: gg.Guard | None, optimizer: torch.optim.Optimizer, loss: Tensor) -> bool:
+    """Back-propagate ``loss`` and step, through ``guard`` where there is one; whether
+    the step was clipped."""
+    optimizer.zero_grad()
+    loss.backward()
+    if guard is None:
+        optimizer.step()
+        return False
+    return bool(guard.step(optimizer, loss=loss).clip_coef < 1)
+
+
+def closed_findings(guard: gg.Guard | None, store: Path) -> list[str]:
+    """Close ``guard`` and read back its findings as ``kind@first step``."""
+    if guard is None:
+        return []
+    guard.close()
+    from benchmarks.diagnosis.scorer import read_findings
+
+    return [f"{f.kind}@{f.steps[0]}" for f in read_findings(store)]
 
 
 def main(argv: list[str] | None = None) -> None:

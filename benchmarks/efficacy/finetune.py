@@ -25,12 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-import gradguard as gg
-
+from .families import closed_findings, guard_for, train_step
 from .grid import _table
 from .parallel import starmap, sweep_arguments
-from .policies import resolve
-from .suite import SWEEP
 from .tables import markdown
 
 SETUPS = ("digits", "wine", "cancer", "diabetes", "noise")
@@ -85,31 +82,18 @@ def train(setup: str, optimizer_name: str, row: str, seed: int, steps: int = 400
     )
     with tempfile.TemporaryDirectory() as folder:
         store = Path(folder) / "run"
-        guard = None
-        if row == "monitor":
-            guard = gg.Guard(model, gg.Monitor(), store=store)
-        elif row != "none":
-            factory, _ = resolve(row, SWEEP)
-            guard = gg.Guard(model, factory(), store=store)
+        guard = guard_for(row, model, store)
         clipped = 0
         for _ in range(steps):
             loss = loss_of(torch.randint(0, len(x), (32,), generator=batches))
-            optimizer.zero_grad()
-            loss.backward()
-            if guard is None:
-                optimizer.step()
-            else:
-                clipped += bool(guard.step(optimizer, loss=loss).clip_coef < 1)
-        divergences, findings = 0, []
+            clipped += train_step(guard, optimizer, loss)
+        divergences = 0
         if guard is not None:
             divergences = sum(
                 int(getattr(policy, "divergences", 0))
                 for policy in getattr(guard.policy, "policies", (guard.policy,))
             )
-            guard.close()
-            from benchmarks.diagnosis.scorer import read_findings
-
-            findings = [f"{f.kind}@{f.steps[0]}" for f in read_findings(store)]
+        findings = closed_findings(guard, store)
     with torch.no_grad():
         final = float(loss_of(torch.arange(len(x))))
     return final, clipped / steps, divergences, findings
