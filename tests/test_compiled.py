@@ -61,9 +61,18 @@ def _train(compile: bool | None, steps: int = 80, sgd: bool = False) -> np.ndarr
     return np.array(out)
 
 
-def _inputs(norm: float, loss: float, lr: float) -> StepInputs:
+def _inputs(norm: float, loss: float, lr: float, gain: float | None = None) -> StepInputs:
     total = torch.tensor(norm)
-    return StepInputs(total, total.reshape(1), TORCH, loss=torch.tensor(loss), lr=lr, compile=True)
+    return StepInputs(
+        total,
+        total.reshape(1),
+        TORCH,
+        loss=torch.tensor(loss),
+        lr=lr,
+        weight_norm=None if gain is None else torch.tensor(5.0),
+        step_gain=1.0 if gain is None else gain,
+        compile=True,
+    )
 
 
 def test_the_feedback_update_traces_as_one_graph():
@@ -91,6 +100,17 @@ def test_a_run_with_a_schedule_compiles_once():
         policy.decide(_inputs(norm, 2.0 - 0.01 * step, 1e-3 * (1 + step)))
     assert counter.frame_count == 1
     assert counter.op_count > 100  # the whole update is in it
+
+
+def test_sgd_momentum_that_cycles_compiles_once():
+    # OneCycleLR cycles SGD's momentum, so its gain changes at every step
+    counter = CompileCounter()
+    _use_backend(counter)
+    policy = FeedbackClip()
+    for step in range(12):
+        momentum = 0.85 + 0.01 * step
+        policy.decide(_inputs(1.0 + 0.05 * step, 2.0, 0.1, gain=1.0 / (1.0 - momentum)))
+    assert counter.frame_count == 1
 
 
 def test_compiled_decisions_match_the_op_by_op_ones():

@@ -46,9 +46,14 @@ def update(policy: Policy, state: Any, inputs: StepInputs) -> tuple[Decision, An
     kind = type(policy)
     if kind in _failed:
         return policy.update(state, inputs, TORCH)
-    lr = inputs.lr
-    if isinstance(lr, (int, float)):  # a number would be a constant of the graph
-        lr = torch.full((), float(lr), dtype=torch.float32, device=inputs.total_norm.device)
+    # numbers that change during a run (an LR schedule; momentum, and so SGD's gain,
+    # under OneCycleLR) would be constants of the graph: they go in as tensors
+    device = inputs.total_norm.device
+    lr, gain = inputs.lr, inputs.step_gain
+    if isinstance(lr, (int, float)):
+        lr = torch.full((), float(lr), dtype=torch.float32, device=device)
+    if inputs.weight_norm is not None:
+        gain = torch.full((), float(gain), dtype=torch.float32, device=device)
     try:
         arrays, new_state = _function()(
             policy,
@@ -58,7 +63,7 @@ def update(policy: Policy, state: Any, inputs: StepInputs) -> tuple[Decision, An
             inputs.loss,
             lr,
             inputs.weight_norm,
-            inputs.step_gain,
+            gain,
             inputs.norm_type,
         )
     except Exception as error:  # any failure to compile: decide op by op
@@ -107,7 +112,7 @@ def _pure_update(
     loss: Tensor | None,
     lr: Tensor | None,
     weight_norm: Tensor | None,
-    step_gain: float,
+    step_gain: Tensor | float,
     norm_type: float,
 ) -> tuple[tuple[Any, ...], Any]:
     inputs = StepInputs(

@@ -301,8 +301,9 @@ def _unstable_step(
         lr = xp.f32(lr)
         usable = usable & (lr > 0)
         lr = xp.where(lr > 0, lr, 1.0)
-    if inputs.step_gain != 1.0:  # the step a persistent gradient makes, against the weights
-        weights = weights * (1.0 / inputs.step_gain)
+    gain = inputs.step_gain  # a host number, or a tensor where the update is compiled
+    if not (isinstance(gain, float) and gain == 1.0):  # the step a persistent gradient
+        weights = weights * (1.0 / gain)  # makes, against the weights
     unstable = usable & (g * lr > weights * config.step_alarm)
     if config.step_overshoot > 0:  # lr·‖g‖²/loss = 2·lr·λ on a quadratic with minimum 0
         loss = xp.f32(loss)
