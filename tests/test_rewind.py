@@ -408,16 +408,18 @@ def test_ddp_ranks_rewind_together():
     _assert_same(ranks[0]["final"], ranks[1]["final"])
 
 
-def _with_feedback(losses, **settings):
+def _with_feedback(losses, compiled: bool = False, **settings):
     """Train a linear model under SkipNonFinite + FeedbackClip with a rewinder, feeding
-    ``losses`` as the steps' losses; return (events per step, the FeedbackClip)."""
+    ``losses`` as the steps' losses; return (events per step, the FeedbackClip).
+    ``compiled``: decide with the device math, FeedbackClip's update compiled."""
     from gradguard.policies.feedback import FeedbackClip
 
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     feedback = FeedbackClip()
-    guard = gg.Guard(model, gg.chain(gg.SkipNonFinite(), feedback))
+    policy = gg.chain(gg.SkipNonFinite(), feedback)
+    guard = gg.Guard(model, policy, host_math=not compiled, compile=compiled)
     rewind = Rewind(model, optimizer, guard=guard, every=10, check_every=5, **settings)
     events = []
     for value in losses:
@@ -428,12 +430,15 @@ def _with_feedback(losses, **settings):
     return events, feedback
 
 
-def test_a_policy_divergence_rewinds_and_the_policy_keeps_the_lesson():
+@pytest.mark.parametrize("compiled", [False, True], ids=["host", "compiled"])
+def test_a_policy_divergence_rewinds_and_the_policy_keeps_the_lesson(compiled):
     # healthy for 30 steps, then the loss climbs: the policy confirms a divergence after
     # three elevated medians (step 34), the rewinder acts at its next check (35);
-    # rise=100: the rewinder's own loss test stays silent, only the policy's signal acts
+    # rise=100: the rewinder's own loss test stays silent, only the policy's signal acts;
+    # the same with the update compiled (the restored state goes back into the graph)
     losses = [1.0 - 0.01 * i for i in range(30)] + [2.0, 4.0, 8.0, 16.0, 32.0]
-    events, feedback = _with_feedback(losses, window=5, rise=100)
+    losses += [0.7] * 10 if compiled else []
+    events, feedback = _with_feedback(losses, compiled, window=5, rise=100)
     fired = [(i, e) for i, e in enumerate(events) if e is not None]
     assert len(fired) == 1
     index, event = fired[0]
@@ -441,6 +446,10 @@ def test_a_policy_divergence_rewinds_and_the_policy_keeps_the_lesson():
     state = feedback.state_dict()
     assert float(state["episodes"]) == 1
     assert math.isfinite(float(state["ceiling"]))  # tighter than before the divergence
+    if compiled:
+        from gradguard import _compiled
+
+        assert type(feedback) not in _compiled._failed  # it ran compiled throughout
 
 
 def test_counts_optimizer_steps_under_gradient_accumulation():
