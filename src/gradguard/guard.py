@@ -73,7 +73,7 @@ class Guard:
             0-d torch operation costs more than the arithmetic; ``False`` decides with
             torch operations wherever the gradients are, as on an accelerator.
         compile: run the policy's device math as one compiled kernel
-            (``torch.compile``; the default policy's update is some 140 torch operations,
+            (``torch.compile``; the default policy's update is some 160 torch operations,
             each a kernel launch, otherwise). ``None``: on CUDA devices where Triton is
             installed; ``True``: wherever the device math runs; ``False``: never. The
             first step compiles (seconds); a failed compile warns once and the policy
