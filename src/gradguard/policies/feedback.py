@@ -130,7 +130,7 @@ class FeedbackState(NamedTuple):
     seen: Array  # finite losses seen
     start: Array  # the first finite loss
     slow: Array  # slow EMA of the (clamped) loss: the reference
-    dev: Array  # EMA of the absolute deviation of the clamped loss from the reference
+    dev: Array  # the losses' noise: an EMA of successive differences (see _loss_feedback)
     prev1: Array  # the last loss (+inf when non-finite)
     prev2: Array  # the loss before it
     streak: Array  # consecutive steps with an elevated filtered loss
@@ -215,7 +215,7 @@ def _loss_feedback(
     healthy = xp.where(diverging, 0.0, state.healthy + 1.0)
     # the reference takes clamped losses, so a divergence cannot drag it upward
     clamped = xp.minimum(xp.where(ok, value, state.slow), state.slow + config.loss_z * scale)
-    first = state.seen <= 0  # not has1: the reference is still zero here
+    first = state.seen <= 0  # no finite loss yet: the reference is still zero here
     slow = xp.where(first, xp.where(ok, value, 0.0), b * state.slow + (1 - b) * clamped)
     statistics = (
         state.seen + ok,  # seen
