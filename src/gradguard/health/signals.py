@@ -129,7 +129,10 @@ class LossTrend(Signal):
     medians so
     far); ``seen`` counts the finite losses so far and ``first_step`` is the first step
     with one; ``fitted`` marks rows whose smoothed loss is down to ``fitted_loss`` × the
-    initial level.
+    initial level; ``log_noise`` is the batch losses' spread in log space (the standard
+    deviation a Gaussian would have), from the median size of the successive
+    differences of their logs over the last ``noise_window`` (a trend barely moves it;
+    NaN until two positive losses follow each other).
     """
 
     thresholds = (
@@ -149,9 +152,18 @@ class LossTrend(Signal):
         ),
     )
 
+    #: Losses whose successive log differences give ``log_noise``.
+    noise_window = 100
+    #: The median of |x - y| for independent x, y of a unit Gaussian.
+    _MEDIAN_DIFFERENCE = 0.954
+
     def __init__(self, config) -> None:
         super().__init__(config)
         self._window = Rolling(config.loss_window)
+        self._differences = Rolling(self.noise_window)
+        self._last_log = math.nan
+        self._log_noise = math.nan
+        self.log_noise = _nan(0)
         self.total = 0
         self.best_so_far = math.inf
         self.initial_level = math.nan
@@ -186,6 +198,41 @@ class LossTrend(Signal):
         self.initial[valid] = np.where(seen >= w, self.initial_level, np.nan)
         with np.errstate(invalid="ignore"):
             self.fitted = self._is_fitted(self.median, self.initial)
+        self.log_noise = _nan(n)
+        self.log_noise[valid] = self._noise_of(losses)
+
+    def beyond_noise(self, factor: float, z: float) -> np.ndarray:
+        """Per row, whether a positive smoothed loss is further above its best than
+        ``factor`` and its noise explain: ``z`` standard errors of a median of
+        ``loss_window`` losses, plus the depth ``sqrt(2 ln n)`` such errors give the
+        minimum of ``n`` independent medians (``n``: losses seen / loss_window). True
+        where it cannot be judged (a loss at or below zero, no noise measured yet)."""
+        w = self.config.loss_window
+        error = 1.25 * self.log_noise / math.sqrt(w)  # a median's standard error
+        medians = np.maximum(self.seen / w, 1.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            margin = math.log(factor) + error * (z + np.sqrt(2.0 * np.log(medians)))
+            judged = (self.best > 0) & (self.median > 0) & np.isfinite(error)
+            ratio = np.where(judged, self.median / self.best, 1.0)
+            return ~judged | (np.log(ratio) >= margin)
+
+    def _noise_of(self, losses: np.ndarray) -> np.ndarray:
+        """``log_noise`` at each of ``losses`` (finite ones, in order)."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            logs = np.log(np.where(losses > 0, losses, np.nan))
+        steps = np.abs(np.diff(np.concatenate([[self._last_log], logs])))
+        known = np.isfinite(steps)
+        medians, _ = self._differences.push(steps[known], include=True)
+        noise = np.full(len(losses), np.nan)
+        noise[known] = medians / self._MEDIAN_DIFFERENCE
+        # between two positive losses a row keeps the last value (forward fill)
+        filled = np.concatenate([[self._log_noise], noise])
+        index = np.where(np.isfinite(filled), np.arange(len(filled)), 0)
+        noise = filled[np.maximum.accumulate(index)][1:]
+        if len(losses):
+            self._last_log = float(logs[-1])
+            self._log_noise = float(noise[-1])
+        return noise
 
     def current(self) -> float:
         """The latest smoothed loss (NaN before the window fills)."""

@@ -21,7 +21,9 @@ class LossDivergence(Rule):
     condition = (
         "for `sustain` steps the smoothed loss (median of loss_window) exceeds its best by at "
         "least (divergence_factor - 1) × |best| and by at least divergence_progress of the "
-        "progress made so far (initial - best)"
+        "progress made so far (initial - best); for positive losses, its log also exceeds "
+        "the best's by log(divergence_factor) plus divergence_z standard errors of the "
+        "smoothed loss and the depth its noise gives a running minimum"
     )
     advice = (
         LOWER_LR,
@@ -43,6 +45,14 @@ class LossDivergence(Rule):
             check.fraction,
             "... and undo at least this share of the progress made since the start",
         ),
+        Threshold(
+            "divergence_z",
+            3.0,
+            check.positive,
+            "... and, for positive losses, rise this many standard errors of the smoothed "
+            "loss beyond the factor and beyond how deep noise alone takes its minimum "
+            "(fine-tuned classifiers' batch losses spread over decades)",
+        ),
     )
 
     def __init__(self, context: Context) -> None:
@@ -57,7 +67,8 @@ class LossDivergence(Rule):
             need = np.maximum(
                 c.divergence_progress * (initial - best), (c.divergence_factor - 1) * np.abs(best)
             )
-            rising = (m - best >= need) & (m > best)
+            beyond = self.loss.beyond_noise(c.divergence_factor, c.divergence_z)
+            rising = (m - best >= need) & (m > best) & beyond
         for change in self.updated(self.tracker.feed(steps.step, rising)[0]):
             episode = change.episode
             rows = slice(change.lo, change.hi + 1)

@@ -20,8 +20,8 @@ class RunLost(Rule):
     condition = (
         "weights: a non-finite gradient was applied (the step was not skipped) and the next "
         "steps are non-finite too (`lost_confirm` in a row); or loss: the smoothed loss has "
-        "stayed at least divergence_factor × its best and above its initial level for "
-        "`lost_after` steps"
+        "stayed at least divergence_factor × its best (and beyond its noise, as for "
+        "loss_divergence) and above its initial level for `lost_after` steps"
     )
     advice = (
         "Restore the last good checkpoint: this run will not recover on its own.",
@@ -92,6 +92,7 @@ class RunLost(Rule):
         m, best, initial = self.loss.median, self.loss.best, self.loss.initial
         with np.errstate(invalid="ignore"):
             gone = (m >= c.divergence_factor * best) & (m > initial) & (best > 0)
+        gone &= self.loss.beyond_noise(c.divergence_factor, c.divergence_z)
         for change in self.updated(self.diverged.feed(steps.step, gone)[0]):
             episode = change.episode
             rows = slice(change.lo, change.hi + 1)
