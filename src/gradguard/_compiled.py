@@ -59,7 +59,7 @@ def update(policy: Policy, state: Any, inputs: StepInputs) -> tuple[Decision, An
             policy,
             _unaliased(state),
             inputs.total_norm,
-            inputs._norms,
+            inputs.norms,
             inputs.loss,
             lr,
             inputs.weight_norm,

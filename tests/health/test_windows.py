@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradguard.health.windows import Counts, Rolling, Streaks, run_lengths
+from gradguard.health.windows import Counts, Rolling, Streaks, last_finite, run_lengths
 
 
 @settings(max_examples=40, deadline=None)
@@ -51,3 +51,11 @@ def test_streaks_track_each_name():
     assert s.update(0, {"a": True, "b": False}) == {"a": (1, 0)}
     assert s.update(5, {"a": True, "b": True}) == {"a": (2, 0), "b": (1, 5)}
     assert s.update(9, {"a": False, "b": True}) == {"b": (2, 5)}
+
+
+def test_last_finite_carries_the_last_finite_value_forward():
+    nan = float("nan")
+    values = np.array([nan, 2.0, nan, nan, 5.0])
+    assert last_finite(values, 1.0).tolist() == [1.0, 2.0, 2.0, 2.0, 5.0]
+    assert last_finite(values, 1.0, include=False).tolist() == [1.0, 1.0, 2.0, 2.0, 2.0]
+    assert len(last_finite(np.array([]), 1.0)) == 0

@@ -20,7 +20,7 @@ import numpy as np
 from ..layers import group_index
 from . import _check as check
 from .base import Signal, Steps, Threshold
-from .windows import Counts, Rolling
+from .windows import Counts, Rolling, last_finite
 
 
 def _nan(n: int) -> np.ndarray:
@@ -225,10 +225,7 @@ class LossTrend(Signal):
         medians, _ = self._differences.push(steps[known], include=True)
         noise = np.full(len(losses), np.nan)
         noise[known] = medians / self._MEDIAN_DIFFERENCE
-        # between two positive losses a row keeps the last value (forward fill)
-        filled = np.concatenate([[self._log_noise], noise])
-        index = np.where(np.isfinite(filled), np.arange(len(filled)), 0)
-        noise = filled[np.maximum.accumulate(index)][1:]
+        noise = last_finite(noise, self._log_noise)  # a row without a difference keeps it
         if len(losses):
             self._last_log = float(logs[-1])
             self._log_noise = float(noise[-1])

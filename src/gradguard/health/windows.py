@@ -81,6 +81,18 @@ _SORTED = {
 _REDUCERS = {"median": np.median, "min": np.min, "max": np.max, "mean": np.mean}
 
 
+def last_finite(values: np.ndarray, carry: float, include: bool = True) -> np.ndarray:
+    """For each row, the last finite value up to it (``include``) or strictly before
+    it; ``carry`` (the last one of earlier batches) where the batch has none yet."""
+    if not len(values):
+        return np.empty(0)
+    index = np.where(np.isfinite(values), np.arange(len(values)), -1)
+    if not include:
+        index = np.concatenate([[-1], index[:-1]])
+    latest = np.maximum.accumulate(index)
+    return np.where(latest >= 0, values[np.maximum(latest, 0)], carry)
+
+
 class Counts:
     """Running counts of a few boolean flags over the last ``size`` observations."""
 

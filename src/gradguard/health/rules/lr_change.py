@@ -12,7 +12,7 @@ from ..base import Context, Rule, Steps, Threshold
 from ..episodes import Tracker
 from ..findings import Severity
 from ..signals import LossTrend, NormBaseline
-from ..windows import Rolling
+from ..windows import Rolling, last_finite
 
 
 class LRChange(Rule):
@@ -78,7 +78,7 @@ class LRChange(Rule):
         with np.errstate(invalid="ignore"):
             rises = known & (lr >= c.lr_rise * trailing) & (lr > peaks[:-1])
         loss_median = self.loss.median
-        before = _previous_finite(loss_median, self._loss_level)
+        before = last_finite(loss_median, self._loss_level, include=False)
         i = 0
         while i < n:
             if self._rise is None:
@@ -173,19 +173,6 @@ class LRChange(Rule):
             "loss_after": s.get("loss_after", math.nan),
         }
         self.report(episode, message, evidence, origin="lr")
-
-
-def _previous_finite(values: np.ndarray, carry: float) -> np.ndarray:
-    """For each row, the last finite value strictly before it (``carry`` from earlier batches)."""
-    out = np.empty(len(values))
-    last = carry
-    finite = np.isfinite(values)
-    if not len(values):
-        return out
-    index = np.where(finite, np.arange(len(values)), -1)
-    previous = np.maximum.accumulate(np.concatenate([[-1], index[:-1]]))
-    out = np.where(previous >= 0, values[np.maximum(previous, 0)], last)
-    return out
 
 
 def _norm_before(baseline: NormBaseline, norm: np.ndarray, row: int) -> float:
