@@ -239,7 +239,9 @@ def fused_folding(device: str) -> tuple[str, str]:
     return PASS, "5 clipped steps: folded == unfolded == clip_grad_norm_ + step (AdamW, SGD)"
 
 
-def fused_speed(device: str) -> tuple[str, str]:
+def _gpt2_params(device: str) -> list[nn.Parameter]:
+    """GPT-2 small's parameters on CUDA (a slice of a 1000-wide MLP's on the CPU), with
+    gradients of global norm about 1."""
     from _shapes import gpt2_small_shapes, make_params, mlp_1000_shapes
 
     shapes = gpt2_small_shapes() if device == "cuda" else mlp_1000_shapes()[:100]
@@ -248,18 +250,25 @@ def fused_speed(device: str) -> tuple[str, str]:
         param = nn.Parameter(host.detach().to(device))
         param.grad = host.grad.to(device)
         params.append(param)
-    optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
-    guard = gg.Guard(params, gg.ClipNorm(1.0), health=False)
+    return params
+
+
+def _step_costs(device: str, params, optimizer, guards: dict[str, gg.Guard]) -> dict[str, float]:
+    """Milliseconds per step beyond ``optimizer.step()`` of ``clip_grad_norm_`` (key
+    "torch") and of each guard's ``step`` (given the loss, as users are told to); medians
+    of rounds of back-to-back steps, new gradient tensors each step."""
 
     def fresh() -> None:  # new gradient tensors stand in for a backward (the guard checks)
         for p in params:
             p.grad = p.grad.detach()
 
+    loss = torch.tensor(1.0, device=device)
     candidates = {
         "step": lambda: (fresh(), optimizer.step()),
         "torch": lambda: (fresh(), torch.nn.utils.clip_grad_norm_(params, 1.0), optimizer.step()),
-        "guard": lambda: (fresh(), guard.step(optimizer)),
     }
+    for name, guard in guards.items():
+        candidates[name] = lambda guard=guard: (fresh(), guard.step(optimizer, loss=loss))
     reps, rounds = (20, 7) if device == "cuda" else (3, 3)
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for round_ in range(rounds + 1):
@@ -269,14 +278,140 @@ def fused_speed(device: str) -> tuple[str, str]:
             for _ in range(reps):
                 fn()
             _wait(device)
-            if round_:  # the first round warms up
+            if round_:  # the first round warms up (and compiles)
                 times[name].append((time.perf_counter() - start) / reps)
     ms = {name: 1e3 * sorted(v)[len(v) // 2] for name, v in times.items()}
-    ours, theirs = ms["guard"] - ms["step"], ms["torch"] - ms["step"]
-    ratio = ours / theirs if theirs > 0 else math.nan
+    return {name: t - ms["step"] for name, t in ms.items() if name != "step"}
+
+
+def _ratios(costs: dict[str, float]) -> str:
+    theirs = costs["torch"]
+    return ", ".join(
+        f"{name} {cost:.3f} ms ({cost / theirs if theirs > 0 else math.nan:.2f}x)"
+        for name, cost in costs.items()
+        if name != "torch"
+    )
+
+
+def fused_speed(device: str) -> tuple[str, str]:
+    """``ClipNorm(1.0)`` folded into fused AdamW, against ``clip_grad_norm_`` + step."""
+    params = _gpt2_params(device)
+    optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
+    guards = {"guard.step (folded)": gg.Guard(params, gg.ClipNorm(1.0), health=False)}
+    costs = _step_costs(device, params, optimizer, guards)
     return INFO, (
-        f"{len(params)} tensors: step {ms['step']:.3f} ms; clip cost: guard.step (folded) "
-        f"{ours:.3f} ms, clip_grad_norm_ {theirs:.3f} ms ({ratio:.2f}x)"
+        f"{len(params)} tensors; clip cost: clip_grad_norm_ {costs['torch']:.3f} ms; "
+        + _ratios(costs)
+    )
+
+
+def default_speed(device: str) -> tuple[str, str]:
+    """The default policy's cost per step (its update compiled, as by default on CUDA, and
+    op by op) and the old default's (ZClip), against ``clip_grad_norm_`` + step."""
+    params = _gpt2_params(device)
+    optimizer = torch.optim.AdamW(params, lr=1e-6, fused=True)
+    old = gg.chain(gg.SkipNonFinite(), gg.ZClip(warmup_max_norm=10.0))
+    guards = {
+        "default": gg.Guard(params, health=False),
+        "default op by op": gg.Guard(params, health=False, host_math=False, compile=False),
+        "old default": gg.Guard(params, old, health=False, host_math=False),
+    }
+    costs = _step_costs(device, params, optimizer, guards)
+    return INFO, (
+        f"{len(params)} tensors, fused AdamW; clip_grad_norm_ {costs['torch']:.3f} ms; "
+        + _ratios(costs)
+    )
+
+
+class _ByteLM(nn.Module):
+    """A pre-LN transformer over bytes: GPT-2-like steps on CUDA, a toy on the CPU."""
+
+    def __init__(self, width: int, layers: int, context: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(256, width)
+        self.position = nn.Parameter(torch.zeros(context, width))
+        block = nn.TransformerEncoderLayer(
+            width, max(1, width // 64), 4 * width, dropout=0.0, batch_first=True, norm_first=True
+        )
+        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
+        self.head = nn.Linear(width, 256)
+        self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context))
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed(tokens) + self.position[: tokens.shape[1]]
+        return self.head(self.blocks(h, mask=self.mask, is_causal=True))
+
+
+def training_step(device: str) -> tuple[str, str]:
+    """A whole bf16-autocast training step of a byte-level transformer (forward, backward,
+    fused AdamW): bare, with ``clip_grad_norm_``, and with the default guard recording to a
+    store and given the loss, as users are told to. Then a NaN gradient: skipped, weights
+    and optimizer state untouched, the skip in the store."""
+    width, layers, context, batch, reps, rounds = (
+        (768, 6, 256, 32, 20, 5) if device == "cuda" else (32, 1, 16, 4, 2, 2)
+    )
+    torch.manual_seed(0)
+    base = _ByteLM(width, layers, context).to(device)
+    tokens = torch.randint(0, 256, (batch, context + 1), device=device)
+    twins = {name: copy.deepcopy(base) for name in ("bare", "torch", "guard")}
+    optimizers = {name: _adamw(m, fused=True) for name, m in twins.items()}
+    with tempfile.TemporaryDirectory() as tmp:
+        guard = gg.Guard(twins["guard"], store=Path(tmp) / "run")
+
+        def step(name: str, poison: bool = False):
+            model, optimizer = twins[name], optimizers[name]
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device, dtype=torch.bfloat16):
+                logits = model(tokens[:, :-1])
+            targets = tokens[:, 1:].flatten()
+            loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), targets)
+            loss.backward()
+            if poison:
+                model.head.weight.grad[0, 0] = math.nan
+            if name == "torch":
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            if name == "guard":
+                return guard.step(optimizer, loss=loss)
+            optimizer.step()
+            return None
+
+        times: dict[str, list[float]] = {name: [] for name in twins}
+        for round_ in range(rounds + 1):
+            for name in twins:
+                _wait(device)
+                start = time.perf_counter()
+                for _ in range(reps):
+                    step(name)
+                _wait(device)
+                if round_:  # the first round warms up (and compiles the guard's update)
+                    times[name].append((time.perf_counter() - start) / reps)
+        model, optimizer = twins["guard"], optimizers["guard"]
+        before = [p.detach().clone() for p in model.parameters()]
+        moments = [t.clone() for s in optimizer.state.values() for t in s.values()]
+        result = step("guard", poison=True)
+        assert bool(result.skipped), "the NaN step was not skipped"
+        assert "head.weight" in result.nonfinite_names(), result.nonfinite_names()
+        for p, b in zip(model.parameters(), before):
+            assert torch.equal(p, b), "a parameter changed on the skipped step"
+        after = [t for s in optimizer.state.values() for t in s.values()]
+        for a, b in zip(after, moments):
+            assert torch.equal(a, b), "optimizer state changed on the skipped step"
+        guard.close()
+        store = gg.RunStore.open(Path(tmp) / "run")
+        recorded, skips = store.steps()["skipped"], store.events(kind="skip")
+    last = (rounds + 1) * reps  # the NaN step
+    assert len(recorded) == last + 1, f"{len(recorded)} steps recorded of {last + 1}"
+    assert recorded.nonzero()[0].tolist() == [last], f"skipped: {recorded.nonzero()[0]}"
+    assert [e.step for e in skips] == [last], f"skip events {skips}"
+    ms = {name: 1e3 * sorted(v)[len(v) // 2] for name, v in times.items()}
+    n = sum(p.numel() for p in base.parameters())
+    cost = {name: ms[name] - ms["bare"] for name in ("torch", "guard")}
+    share = {name: 100 * c / ms["bare"] for name, c in cost.items()}
+    return INFO, (
+        f"{n / 1e6:.1f} M parameters, bf16 autocast: step {ms['bare']:.2f} ms bare; "
+        f"+{cost['torch']:.3f} ms clip_grad_norm_ ({share['torch']:.1f} %), "
+        f"+{cost['guard']:.3f} ms default guard recording ({share['guard']:.1f} %); "
+        "a NaN step skipped, state untouched, recorded"
     )
 
 
@@ -463,6 +598,8 @@ CHECKS: dict[str, Callable[[str], tuple[str, str]]] = {
         recording,
         fused_folding,
         fused_speed,
+        default_speed,
+        training_step,
         compiled_update,
         amp_fp16,
         low_precision,

@@ -20,7 +20,9 @@ that check alone. Checks:
   the values the device computed.
 * ``fused_folding``: the clip folded into fused AdamW equals the unfolded clip and
   ``clip_grad_norm_`` + step; ``fused_speed``: its cost against ``clip_grad_norm_``
-  (GPT-2 small shapes on CUDA; reported, not judged).
+  (GPT-2 small shapes on CUDA; reported, not judged); ``default_speed``: the default
+  policy's cost, its update compiled and op by op, and the old default's (ZClip), each
+  against ``clip_grad_norm_`` (same shapes; reported).
 * ``amp_fp16``: autocast fp16 + GradScaler: norms of the unscaled gradients, an
   overflow skipped with parameters untouched. ``low_precision``: bf16 norms, fp16
   gradients whose norm exceeds fp16's range.

@@ -112,6 +112,7 @@ def test_every_check_runs_on_cpu(simulated_cuda_checks):
     failed = {n: r.detail for n, r in results.items() if r.status not in ("pass", "info")}
     assert not failed
     assert results["fused_speed"].status == "info"
+    assert all(f"{n} " in results["default_speed"].detail for n in ("default", "old default"))
     # the one sync gradguard allows: reading a skip flag before a non-fused step
     assert "1 per step over the bare step's" in results["sync_skip_unfused"].detail
     # the simulated sync is seen, and named where it happens (reading the skip flag)
