@@ -353,10 +353,11 @@ def training_step(device: str) -> tuple[str, str]:
     torch.manual_seed(0)
     base = _ByteLM(width, layers, context).to(device)
     tokens = torch.randint(0, 256, (batch, context + 1), device=device)
-    twins = {name: copy.deepcopy(base) for name in ("bare", "torch", "guard")}
+    twins = {name: copy.deepcopy(base) for name in ("bare", "torch", "policy", "guard")}
     optimizers = {name: _adamw(m, fused=True) for name, m in twins.items()}
     with tempfile.TemporaryDirectory() as tmp:
         guard = gg.Guard(twins["guard"], store=Path(tmp) / "run")
+        guards = {"guard": guard, "policy": gg.Guard(twins["policy"], health=False)}
 
         def step(name: str, poison: bool = False):
             model, optimizer = twins[name], optimizers[name]
@@ -370,8 +371,8 @@ def training_step(device: str) -> tuple[str, str]:
                 model.head.weight.grad[0, 0] = math.nan
             if name == "torch":
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            if name == "guard":
-                return guard.step(optimizer, loss=loss)
+            if name in guards:
+                return guards[name].step(optimizer, loss=loss)
             optimizer.step()
             return None
 
@@ -405,14 +406,128 @@ def training_step(device: str) -> tuple[str, str]:
     assert [e.step for e in skips] == [last], f"skip events {skips}"
     ms = {name: 1e3 * sorted(v)[len(v) // 2] for name, v in times.items()}
     n = sum(p.numel() for p in base.parameters())
-    cost = {name: ms[name] - ms["bare"] for name in ("torch", "guard")}
-    share = {name: 100 * c / ms["bare"] for name, c in cost.items()}
+    labels = {
+        "torch": "clip_grad_norm_",
+        "policy": "default guard, no store or health",
+        "guard": "default guard recording",
+    }
+    costs = "; ".join(
+        f"+{ms[k] - ms['bare']:.3f} ms {label} ({100 * (ms[k] - ms['bare']) / ms['bare']:.1f} %)"
+        for k, label in labels.items()
+    )
     return INFO, (
-        f"{n / 1e6:.1f} M parameters, bf16 autocast: step {ms['bare']:.2f} ms bare; "
-        f"+{cost['torch']:.3f} ms clip_grad_norm_ ({share['torch']:.1f} %), "
-        f"+{cost['guard']:.3f} ms default guard recording ({share['guard']:.1f} %); "
+        f"{n / 1e6:.1f} M parameters, bf16 autocast: step {ms['bare']:.2f} ms bare; {costs}; "
         "a NaN step skipped, state untouched, recorded"
     )
+
+
+def _host_copy(value: Any) -> Any:
+    """A deep copy of nested dicts/lists of tensors, the tensors on the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _host_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_host_copy(v) for v in value)
+    return copy.deepcopy(value)
+
+
+def _same(a: Any, b: Any, path: str = "state") -> None:
+    """Bit-for-bit equality (NaN equal to NaN) of two :func:`_host_copy` results."""
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, path
+        assert torch.equal(a.isnan(), b.isnan()), path
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            _same(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"
+
+
+def _rewind_once(device: str, storage: str) -> str:
+    """One run of :func:`rewind_restore` with snapshots in ``storage``; its costs."""
+    width, layers, context, batch = (512, 4, 128, 16) if device == "cuda" else (32, 1, 16, 4)
+    every = 10
+    torch.manual_seed(0)
+    model = _ByteLM(width, layers, context).to(device)
+    tokens = torch.randint(0, 256, (batch, context + 1), device=device)
+    optimizer = _adamw(model, fused=True)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=3, gamma=0.9)
+    guard = gg.Guard(model, health=False)
+    rewind = gg.Rewind(
+        model,
+        optimizer,
+        scheduler=scheduler,
+        guard=guard,
+        every=every,
+        check_every=1,
+        storage=storage,
+    )
+
+    def state() -> dict:
+        return _host_copy(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+            }  # the policy's state is restored too, then tightened: not compared
+        )
+
+    def train(poison: bool = False) -> tuple[Any, float, float]:
+        optimizer.zero_grad(set_to_none=True)
+        _wait(device)
+        start = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            logits = model(tokens[:, :-1])
+        targets = tokens[:, 1:].flatten()
+        loss = nn.functional.cross_entropy(logits.float().flatten(0, 1), targets)
+        if poison:
+            loss = loss * math.nan
+        loss.backward()
+        guard.step(optimizer, loss=loss)
+        scheduler.step()
+        _wait(device)
+        middle = time.perf_counter()
+        event = rewind.step(loss)
+        _wait(device)
+        return event, middle - start, time.perf_counter() - middle
+
+    steps, snaps, checks = [], [], []
+    for i in range(3 * every):
+        event, step_s, rewind_s = train()
+        assert event is None, f"a rewind at step {i}: {event}"
+        steps.append(step_s)
+        (snaps if (i + 1) % every == 0 else checks).append(rewind_s)
+    at_snapshot = state()
+    for _ in range(3):
+        assert train()[0] is None
+    event = train(poison=True)[0]
+    assert event is not None and event.data["reason"] == "nonfinite", event
+    assert event.data["to_step"] == 3 * every, event.data
+    _same(state(), at_snapshot)
+    step_ms = 1e3 * sorted(steps)[len(steps) // 2]
+    snap_ms = 1e3 * sorted(snaps)[len(snaps) // 2]
+    check_ms = 1e3 * sorted(checks)[len(checks) // 2]
+    share = 100 * snap_ms / 100 / step_ms
+    return (
+        f"{storage}: snapshot {snap_ms:.2f} ms ({rewind.snapshot_bytes / 2**20:.0f} MiB; "
+        f"every=100: {share:.2f} % of a {step_ms:.1f} ms step), other steps {check_ms:.3f} ms"
+    )
+
+
+def rewind_restore(device: str) -> tuple[str, str]:
+    """``Rewind`` on a bf16-autocast transformer with fused AdamW, a scheduler and the
+    default guard, snapshots on the device and in pinned host memory: a NaN loss restores
+    the parameters, optimizer and scheduler state bit for bit; what a snapshot
+    costs against a training step."""
+    details = [_rewind_once(device, storage) for storage in ("device", "host")]
+    return PASS, "restored bit for bit from both; " + "; ".join(details)
 
 
 def compiled_update(device: str) -> tuple[str, str]:
@@ -600,6 +715,7 @@ CHECKS: dict[str, Callable[[str], tuple[str, str]]] = {
         fused_speed,
         default_speed,
         training_step,
+        rewind_restore,
         compiled_update,
         amp_fp16,
         low_precision,

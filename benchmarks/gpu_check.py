@@ -23,6 +23,13 @@ that check alone. Checks:
   (GPT-2 small shapes on CUDA; reported, not judged); ``default_speed``: the default
   policy's cost, its update compiled and op by op, and the old default's (ZClip), each
   against ``clip_grad_norm_`` (same shapes; reported).
+* ``training_step``: a bf16-autocast byte-level transformer's whole step, bare, with
+  ``clip_grad_norm_``, with the default guard alone and recording to a store (costs
+  reported); then a NaN gradient skipped with weights and optimizer state untouched
+  and the skip in the store.
+* ``rewind_restore``: ``Rewind`` with snapshots on the device and in pinned host
+  memory restores parameters, optimizer and scheduler state bit for bit after a NaN
+  loss; a snapshot's cost against the step.
 * ``amp_fp16``: autocast fp16 + GradScaler: norms of the unscaled gradients, an
   overflow skipped with parameters untouched. ``low_precision``: bf16 norms, fp16
   gradients whose norm exceeds fp16's range.

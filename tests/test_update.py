@@ -67,3 +67,31 @@ def test_fused_skips_after_the_first_step_stay_on_the_device():
     assert _update.state_ready(plain, params)
     guard = gg.Guard(model, host_math=False)
     assert guard.step(optimizer) is not None
+
+
+def test_a_cleared_state_is_not_folded_into_even_after_it_was_ready():
+    """Readiness is remembered between steps (a loop over the parameters otherwise); an
+    emptied state (``state.clear()``, or ``load_state_dict`` of a fresh optimizer) must be
+    seen, or the fused step would create zero moments on a skipped step."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    guard = gg.Guard(model, host_math=False, compile=False, health=False)
+    for poison in (False, False, True):
+        model(torch.randn(3, 4)).sum().backward()
+        if poison:
+            optimizer.state.clear()
+            model.weight.grad[0, 0] = float("nan")
+        result = guard.step(optimizer)
+        optimizer.zero_grad()
+    assert result.is_skipped()
+    assert len(optimizer.state) == 0
+    fresh = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True)
+    model(torch.randn(3, 4)).sum().backward()
+    guard.step(optimizer)  # ready again
+    optimizer.zero_grad()
+    optimizer.load_state_dict(fresh.state_dict())
+    model(torch.randn(3, 4)).sum().backward()
+    model.weight.grad[0, 0] = float("nan")
+    assert guard.step(optimizer).is_skipped()
+    assert len(optimizer.state) == 0

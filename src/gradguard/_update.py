@@ -41,6 +41,26 @@ def state_ready(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> b
     return all(p in state and state[p] for p in params)
 
 
+class StateReadiness:
+    """:func:`state_ready`, remembered: checking every parameter's state is a Python loop
+    over the parameters each step. Once ready, it stays so while the optimizer, its state
+    dict (``load_state_dict`` replaces it) and that dict's size are the same, for the
+    guard's whole parameter list (a step where some gradients are missing checks again)."""
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int, int] | None = None
+
+    def __call__(
+        self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], every: bool
+    ) -> bool:
+        key = (id(optimizer), id(optimizer.state), len(optimizer.state))
+        if every and key == self._key:
+            return True
+        ready = state_ready(optimizer, params)
+        self._key = key if ready and every else None
+        return ready
+
+
 def warn_if_private(optimizer: Any) -> None:
     """Warn when ``optimizer`` is (or wraps) an Opacus ``DPOptimizer``.
 

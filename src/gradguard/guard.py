@@ -133,6 +133,7 @@ class Guard:
         self._started = False
         self._checked: set[int] = set()  # optimizers whose parameters were checked
         self._seen: list[tuple[weakref.ref, int]] = []  # last step's gradients and versions
+        self._state_ready = _update.StateReadiness()
         self._weights: Tensor | None = None  # the weights' last measured norm
         self._weights_age = 0  # steps since
         self._loss_warned = False  # warned that a policy needing the loss got none
@@ -247,10 +248,11 @@ class Guard:
             self._checked.add(id(optimizer))
         device = collected.grads[0].device
         on_host = self._ops_for(device) is NUMPY
+        complete = collected.params is self.params  # every guarded parameter has a gradient
         fold = (
             self.fold_fused
             and _update.supports_folding(optimizer)
-            and (on_host or _update.state_ready(optimizer, collected.params))
+            and (on_host or self._state_ready(optimizer, collected.params, every=complete))
         )
         found = _amp.found_inf(scaler, optimizer, device) if amp else None  # type: ignore[arg-type]
         scale = _amp.current_scale(scaler) if amp else None  # type: ignore[arg-type]
