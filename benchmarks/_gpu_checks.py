@@ -24,6 +24,8 @@ import gradguard as gg
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from _state import assert_same
+
 PASS, INFO = "pass", "info"
 SYNC_TEXT = "called a synchronizing CUDA operation"  # torch's sync debug message
 
@@ -432,24 +434,6 @@ def _host_copy(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
-def _same(a: Any, b: Any, path: str = "state") -> None:
-    """Bit-for-bit equality (NaN equal to NaN) of two :func:`_host_copy` results."""
-    if isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape, path
-        assert torch.equal(a.isnan(), b.isnan()), path
-        assert torch.equal(a.nan_to_num(), b.nan_to_num()), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            _same(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b or (a != a and b != b), f"{path}: {a!r} != {b!r}"
-
-
 def _rewind_once(device: str, storage: str) -> str:
     """One run of :func:`rewind_restore` with snapshots in ``storage``; its costs."""
     width, layers, context, batch = (512, 4, 128, 16) if device == "cuda" else (32, 1, 16, 4)
@@ -510,7 +494,7 @@ def _rewind_once(device: str, storage: str) -> str:
     event = train(poison=True)[0]
     assert event is not None and event.data["reason"] == "nonfinite", event
     assert event.data["to_step"] == 5 * every, event.data
-    _same(state(), at_snapshot)
+    assert_same(state(), at_snapshot)
     step_ms = 1e3 * sorted(steps)[len(steps) // 2]
     # the first `keep` (2) snapshots allocate their buffers; later ones reuse the oldest's
     snap_ms = 1e3 * sorted(snaps[2:])[len(snaps[2:]) // 2]

@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import gradguard as gg
+from benchmarks._state import assert_same
 from gradguard.rewind import Rewind
 from gradguard.schema import EventKind
 
@@ -81,24 +82,6 @@ class _Run:
         )
 
 
-def _assert_same(a, b, path="state"):
-    """Bit-for-bit equality of nested dicts/lists of tensors and numbers."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape, path
-        same_nans = bool((a.isnan() == b.isnan()).all())
-        assert same_nans and torch.equal(a.nan_to_num(), b.nan_to_num()), path
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for key in a:
-            _assert_same(a[key], b[key], f"{path}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _assert_same(x, y, f"{path}[{i}]")
-    else:
-        assert a == b or (a != a and b != b), path
-
-
 @pytest.fixture(autouse=True)
 def _quiet():
     with warnings.catch_warnings():
@@ -118,7 +101,7 @@ def test_restore_is_bit_exact_and_replays_like_a_twin(fused):
     assert event is not None and event.kind == EventKind.REWIND
     assert event.data["to_step"] == 5 and event.data["from_step"] == 9
     assert event.data["steps_lost"] == 4 and event.data["reason"] == "nonfinite"
-    _assert_same(run.state(), at_snapshot)
+    assert_same(run.state(), at_snapshot)
     # going on from the restored state trains exactly like a twin that stopped at step 5
     twin = _Run(fused=fused, every=5, check_every=1)
     for step in range(5):
@@ -126,7 +109,7 @@ def test_restore_is_bit_exact_and_replays_like_a_twin(fused):
     for step in range(5, 12):
         run.step(step)
         twin.step(step)
-    _assert_same(run.state(), twin.state())
+    assert_same(run.state(), twin.state())
 
 
 def test_feedback_clip_state_is_restored_but_keeps_its_lesson():
@@ -141,14 +124,14 @@ def test_feedback_clip_state_is_restored_but_keeps_its_lesson():
     assert run.step(8, poison=math.nan) is not None
     restored = run.state()
     policy, saved = restored.pop("policy")["1"], at_snapshot.pop("policy")["1"]
-    _assert_same(restored, at_snapshot)  # model, optimizer, scheduler: bit for bit
+    assert_same(restored, at_snapshot)  # model, optimizer, scheduler: bit for bit
     assert not math.isfinite(float(saved["ceiling"]))
     # the policy's state is the snapshot's, but for a ceiling: half of twice the typical
     # size the run had reached before the rewind
     expected = level + math.log(2.0) + math.log(0.5)
     assert float(policy.pop("ceiling")) == pytest.approx(expected, abs=1e-6)
     saved.pop("ceiling")
-    _assert_same(policy, saved)
+    assert_same(policy, saved)
 
 
 def test_restores_gradscaler_state_under_amp():
@@ -162,7 +145,7 @@ def test_restores_gradscaler_state_under_amp():
     run.step(5)
     event = run.step(6, poison=math.nan)
     assert event is not None
-    _assert_same(run.state(), at_snapshot)
+    assert_same(run.state(), at_snapshot)
     assert run.scaler.get_scale() == scale
 
 
@@ -174,7 +157,7 @@ def test_initial_snapshot_restores_an_empty_optimizer_state():
     assert run.optimizer.state  # AdamW created its moments
     event = run.step(1, poison=math.nan)
     assert event is not None and event.data["to_step"] == 0
-    _assert_same(run.state(), initial)
+    assert_same(run.state(), initial)
 
 
 def _loss_watcher(noise_scale: float):
@@ -328,7 +311,7 @@ def test_host_storage_keeps_the_copies_on_the_cpu():
     at_snapshot = run.state()
     run.step(3)
     assert run.step(4, poison=math.nan) is not None
-    _assert_same(run.state(), at_snapshot)
+    assert_same(run.state(), at_snapshot)
 
 
 @pytest.mark.parametrize(
@@ -403,9 +386,9 @@ def test_ddp_ranks_rewind_together():
         assert [step for step, _, _ in r["events"]] == [7]  # the check after step 6's NaN
         _, data, state = r["events"][0]
         assert data["to_step"] == 4 and data["reason"] == "nonfinite"
-        _assert_same(state, r["snapshot"])
+        assert_same(state, r["snapshot"])
     # the ranks went on in step: the same parameters (BatchNorm statistics stay per rank)
-    _assert_same(ranks[0]["final"], ranks[1]["final"])
+    assert_same(ranks[0]["final"], ranks[1]["final"])
 
 
 def _with_feedback(losses, compiled: bool = False, **settings):
@@ -477,7 +460,7 @@ def test_counts_optimizer_steps_under_gradient_accumulation():
     assert accumulated_step(3) is None
     event = accumulated_step(4, poison=math.nan)
     assert event is not None and event.data["to_step"] == 3 and event.data["steps_lost"] == 2
-    _assert_same(run.state(), at_snapshot)
+    assert_same(run.state(), at_snapshot)
 
 
 @pytest.mark.parametrize("relapse, rewinds", [(0.2, False), (0.1, True)])
