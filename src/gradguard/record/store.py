@@ -48,6 +48,7 @@ infinities are kept. Sizes are measured by ``benchmarks/bench_record.py``.
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import json
 import math
 import os
@@ -96,10 +97,12 @@ def _pack(norms: Sequence[float]) -> bytes:
     return a.tobytes()
 
 
-def _cell(column: str, value: float) -> float | int | None:
+def _cells(column: str, values: Sequence[float]) -> Sequence[float | int | None]:
+    """A column's values as bound: integers where the column holds them (NULL for NaN);
+    sqlite3 binds a float NaN as NULL itself."""
     if column in _INT_COLUMNS:
-        return int(value) if math.isfinite(value) else None
-    return value  # sqlite3 binds NaN as NULL
+        return [int(v) if math.isfinite(v) else None for v in values]
+    return values
 
 
 class RunStore(StoreReader):
@@ -185,10 +188,8 @@ class RunStore(StoreReader):
     def write(self, batch: HostBatch, events: Sequence[Event] = ()) -> None:
         """Write one flushed batch (and ``events``) in a single transaction."""
         conn, run = self._writer()
-        rows = [
-            (run, step, *(_cell(c, batch.columns[c][i]) for c in STEP_COLUMNS))
-            for i, step in enumerate(batch.steps)
-        ]
+        columns = [_cells(c, batch.columns[c]) for c in STEP_COLUMNS]
+        rows = list(zip(itertools.repeat(run), batch.steps, *columns))
         extra = batch.extra_tensor_steps
         norms = [
             (run, s, int(s in extra), _pack(v))
