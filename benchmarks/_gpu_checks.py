@@ -272,6 +272,15 @@ def _step_costs(device: str, params, optimizer, guards: dict[str, gg.Guard]) -> 
     for name, guard in guards.items():
         candidates[name] = lambda guard=guard: (fresh(), guard.step(optimizer, loss=loss))
     reps, rounds = (20, 7) if device == "cuda" else (3, 3)
+    ms = _median_ms(device, candidates, reps, rounds)
+    return {name: t - ms["step"] for name, t in ms.items() if name != "step"}
+
+
+def _median_ms(
+    device: str, candidates: dict[str, Callable[[], Any]], reps: int, rounds: int
+) -> dict[str, float]:
+    """Median milliseconds per call of each candidate: ``rounds`` rounds (after one that
+    warms up and compiles) of ``reps`` back-to-back calls, the device waited for."""
     times: dict[str, list[float]] = {name: [] for name in candidates}
     for round_ in range(rounds + 1):
         for name, fn in candidates.items():
@@ -280,10 +289,9 @@ def _step_costs(device: str, params, optimizer, guards: dict[str, gg.Guard]) -> 
             for _ in range(reps):
                 fn()
             _wait(device)
-            if round_:  # the first round warms up (and compiles)
+            if round_:
                 times[name].append((time.perf_counter() - start) / reps)
-    ms = {name: 1e3 * sorted(v)[len(v) // 2] for name, v in times.items()}
-    return {name: t - ms["step"] for name, t in ms.items() if name != "step"}
+    return {name: 1e3 * sorted(v)[len(v) // 2] for name, v in times.items()}
 
 
 def _ratios(costs: dict[str, float]) -> str:
@@ -378,16 +386,8 @@ def training_step(device: str) -> tuple[str, str]:
             optimizer.step()
             return None
 
-        times: dict[str, list[float]] = {name: [] for name in twins}
-        for round_ in range(rounds + 1):
-            for name in twins:
-                _wait(device)
-                start = time.perf_counter()
-                for _ in range(reps):
-                    step(name)
-                _wait(device)
-                if round_:  # the first round warms up (and compiles the guard's update)
-                    times[name].append((time.perf_counter() - start) / reps)
+        candidates = {name: lambda name=name: step(name) for name in twins}
+        ms = _median_ms(device, candidates, reps, rounds)
         model, optimizer = twins["guard"], optimizers["guard"]
         before = [p.detach().clone() for p in model.parameters()]
         moments = [t.clone() for s in optimizer.state.values() for t in s.values()]
@@ -406,7 +406,6 @@ def training_step(device: str) -> tuple[str, str]:
     assert len(recorded) == last + 1, f"{len(recorded)} steps recorded of {last + 1}"
     assert recorded.nonzero()[0].tolist() == [last], f"skipped: {recorded.nonzero()[0]}"
     assert [e.step for e in skips] == [last], f"skip events {skips}"
-    ms = {name: 1e3 * sorted(v)[len(v) // 2] for name, v in times.items()}
     n = sum(p.numel() for p in base.parameters())
     labels = {
         "torch": "clip_grad_norm_",
