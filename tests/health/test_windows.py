@@ -48,9 +48,44 @@ def test_counts_and_run_lengths():
 
 def test_streaks_track_each_name():
     s = Streaks()
-    assert s.update(0, {"a": True, "b": False}) == {"a": (1, 0)}
-    assert s.update(5, {"a": True, "b": True}) == {"a": (2, 0), "b": (1, 5)}
-    assert s.update(9, {"a": False, "b": True}) == {"b": (2, 5)}
+    assert _runs(s.update(0, ("a", "b"), np.array([True, False]))) == [(1, 0), (0, 0)]
+    assert _runs(s.update(5, ("a", "b"), np.array([True, True]))) == [(2, 0), (1, 5)]
+    assert _runs(s.update(9, ("a", "b"), np.array([False, True])))[1] == (2, 5)
+    # a name left out keeps its run for when it returns
+    assert _runs(s.update(12, ("c", "b"), np.array([True, True]))) == [(1, 12), (3, 5)]
+    assert _runs(s.update(14, ("b", "a"), np.array([True, True]))) == [(4, 5), (1, 14)]
+
+
+def _runs(update: tuple[np.ndarray, np.ndarray]) -> list[tuple[int, int]]:
+    """(length, first) per name, first only where the run is under way."""
+    length, first = update
+    return [(n, f if n else 0) for n, f in zip(length.tolist(), first.tolist())]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rounds=st.lists(
+        st.tuples(
+            st.lists(st.sampled_from("abcdef"), min_size=0, max_size=6, unique=True),
+            st.lists(st.booleans(), min_size=6, max_size=6),
+        ),
+        min_size=1,
+        max_size=25,
+    )
+)
+def test_streaks_match_a_dict_of_runs(rounds):
+    """The array runs agree with a plain per-name dict, whatever names each update lists."""
+    streaks, plain = Streaks(), {}
+    for step, (names, hits) in enumerate(rounds):
+        hits = hits[: len(names)]
+        length, first = streaks.update(step, tuple(names), np.array(hits, dtype=bool))
+        for i, (name, hit) in enumerate(zip(names, hits)):
+            run, start = plain.get(name, (0, step))
+            run, start = ((run + 1, start) if run else (1, step)) if hit else (0, start)
+            plain[name] = (run, start)
+            assert length[i] == run
+            if run:
+                assert first[i] == start
 
 
 def test_last_finite_carries_the_last_finite_value_forward():

@@ -295,11 +295,12 @@ class LayerRule(Rule):
         self.streaks = Streaks()
         self.tracker = Tracker(self.kind, 1, self.config.rearm_snapshots)
 
-    def held(self, step: int, hits: dict[Any, bool]) -> dict[Any, int]:
-        """The names whose condition has held `tensor_sustain` snapshots, with its first step."""
-        runs = self.streaks.update(step, hits)
-        sustain = self.config.tensor_sustain
-        return {name: first for name, (length, first) in runs.items() if length >= sustain}
+    def held(self, step: int, names: tuple[Any, ...], hits: np.ndarray) -> dict[Any, int]:
+        """The names (``hits`` is aligned with them) whose condition has held
+        `tensor_sustain` snapshots, with its first step."""
+        length, first = self.streaks.update(step, names, hits)
+        rows = np.flatnonzero(length >= self.config.tensor_sustain)
+        return {names[i]: f for i, f in zip(rows.tolist(), first[rows].tolist())}
 
     def observe(self, step: int, active: bool, start: int) -> Iterator[Change]:
         """Feed one snapshot's verdict to the episode tracker; the changes it made."""

@@ -95,6 +95,9 @@ class Tracker:
         if n == 0:
             return [], 0
         active = np.asarray(active, dtype=bool)
+        if self.episode is None and not active.any():
+            self.run = 0  # nothing held: no episode to open, extend or close
+            return [], n
         edges = np.flatnonzero(active[1:] != active[:-1]) + 1
         bounds = [0, *edges.tolist(), n]
         for a, b in itertools.pairwise(bounds):

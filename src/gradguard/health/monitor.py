@@ -97,7 +97,7 @@ class HealthMonitor:
         for step, norms in sorted(steps.snapshots.items()):
             if not len(norms) or not np.isfinite(norms).all():
                 continue  # the non-finite rule speaks for this snapshot
-            snapshot = LayerSnapshot.build(step, steps.names, list(norms), self.config, unreached)
+            snapshot = LayerSnapshot.build(step, steps.names, norms, self.config, unreached)
             for rule in self._layer_rules:
                 rule.on_snapshot(snapshot)
         return self._collect()

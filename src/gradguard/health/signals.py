@@ -11,6 +11,8 @@ single rule owns. Every array is aligned with the rows of the batch the rules se
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -358,57 +360,75 @@ class LayerSnapshot:
         largest: the largest layer norm.
         dead: per layer, the norm is exactly zero.
         low: per layer, the norm vanishes (absolute or relative to ``largest``).
-        ratios: ``(a, b, ratio)`` for each adjacent pair, 1.0 where either is weak.
+        ratios: per adjacent pair (see :attr:`pairs`), the larger norm over the smaller,
+            1.0 where either is weak.
         unreached: layers whose parameters require grad but got no gradient at all.
     """
 
     step: int
     layers: tuple[str, ...]
-    values: tuple[float, ...]
+    values: np.ndarray
     largest: float
-    dead: tuple[bool, ...]
-    low: tuple[bool, ...]
-    ratios: tuple[tuple[str, str, float], ...]
+    dead: np.ndarray
+    low: np.ndarray
+    ratios: np.ndarray
     unreached: tuple[str, ...] = ()
 
     @property
-    def weak(self) -> frozenset[str]:
-        """Layers dead or vanishing now (their own findings explain them)."""
-        return frozenset(n for n, d, w in zip(self.layers, self.dead, self.low) if d or w)
+    def weak(self) -> np.ndarray:
+        """Per layer, dead or vanishing now (their own findings explain them)."""
+        return self.dead | self.low
+
+    @property
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        """The adjacent pairs of layers ``(a, b)``, aligned with :attr:`ratios`."""
+        return _pairs(self.layers)
 
     def adjacent_jump(self, limit: float) -> bool:
         """Whether an adjacent pair differs by more than ``limit``."""
-        return any(r > limit for *_, r in self.ratios)
+        return bool((self.ratios > limit).any())
 
     @classmethod
     def build(
         cls,
         step: int,
         names: tuple[str, ...],
-        norms: list[float],
+        norms: np.ndarray,
         config,
         unreached: tuple[str, ...] = (),
     ) -> LayerSnapshot:
         """Group ``norms`` (aligned with ``names``) by owning module and flag each layer."""
+        norms = np.asarray(norms, dtype=np.float64)
         if config.group_by_module:
-            groups, index = group_index(names)
-            sums = np.zeros(len(groups))
-            np.add.at(sums, np.asarray(index, dtype=np.int64), np.square(norms))
-            layers, values = groups, tuple(math.sqrt(s) for s in sums.tolist())
+            layers, index = _groups(names)
+            sums = np.bincount(index, weights=np.square(norms), minlength=len(layers))
+            values = np.sqrt(sums)
         else:
-            layers, values = names, tuple(norms)
-        largest = max(values)
-        dead = tuple(v == 0.0 for v in values)
-        low = tuple(
-            not d and (v < config.vanish_layer or v < config.vanish_layer_relative * largest)
-            for v, d in zip(values, dead)
+            layers, values = names, norms
+        largest = float(values.max())
+        dead = values == 0.0
+        low = ~dead & (
+            (values < config.vanish_layer) | (values < config.vanish_layer_relative * largest)
         )
-        weak = {n for n, d, w in zip(layers, dead, low) if d or w}
-        ratios = tuple(
-            (a, b, max(va, vb) / min(va, vb) if a not in weak and b not in weak else 1.0)
-            for (a, va), (b, vb) in zip(zip(layers, values), zip(layers[1:], values[1:]))
-        )
+        weak = dead | low
+        with np.errstate(divide="ignore", invalid="ignore"):
+            jumps = np.maximum(values[:-1], values[1:]) / np.minimum(values[:-1], values[1:])
+        ratios = np.where(weak[:-1] | weak[1:], 1.0, jumps)
         return cls(step, tuple(layers), values, largest, dead, low, ratios, unreached)
+
+
+@functools.lru_cache(maxsize=16)
+def _groups(names: tuple[str, ...]) -> tuple[tuple[str, ...], np.ndarray]:
+    """The layers of ``names`` and each name's layer position (an index array)."""
+    layers, index = group_index(names)
+    array = np.asarray(index, dtype=np.int64)
+    array.flags.writeable = False  # shared by every snapshot of these names
+    return layers, array
+
+
+@functools.lru_cache(maxsize=16)
+def _pairs(layers: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    return tuple(itertools.pairwise(layers))
 
 
 #: Every signal class (their thresholds join HealthConfig).

@@ -128,22 +128,34 @@ def run_lengths(active: np.ndarray, carry: int = 0) -> np.ndarray:
 
 class Streaks:
     """Per name (a layer, a pair of layers), the current run of consecutive hits and its
-    first step; at most one entry per name ever seen."""
+    first step, as arrays aligned with the names of the latest update. The runs of names
+    an update does not list are kept for when they return: at most one entry per name
+    ever seen."""
 
-    __slots__ = ("runs",)
+    __slots__ = ("_away", "first", "length", "names")
 
     def __init__(self) -> None:
-        self.runs: dict[object, tuple[int, int]] = {}
+        self.names: tuple[object, ...] = ()
+        self.length = np.zeros(0, dtype=np.int64)
+        self.first = np.zeros(0, dtype=np.int64)
+        self._away: dict[object, tuple[int, int]] = {}
 
-    def update(self, step: int, hits: dict[object, bool]) -> dict[object, tuple[int, int]]:
-        """Record ``hits`` at ``step``; return ``{name: (length, first)}`` of the names hit."""
-        out = {}
-        for name, hit in hits.items():
-            length, first = self.runs.get(name, (0, step))
-            if hit:
-                length, first = (length + 1, first) if length else (1, step)
-                out[name] = (length, first)
-            else:
-                length = 0
-            self.runs[name] = (length, first)
-        return out
+    def update(
+        self, step: int, names: tuple[object, ...], hits: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Record ``hits`` (aligned with ``names``) at ``step``; per name, the length of
+        its run of hits (0 where not hit) and the run's first step."""
+        if names is not self.names and names != self.names:
+            self._rekey(names)
+        hits = np.asarray(hits, dtype=bool)
+        self.first = np.where(hits & (self.length == 0), step, self.first)
+        self.length = np.where(hits, self.length + 1, 0)
+        return self.length, self.first
+
+    def _rekey(self, names: tuple[object, ...]) -> None:
+        """Align the runs with ``names``, setting aside those of names no longer listed."""
+        self._away.update(zip(self.names, zip(self.length.tolist(), self.first.tolist())))
+        runs = [self._away.pop(name, (0, 0)) for name in names]
+        self.names = names
+        self.length = np.array([length for length, _ in runs], dtype=np.int64)
+        self.first = np.array([first for _, first in runs], dtype=np.int64)

@@ -26,7 +26,7 @@ class DeadLayer(LayerRule):
     )
 
     def on_snapshot(self, snapshot: LayerSnapshot) -> None:
-        held = self.held(snapshot.step, dict(zip(snapshot.layers, snapshot.dead)))
+        held = self.held(snapshot.step, snapshot.layers, snapshot.dead)
         unreached = snapshot.unreached
         active = bool(held or unreached)
         start = min(held.values(), default=snapshot.step)

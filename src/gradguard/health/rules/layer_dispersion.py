@@ -10,6 +10,8 @@ from ..base import LayerRule, Threshold
 from ..findings import Severity
 from ..signals import LayerSnapshot
 
+_ALL = ("all",)  # the one streak: the snapshot as a whole
+
 
 class LayerDispersion(LayerRule):
     kind = "layer_dispersion"
@@ -45,17 +47,18 @@ class LayerDispersion(LayerRule):
 
     def on_snapshot(self, snapshot: LayerSnapshot) -> None:
         c = self.config
-        weak = snapshot.weak
-        live = [(n, v) for n, v in zip(snapshot.layers, snapshot.values) if n not in weak]
+        keep = ~snapshot.weak
+        norms = snapshot.values[keep]
         std = mean = ratio = 0.0
-        if len(live) >= 3:
-            norms = np.asarray([v for _, v in live])
+        if len(norms) >= 3:
             mean, std = float(norms.mean()), float(norms.std())
             ratio = std / mean
         hit = ratio > c.dispersion_ratio and not snapshot.adjacent_jump(c.layer_ratio)
-        held = self.held(snapshot.step, {"all": hit})
+        held = self.held(snapshot.step, _ALL, np.array([hit]))
         active, first = bool(held), held.get("all", snapshot.step)
         for change in self.observe(snapshot.step, active, first):
+            values = snapshot.values.tolist()
+            live = [(n, v) for n, v, k in zip(snapshot.layers, values, keep) if k]
             ranked = sorted(live, key=lambda item: item[1])
             (low_name, low), (high_name, high) = ranked[0], ranked[-1]
             squares = float(np.sum(np.square([v for _, v in live])))

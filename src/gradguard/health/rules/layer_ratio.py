@@ -32,11 +32,11 @@ class LayerRatio(LayerRule):
 
     def on_snapshot(self, snapshot: LayerSnapshot) -> None:
         c = self.config
-        ratios = {(a, b): r for a, b, r in snapshot.ratios}
-        held = self.held(snapshot.step, {pair: r > c.layer_ratio for pair, r in ratios.items()})
+        held = self.held(snapshot.step, snapshot.pairs, snapshot.ratios > c.layer_ratio)
         start = min(held.values(), default=snapshot.step)
         for change in self.observe(snapshot.step, bool(held), start):
             episode = change.episode
+            ratios = dict(zip(snapshot.pairs, snapshot.ratios.tolist()))
             s = episode.stats
             pairs = s.setdefault("pairs", {})
             for pair in held:

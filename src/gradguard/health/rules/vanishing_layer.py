@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from .. import _check as check
 from ..advice import ACTIVATIONS, INIT, RESIDUAL_NORM
 from ..base import Context, LayerRule, Threshold
@@ -41,14 +43,14 @@ class VanishingLayer(LayerRule):
         self.loss = context.signal(LossTrend)
 
     def on_snapshot(self, snapshot: LayerSnapshot) -> None:
-        low = (False,) * len(snapshot.low) if self.loss.fitted_now() else snapshot.low
-        held = self.held(snapshot.step, dict(zip(snapshot.layers, low)))
+        low = np.zeros_like(snapshot.low) if self.loss.fitted_now() else snapshot.low
+        held = self.held(snapshot.step, snapshot.layers, low)
         start = min(held.values(), default=snapshot.step)
         for change in self.observe(snapshot.step, bool(held), start):
             episode = change.episode
             s = episode.stats
             layers = s.setdefault("layers", {})
-            values = dict(zip(snapshot.layers, snapshot.values))
+            values = dict(zip(snapshot.layers, snapshot.values.tolist()))
             for name in held:
                 layers[name] = True
             if held:
