@@ -6,7 +6,14 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradguard.health.windows import Counts, Rolling, Streaks, last_finite, run_lengths
+from gradguard.health.windows import (
+    Counts,
+    Rolling,
+    Streaks,
+    last_finite,
+    median,
+    run_lengths,
+)
 
 
 @settings(max_examples=40, deadline=None)
@@ -94,3 +101,19 @@ def test_last_finite_carries_the_last_finite_value_forward():
     assert last_finite(values, 1.0).tolist() == [1.0, 2.0, 2.0, 2.0, 5.0]
     assert last_finite(values, 1.0, include=False).tolist() == [1.0, 1.0, 2.0, 2.0, 2.0]
     assert len(last_finite(np.array([]), 1.0)) == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    values=st.lists(
+        st.one_of(st.floats(-1e3, 1e3), st.sampled_from([0.0, -0.0, 1.0]), st.just(np.nan)),
+        min_size=1,
+        max_size=40,
+    )
+)
+def test_median_is_numpys_bit_for_bit(values):
+    array = np.array(values)
+    expected = float(np.median(array))
+    got = median(array)
+    assert np.array_equal([got], [expected], equal_nan=True)
+    assert np.signbit(got) == np.signbit(expected)

@@ -22,7 +22,7 @@ import numpy as np
 from ..layers import group_index
 from . import _check as check
 from .base import Signal, Steps, Threshold
-from .windows import Counts, Rolling, last_finite
+from .windows import Counts, Rolling, last_finite, median
 
 
 def _nan(n: int) -> np.ndarray:
@@ -334,7 +334,7 @@ class ClipActivity(Signal):
     def median_ratio(self, row: int) -> float:
         """The median of norm / threshold over the window ending at ``row``."""
         window = self.window_ratios(row)
-        return float(np.median(window)) if len(window) else float("nan")
+        return median(window) if len(window) else float("nan")
 
     def window_ratios(self, row: int) -> np.ndarray:
         """norm / threshold over the window ending at ``row`` of the last batch."""
