@@ -298,7 +298,9 @@ class ClipActivity(Signal):
         r = norm / threshold
         clipped = np.where(np.isfinite(steps.clipped[rows]), steps.clipped[rows] == 1.0, r > 1.0)
         low, high = c.hover_band
-        flags = np.stack([r < c.clip_idle_below, clipped, (low <= r) & (r <= high)], axis=1)
+        flags = np.empty((len(rows), 3), dtype=bool)
+        flags[:, IDLE], flags[:, CLIPPED] = r < c.clip_idle_below, clipped
+        flags[:, HOVER] = (low <= r) & (r <= high)
         counts, size = self._counts.push(flags)
         at = steps.step[rows].astype(np.float64)
         # steps only grow: a window's first step is that of its oldest row
@@ -311,7 +313,9 @@ class ClipActivity(Signal):
         self._end[rows] = len(self._ratios.tail) + np.arange(1, len(rows) + 1)
         self._ratios.tail = self._recent[-c.clip_window :]
         previous = np.concatenate([[self._last_threshold], threshold[:-1]])
-        changed = ~np.isclose(threshold, previous, rtol=1e-6, atol=0.0)
+        # np.isclose(threshold, previous, rtol=1e-6, atol=0.0), negated, for a finite
+        # threshold (a NaN previous one, before any, is a change)
+        changed = ~(np.abs(threshold - previous) <= 1e-6 * np.abs(previous))
         changed_at = np.where(changed, at, -np.inf)
         changed_at = np.maximum.accumulate(np.concatenate([[self._changed_at], changed_at]))[1:]
         if len(rows):

@@ -7,6 +7,8 @@ batch is computed in a few vectorised passes over ``tail + batch``.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 _EMPTY = np.empty(0)
@@ -20,12 +22,13 @@ class Rolling:
     and how many values that window held; then it keeps the last ``size`` values.
     """
 
-    __slots__ = ("_offsets", "size", "tail")
+    __slots__ = ("_offsets", "_windows", "size", "tail")
 
     def __init__(self, size: int) -> None:
         self.size = int(size)
         self.tail = _EMPTY
         self._offsets = np.arange(self.size)  # a window's positions from its start
+        self._windows = np.zeros((0, self.size), dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.tail)
@@ -42,22 +45,31 @@ class Rolling:
         """Several statistics of each trailing window from one sort of the windows."""
         values = np.asarray(values, dtype=np.float64)
         both = np.concatenate([self.tail, values])
-        ends = len(self.tail) + np.arange(len(values)) + int(include)  # window = both[e-size:e]
-        counts = np.minimum(ends, self.size)
+        first = len(self.tail) + int(include) - self.size  # values[i]'s window: both[first + i:]
+        self.tail = both[-self.size :] if len(both) > self.size else both
+        if first >= 0:  # every window full: the usual case, past the first values of a run
+            windows = both[self._grid(len(values)) + first]
+            windows.sort(axis=1)
+            out = {stat: _SORTED[stat](windows) for stat in stats}
+            return out, np.full(len(values), self.size)
+        ends = first + self.size + np.arange(len(values))  # window = both[e-size:e]
         out = {stat: np.full(len(values), np.nan) for stat in stats}
         full = ends >= self.size
         if full.any():
-            windows = both[(ends[full] - self.size)[:, None] + self._offsets]
-            windows.sort(axis=1)
+            windows = np.sort(both[(ends[full] - self.size)[:, None] + self._offsets], axis=1)
             for stat in stats:
                 out[stat][full] = _SORTED[stat](windows)
-        if not full.all():
-            for i in np.flatnonzero(~full & (ends > 0)):  # the first values of a run only
-                window = np.sort(both[: ends[i]])[None, :]
-                for stat in stats:
-                    out[stat][i] = _SORTED[stat](window)[0]
-        self.tail = both[-self.size :] if len(both) > self.size else both
-        return out, counts
+        for i in np.flatnonzero(~full & (ends > 0)):  # the first values of a run only
+            window = np.sort(both[: ends[i]])[None, :]
+            for stat in stats:
+                out[stat][i] = _SORTED[stat](window)[0]
+        return out, np.minimum(ends, self.size)
+
+    def _grid(self, n: int) -> np.ndarray:
+        """Positions of ``n`` successive windows in ``both``, from the first one's start."""
+        if len(self._windows) != n:
+            self._windows = np.arange(n)[:, None] + self._offsets
+        return self._windows
 
     def statistic(self, stat: str = "median") -> float:
         """The statistic of the values held now (NaN when empty)."""
@@ -79,7 +91,7 @@ def median(values: np.ndarray) -> float:
 def _quantile(rows: np.ndarray, q: float) -> np.ndarray:
     """The ``q`` quantile of each sorted row (linear interpolation, as numpy's default)."""
     position = q * (rows.shape[1] - 1)
-    low = int(np.floor(position))
+    low = math.floor(position)
     high = min(low + 1, rows.shape[1] - 1)
     return rows[:, low] + (position - low) * (rows[:, high] - rows[:, low])
 
