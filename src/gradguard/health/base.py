@@ -85,7 +85,9 @@ class Steps:
         return self.skipped & (self.reason == int(SkipReason.AMP_OVERFLOW))
 
     def take(self, mask: np.ndarray) -> Steps:
-        """The rows where ``mask`` holds."""
+        """The rows where ``mask`` holds (these steps themselves when it holds everywhere)."""
+        if mask.all():
+            return self
         pick = {
             name: getattr(self, name)[mask]
             for name in (

@@ -166,6 +166,7 @@ class LossTrend(Signal):
         self._last_log = math.nan
         self._log_noise = math.nan
         self.log_noise = _nan(0)
+        self._beyond: dict[tuple[float, float], np.ndarray] = {}
         self.total = 0
         self.best_so_far = math.inf
         self.initial_level = math.nan
@@ -202,13 +203,22 @@ class LossTrend(Signal):
             self.fitted = self._is_fitted(self.median, self.initial)
         self.log_noise = _nan(n)
         self.log_noise[valid] = self._noise_of(losses)
+        self._beyond = {}
 
     def beyond_noise(self, factor: float, z: float) -> np.ndarray:
         """Per row, whether a positive smoothed loss is further above its best than
         ``factor`` and its noise explain: ``z`` standard errors of a median of
         ``loss_window`` losses, plus the depth ``sqrt(2 ln n)`` such errors give the
         minimum of ``n`` independent medians (``n``: losses seen / loss_window). True
-        where it cannot be judged (a loss at or below zero, no noise measured yet)."""
+        where it cannot be judged (a loss at or below zero, no noise measured yet).
+        Computed once per batch for each ``(factor, z)`` (several rules ask); read-only."""
+        found = self._beyond.get((factor, z))
+        if found is None:
+            found = self._beyond[(factor, z)] = self._beyond_noise(factor, z)
+            found.flags.writeable = False
+        return found
+
+    def _beyond_noise(self, factor: float, z: float) -> np.ndarray:
         w = self.config.loss_window
         error = 1.25 * self.log_noise / math.sqrt(w)  # a median's standard error
         medians = np.maximum(self.seen / w, 1.0)

@@ -61,6 +61,8 @@ class AmpOverflow(Rule):
         """Per row, the step of the first overflow in the amp_window rows ending at it."""
         rows = self._rows + np.arange(len(at))  # the run-wide index of each row
         self._rows += len(at)
+        if not len(self._overflow_rows) and not overflow.any():
+            return np.full(len(at), np.inf)  # none in any row's window
         kept = np.concatenate([self._overflow_rows, rows[overflow]])
         steps = np.concatenate([self._overflow_steps, at[overflow]])
         first = np.full(len(at), np.inf)

@@ -73,7 +73,7 @@ class LRChange(Rule):
         low, seen = self._lr.push(lr[known], "min")
         trailing = np.full(n, np.nan)
         trailing[known] = np.where(seen > 0, low if len(low) else np.nan, np.nan)
-        peaks = np.maximum.accumulate(np.r_[self._peak, np.where(known, lr, -np.inf)])
+        peaks = np.maximum.accumulate(np.concatenate([[self._peak], np.where(known, lr, -np.inf)]))
         self._peak = float(peaks[-1])
         with np.errstate(invalid="ignore"):
             rises = known & (lr >= c.lr_rise * trailing) & (lr > peaks[:-1])

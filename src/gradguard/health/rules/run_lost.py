@@ -61,6 +61,9 @@ class RunLost(Rule):
         n = len(bad)
         if not n:
             return bad
+        if not bad.any():  # no streak in this batch: any earlier one has ended
+            self._applied = self._prev_bad = False
+            return bad
         index = np.arange(n)
         starts = bad & ~np.concatenate([[self._prev_bad], bad[:-1]])
         run_start = np.maximum.accumulate(np.where(starts | ~bad, index, -1))
