@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 _EMPTY = np.empty(0)
 
@@ -22,13 +23,11 @@ class Rolling:
     and how many values that window held; then it keeps the last ``size`` values.
     """
 
-    __slots__ = ("_offsets", "_windows", "size", "tail")
+    __slots__ = ("size", "tail")
 
     def __init__(self, size: int) -> None:
         self.size = int(size)
         self.tail = _EMPTY
-        self._offsets = np.arange(self.size)  # a window's positions from its start
-        self._windows = np.zeros((0, self.size), dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.tail)
@@ -48,15 +47,15 @@ class Rolling:
         first = len(self.tail) + int(include) - self.size  # values[i]'s window: both[first + i:]
         self.tail = both[-self.size :] if len(both) > self.size else both
         if first >= 0:  # every window full: the usual case, past the first values of a run
-            windows = both[self._grid(len(values)) + first]
-            windows.sort(axis=1)
+            windows = np.sort(_windows(both[first:], len(values), self.size), axis=1)
             out = {stat: _SORTED[stat](windows) for stat in stats}
             return out, np.full(len(values), self.size)
         ends = first + self.size + np.arange(len(values))  # window = both[e-size:e]
         out = {stat: np.full(len(values), np.nan) for stat in stats}
         full = ends >= self.size
         if full.any():
-            windows = np.sort(both[(ends[full] - self.size)[:, None] + self._offsets], axis=1)
+            starts = ends[full] - self.size
+            windows = np.sort(both[starts[:, None] + np.arange(self.size)], axis=1)
             for stat in stats:
                 out[stat][full] = _SORTED[stat](windows)
         for i in np.flatnonzero(~full & (ends > 0)):  # the first values of a run only
@@ -65,15 +64,18 @@ class Rolling:
                 out[stat][i] = _SORTED[stat](window)[0]
         return out, np.minimum(ends, self.size)
 
-    def _grid(self, n: int) -> np.ndarray:
-        """Positions of ``n`` successive windows in ``both``, from the first one's start."""
-        if len(self._windows) != n:
-            self._windows = np.arange(n)[:, None] + self._offsets
-        return self._windows
-
     def statistic(self, stat: str = "median") -> float:
         """The statistic of the values held now (NaN when empty)."""
         return float(_REDUCERS[stat](self.tail)) if len(self.tail) else float("nan")
+
+
+def _windows(values: np.ndarray, count: int, size: int) -> np.ndarray:
+    """The ``count`` successive windows of ``size`` values from the start of ``values``
+    (contiguous), as a read-only view: ``sliding_window_view`` without its overhead."""
+    if count + size - 1 > len(values):
+        raise ValueError(f"{count} windows of {size} need {count + size - 1} values")
+    step = values.strides[0]
+    return as_strided(values, shape=(count, size), strides=(step, step), writeable=False)
 
 
 def median(values: np.ndarray) -> float:
