@@ -489,6 +489,17 @@ def test_an_unstable_sgd_step_lowers_the_ceiling_from_the_first_step(xp):
     assert float(states[-1].episodes) == 0  # not a loss divergence: Rewind is not told
 
 
+@pytest.mark.parametrize("xp", [NUMPY, TORCH], ids=["host", "device"])
+def test_a_step_carrying_the_weights_half_their_norm_is_unstable(xp):
+    # multiplication at lr 0.2, momentum 0.9, weights of norm 6.4: a first norm of 2
+    # carries them 10 · 0.2 · 2 = 4 (62 %) and overshoots a loss of 0.15
+    # (lr·‖g‖² = 0.8 > 0.6): a carried step of 10 % from the first step
+    first = drive([2.0], [0.15], lrs=[0.2], weights=[6.4], xp=xp, config=STEP)[0]
+    assert first == [pytest.approx(0.1 * 6.4 / (10 * 0.2), rel=1e-5)]
+    # a carried step of 41 % that overshoots as much is left alone
+    assert drive([1.3], [0.05], lrs=[0.2], weights=[6.4], xp=xp, config=STEP)[0] == [math.inf]
+
+
 def test_a_step_under_the_alarm_is_left_alone():
     # the same norm at lr 0.001 moves the weights by 0.17 %: nothing happens
     assert drive([10.0], lrs=[0.001], weights=[6.0], config=STEP)[0] == [math.inf]

@@ -28,7 +28,7 @@ bare norm when no LR is given):
   (``torch.optim.SGD``; the guard then gives the weights' norm ``‖w‖`` and momentum's
   gain ``k = (1 - dampening) / (1 - momentum)``, 10 at momentum 0.9, 1 without), a step
   whose *carried* size ``k · lr · ‖g‖`` (how far a gradient that persists moves the
-  weights) exceeds ``step_alarm`` (1) × ``‖w‖`` *and* that would overshoot the loss,
+  weights) exceeds ``step_alarm`` (0.5) × ``‖w‖`` *and* that would overshoot the loss,
   ``lr · ‖g‖² > step_overshoot × loss`` (4), lowers the ceiling to a carried step of
   ``step_ratio`` (0.1): ``k · lr · ‖g‖ = 0.1 · ‖w‖``. The second test is the stability
   bound of gradient descent on a quadratic whose minimum is 0: there
@@ -37,12 +37,13 @@ bare norm when no LR is given):
   start small and must grow (big steps relative to the weights, yet no overshoot).
   Judging the carried step keeps it off plain SGD at a high LR on the edge of stability
   (whose single steps are big but are not carried on), and on momentum SGD it acts at
-  a single step of 10 % of ``‖w‖``: healthy momentum networks stay under that (CNNs
-  early in training reach 3–4 %); a run unstable from its first step (an RNN whose
-  gradient explodes) starts at 14–16 % and an overshoot of 4.5–15, before the other two
-  rules have any past to judge by. Needs the step's mean loss (under gradient
-  accumulation the whole step's, not a micro-batch's share: a loss k times too small
-  makes every step look k times more overshooting); without one the rule does nothing
+  a single step of 5 % of ``‖w‖`` that also overshoots: healthy momentum networks stay
+  under that (CNNs early in training reach 3–4 %, far from overshooting); a run unstable
+  from its first step (an RNN whose gradient explodes) starts at 5–16 % and an overshoot
+  of 4.5–15, before the other two rules have any past to judge by. Needs the step's
+  mean loss (under gradient accumulation the whole step's, not a micro-batch's share: a
+  loss k times too small makes every step look k times more overshooting); without one
+  the rule does nothing
   (the guard warns once). ``step_ratio=0`` switches it off.
 
 The update is pure, over an explicit :class:`FeedbackState` of 0-d float32 arrays,
@@ -92,7 +93,7 @@ class FeedbackConfig:
     #: an SGD step whose carried size, gain · lr · ‖g‖ (gain: SGD's momentum gain,
     #: (1 - dampening) / (1 - momentum), 10 at momentum 0.9), exceeds this share of the
     #: weights' norm ...
-    step_alarm: float = 1.0
+    step_alarm: float = 0.5
     #: ... and would overshoot the loss, lr · ‖g‖² > step_overshoot × loss (0: not asked) ...
     step_overshoot: float = 4.0
     #: ... lowers the ceiling to a carried step of this share (0: the rule is off)
@@ -396,8 +397,8 @@ class FeedbackClip(Policy):
     jump; an LR jump counts; wider where such sizes are not rare), and, once the loss
     diverges, caps the size at twice the typical one, halving that cap at each new
     divergence and doubling it after 200 healthy steps. Under SGD, a step whose carried
-    size (``lr · ‖g‖`` times momentum's gain, 10 at momentum 0.9) exceeds the weights'
-    norm and that would overshoot the loss (``lr · ‖g‖² > 4 × loss``) caps carried steps
+    size (``lr · ‖g‖`` times momentum's gain, 10 at momentum 0.9) exceeds half the
+    weights' norm and that would overshoot the loss (``lr · ‖g‖² > 4 × loss``) caps carried steps
     at 10 % of the weights' norm (relaxed the same way): for SGD runs unstable from
     their first step, before any statistic exists (``step_ratio=0`` switches it off). It
     reads each step's loss (``guard.step(optimizer, loss=loss)``) and learning rate;
