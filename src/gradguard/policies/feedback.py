@@ -43,8 +43,7 @@ bare norm when no LR is given):
   of 4.5–15, before the other two rules have any past to judge by. Needs the step's
   mean loss (under gradient accumulation the whole step's, not a micro-batch's share: a
   loss k times too small makes every step look k times more overshooting); without one
-  the rule does nothing
-  (the guard warns once). ``step_ratio=0`` switches it off.
+  the rule does nothing (the guard warns once). ``step_ratio=0`` switches it off.
 
 The update is pure, over an explicit :class:`FeedbackState` of 0-d float32 arrays,
 written once over :mod:`gradguard.ops`: it runs on the device (no host sync), on host
