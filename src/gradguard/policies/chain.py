@@ -100,7 +100,7 @@ def default_policy() -> Chain:
     threshold to choose; it clips update-size spikes against the run's own typical size
     and, given the loss (``guard.step(optimizer, loss=loss)``), caps updates while the
     loss diverges and, under SGD, from the first step, caps steps that would carry the
-    weights further than their norm and overshoot the loss. (Until this release the
+    weights further than half their norm and overshoot the loss. (Until this release the
     default was ``ZClip(warmup_max_norm=10)``, which clips for good a norm that rises
     faster than its statistics follow.)
     """
