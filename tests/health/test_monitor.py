@@ -136,22 +136,24 @@ def test_diagnose_is_independent_of_chunking(chunk, seed, bursts, nans):
 )
 def test_rare_events_are_found_alike_however_the_run_is_chunked(chunk, seed, nans, overflows):
     """Non-finite streaks (skipped or applied) and AMP overflows, fed in small chunks
-    (most of them clear, where the rules take their shortcuts) or in one batch. (No loss
-    scale: amp_overflow reads the scale where its episode began only within the batch
-    that opened it, so that evidence depends on the chunking.)"""
+    (most of them clear, where the rules take their shortcuts) or in one batch; the loss
+    scale an overflow episode began at is found even when it began in an earlier chunk."""
     n = 400
     norm = np.array(noisy(0.5, n, seed=seed))
     skipped, reason = np.zeros(n), np.zeros(n)
+    scale = np.full(n, 65536.0)
     for at, length, skip in nans:
         norm[at : at + length] = NAN
         skipped[at : at + length], reason[at : at + length] = float(skip), 1.0 if skip else 0.0
     for at, length in overflows:
         every_other = np.arange(at, min(at + length, n), 2)
         skipped[every_other], reason[every_other] = 1.0, 3.0
+        scale[at:] /= 2.0 ** len(every_other)
     columns = {
         "total_norm": norm,
         "skipped": skipped,
         "reason": reason,
+        "loss_scale": scale,
         "loss": np.linspace(2.0, 1.0, n),
     }
     whole = diagnose(columns, range(n), chunk=1000)

@@ -55,6 +55,10 @@ class AmpOverflow(Rule):
         self._rows = 0  # rows seen so far
         self._overflow_rows = np.empty(0, dtype=np.int64)  # overflows still in the window
         self._overflow_steps = np.empty(0, dtype=np.int64)
+        # the steps and loss scales of the last amp_window rows: an episode that opens in
+        # this batch may have begun in an earlier one
+        self._tail_steps = np.empty(0, dtype=np.int64)
+        self._tail_scales = np.empty(0)
         self._calibrating = True
 
     def _first_overflows(self, at: np.ndarray, overflow: np.ndarray) -> np.ndarray:
@@ -89,14 +93,18 @@ class AmpOverflow(Rule):
         # the episode runs from the first to the last overflow while the rate is too high
         active = (count > c.amp_overflow_rate * c.amp_window) & overflow
         first = self._first_overflows(steps.step, overflow)
+        past = len(self._tail_steps)
+        at = np.concatenate([self._tail_steps, steps.step])
+        scale_at = np.concatenate([self._tail_scales, steps.loss_scale])
+        self._tail_steps, self._tail_scales = at[-c.amp_window :], scale_at[-c.amp_window :]
         for change in self.updated(self.tracker.feed(steps.step, active, first)[0]):
             episode = change.episode
             rows = slice(change.lo, change.hi + 1)
             s = episode.stats
             if "overflows" not in s:  # every overflow in the window that opened it is its own
                 s["overflows"] = int(count[change.lo]) - int(overflow[change.lo])
-                early = (steps.step >= episode.first) & (np.arange(len(steps)) < change.lo)
-                scales = steps.loss_scale[early]
+                before = slice(None, past + change.lo)  # rows before the one that opened it
+                scales = scale_at[before][at[before] >= episode.first]
                 scales = scales[np.isfinite(scales) & (scales > 0)]
                 if len(scales):
                     s["scale_first"] = float(scales[0])
