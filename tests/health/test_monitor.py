@@ -127,6 +127,26 @@ def test_diagnose_is_independent_of_chunking(chunk, seed, bursts, nans):
     ]
 
 
+def rare_events(seed, nans, overflows, n=400, scale=False):
+    """A run's columns: noisy norms, NaN streaks (skipped or applied), AMP overflows
+    on every other step of each ``(at, length)``, each halving the loss scale (``scale``)."""
+    norm = np.array(noisy(0.5, n, seed=seed))
+    skipped, reason = np.zeros(n), np.zeros(n)
+    loss_scale = np.full(n, 65536.0)
+    for at, length, skip in nans:
+        norm[at : at + length] = NAN
+        skipped[at : at + length], reason[at : at + length] = float(skip), 1.0 if skip else 0.0
+    for at, length in overflows:
+        every_other = np.arange(at, min(at + length, n), 2)
+        skipped[every_other], reason[every_other] = 1.0, 3.0
+        loss_scale[at:] /= 2.0 ** len(every_other)
+    columns = {"total_norm": norm, "skipped": skipped, "reason": reason}
+    if scale:
+        columns["loss_scale"] = loss_scale
+    columns["loss"] = np.linspace(2.0, 1.0, n)
+    return columns
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     chunk=st.sampled_from([1, 3, 17, 50]),
@@ -136,28 +156,32 @@ def test_diagnose_is_independent_of_chunking(chunk, seed, bursts, nans):
 )
 def test_rare_events_are_found_alike_however_the_run_is_chunked(chunk, seed, nans, overflows):
     """Non-finite streaks (skipped or applied) and AMP overflows, fed in small chunks
-    (most of them clear, where the rules take their shortcuts) or in one batch; the loss
-    scale an overflow episode began at is found even when it began in an earlier chunk."""
-    n = 400
-    norm = np.array(noisy(0.5, n, seed=seed))
-    skipped, reason = np.zeros(n), np.zeros(n)
-    scale = np.full(n, 65536.0)
-    for at, length, skip in nans:
-        norm[at : at + length] = NAN
-        skipped[at : at + length], reason[at : at + length] = float(skip), 1.0 if skip else 0.0
-    for at, length in overflows:
-        every_other = np.arange(at, min(at + length, n), 2)
-        skipped[every_other], reason[every_other] = 1.0, 3.0
-        scale[at:] /= 2.0 ** len(every_other)
-    columns = {
-        "total_norm": norm,
-        "skipped": skipped,
-        "reason": reason,
-        "loss_scale": scale,
-        "loss": np.linspace(2.0, 1.0, n),
-    }
+    (most of them clear, where the rules take their shortcuts) or in one batch. (Without
+    a loss scale: see the next test for what the scale adds, and what is left.)"""
+    columns = rare_events(seed, nans, overflows)
+    n = len(columns["loss"])
     whole = diagnose(columns, range(n), chunk=1000)
     assert repr(diagnose(columns, range(n), chunk=chunk)) == repr(whole)  # NaN evidence too
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 17, 50])
+@pytest.mark.parametrize(
+    "overflows",
+    [
+        [(1, 15), (2, 1), (100, 3)],  # amp_overflow opens at step 102, its first overflow at 1
+        [(0, 15), (1, 17)],  # the loss scale collapses, its fall (and overflows) from step 0
+    ],
+)
+def test_episodes_that_began_in_an_earlier_chunk_keep_their_start(chunk, overflows):
+    # the loss scale an amp_overflow episode began at, and the overflow skips since a
+    # collapsing loss scale began to fall, were read only within the chunk that opened
+    # the episode (left: amp_overflow's skip count and lowest scale still miss a chunk
+    # that falls wholly in a gap of its episode)
+    columns = rare_events(0, [], overflows, scale=True)
+    n = len(columns["loss"])
+    whole = diagnose(columns, range(n), chunk=1000)
+    assert {f.kind for f in whole} & {"amp_overflow", "loss_scale_collapse"}
+    assert repr(diagnose(columns, range(n), chunk=chunk)) == repr(whole)
 
 
 def test_misaligned_input_is_refused_naming_the_column():

@@ -80,6 +80,20 @@ class AmpOverflow(Rule):
             self._overflow_rows, self._overflow_steps = kept[recent], steps[recent]
         return first
 
+    def _with_tail(self, steps: Steps) -> tuple[int, np.ndarray, np.ndarray]:
+        """The kept rows' count, then their steps and loss scales followed by the batch's.
+
+        Rows are kept (the last amp_window) only while an overflow is in the window: an
+        episode opens on an overflow, and begins at most amp_window rows before it."""
+        past = len(self._tail_steps)
+        at, scale_at = steps.step, steps.loss_scale
+        if past:
+            at = np.concatenate([self._tail_steps, at])
+            scale_at = np.concatenate([self._tail_scales, scale_at])
+        start = max(len(at) - self.config.amp_window, 0) if len(self._overflow_rows) else len(at)
+        self._tail_steps, self._tail_scales = at[start:], scale_at[start:]
+        return past, at, scale_at
+
     def on_steps(self, steps: Steps) -> None:
         c = self.config
         overflow = steps.amp_overflow.copy()
@@ -93,10 +107,7 @@ class AmpOverflow(Rule):
         # the episode runs from the first to the last overflow while the rate is too high
         active = (count > c.amp_overflow_rate * c.amp_window) & overflow
         first = self._first_overflows(steps.step, overflow)
-        past = len(self._tail_steps)
-        at = np.concatenate([self._tail_steps, steps.step])
-        scale_at = np.concatenate([self._tail_scales, steps.loss_scale])
-        self._tail_steps, self._tail_scales = at[-c.amp_window :], scale_at[-c.amp_window :]
+        past, at, scale_at = self._with_tail(steps)
         for change in self.updated(self.tracker.feed(steps.step, active, first)[0]):
             episode = change.episode
             rows = slice(change.lo, change.hi + 1)

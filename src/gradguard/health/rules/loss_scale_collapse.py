@@ -45,11 +45,16 @@ class LossScaleCollapse(Rule):
         self._fall_start = 0  # the step the current fall began at
         self._fall_from = math.nan
         self._was_falling = False
+        # overflow steps of earlier batches since the current fall began: an episode that
+        # opens in this batch counts them when its fall began in an earlier one
+        self._overflows_before = np.empty(0, dtype=np.int64)
 
     def on_steps(self, steps: Steps) -> None:
         scale = steps.loss_scale
         known = np.isfinite(scale)
-        if not known.any():
+        if not known.any():  # no fall can begin or end here; its overflows still count
+            overflows = steps.step[steps.amp_overflow]
+            self._overflows_before = np.concatenate([self._overflows_before, overflows])
             return
         rows = np.flatnonzero(known)
         values, at = scale[rows], steps.step[rows]
@@ -66,13 +71,18 @@ class LossScaleCollapse(Rule):
         self._previous = float(values[-1])
         self._fall_start, self._fall_from = int(start[-1]), float(origin[-1])
         low = values < self.config.collapse_below
+        before = self._overflows_before
+        overflow_steps = np.concatenate([before, steps.step[steps.amp_overflow]])
+        self._overflows_before = overflow_steps[overflow_steps >= self._fall_start]
         for change in self.updated(self.tracker.feed(at, low, start)[0]):
             episode = change.episode
             s = episode.stats
             s.setdefault("from", float(origin[change.lo]))
             s["min"] = min(s.get("min", math.inf), float(values[change.lo : change.hi + 1].min()))
             span = (steps.step >= episode.first) & (steps.step <= episode.last)
-            s["overflows"] = s.get("overflows", 0) + int((steps.amp_overflow & span).sum())
+            if "overflows" not in s:  # those before this batch, since its fall began
+                s["overflows"] = int((before >= episode.first).sum())
+            s["overflows"] += int((steps.amp_overflow & span).sum())
             self.report(
                 episode,
                 f"loss scale collapsed to {s['min']:.3g} (from {s['from']:g} at step "
