@@ -156,9 +156,9 @@ def rare_events(seed, nans, overflows, n=400, scale=False):
 )
 def test_rare_events_are_found_alike_however_the_run_is_chunked(chunk, seed, nans, overflows):
     """Non-finite streaks (skipped or applied) and AMP overflows, fed in small chunks
-    (most of them clear, where the rules take their shortcuts) or in one batch. (Without
-    a loss scale: see the next test for what the scale adds, and what is left.)"""
-    columns = rare_events(seed, nans, overflows)
+    (most of them clear, where the rules take their shortcuts) or in one batch, with the
+    loss scale each overflow halves."""
+    columns = rare_events(seed, nans, overflows, scale=True)
     n = len(columns["loss"])
     whole = diagnose(columns, range(n), chunk=1000)
     assert repr(diagnose(columns, range(n), chunk=chunk)) == repr(whole)  # NaN evidence too
@@ -175,8 +175,7 @@ def test_rare_events_are_found_alike_however_the_run_is_chunked(chunk, seed, nan
 def test_episodes_that_began_in_an_earlier_chunk_keep_their_start(chunk, overflows):
     # the loss scale an amp_overflow episode began at, and the overflow skips since a
     # collapsing loss scale began to fall, were read only within the chunk that opened
-    # the episode (left: amp_overflow's skip count and lowest scale still miss a chunk
-    # that falls wholly in a gap of its episode)
+    # the episode
     columns = rare_events(0, [], overflows, scale=True)
     n = len(columns["loss"])
     whole = diagnose(columns, range(n), chunk=1000)

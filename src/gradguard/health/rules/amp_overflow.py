@@ -59,6 +59,10 @@ class AmpOverflow(Rule):
         # this batch may have begun in an earlier one
         self._tail_steps = np.empty(0, dtype=np.int64)
         self._tail_scales = np.empty(0)
+        self._seen = 0  # overflows counted so far (the calibration's are not)
+        # the lowest loss scale of the rows after the open episode's last: a flush with no
+        # active row in it is not one of its changes, yet lies within it once it goes on
+        self._gap_min = math.inf
         self._calibrating = True
 
     def _first_overflows(self, at: np.ndarray, overflow: np.ndarray) -> np.ndarray:
@@ -108,24 +112,32 @@ class AmpOverflow(Rule):
         active = (count > c.amp_overflow_rate * c.amp_window) & overflow
         first = self._first_overflows(steps.step, overflow)
         past, at, scale_at = self._with_tail(steps)
+        seen = self._seen + np.cumsum(overflow)  # overflows counted through each row
+        self._seen = int(seen[-1]) if len(seen) else self._seen
+        last = -1  # the open episode's last row in this flush
         for change in self.updated(self.tracker.feed(steps.step, active, first)[0]):
             episode = change.episode
             rows = slice(change.lo, change.hi + 1)
             s = episode.stats
-            if "overflows" not in s:  # every overflow in the window that opened it is its own
-                s["overflows"] = int(count[change.lo]) - int(overflow[change.lo])
+            gap = math.inf
+            if "seen_before" not in s:  # every overflow in the window that opened it is its own
+                s["seen_before"] = int(seen[change.lo]) - int(count[change.lo])
                 before = slice(None, past + change.lo)  # rows before the one that opened it
                 scales = scale_at[before][at[before] >= episode.first]
                 scales = scales[np.isfinite(scales) & (scales > 0)]
                 if len(scales):
                     s["scale_first"] = float(scales[0])
-            s["overflows"] += int(overflow[rows].sum())
+            else:  # the rows since its last one, here and in flushes with no active row
+                gap = min(self._gap_min, _lowest(steps.loss_scale[: change.lo]))
+            s["overflows"] = int(seen[change.hi]) - s["seen_before"]
             scales = steps.loss_scale[rows]
             scales = scales[np.isfinite(scales) & (scales > 0)]
             if len(scales):
                 s.setdefault("scale_first", float(scales[0]))
                 s["scale_last"] = float(scales[-1])
-                s["scale_min"] = min(s.get("scale_min", math.inf), float(scales.min()))
+                s["scale_min"] = min(s.get("scale_min", math.inf), float(scales.min()), gap)
+            if episode is self.tracker.episode:
+                last = change.hi
             window = int(count[change.hi])
             evidence = {
                 "overflows": s["overflows"],
@@ -147,3 +159,14 @@ class AmpOverflow(Rule):
                 )
                 message += f"; loss scale {s['scale_first']:g} → {s['scale_last']:g}"
             self.report(episode, message, evidence)
+        if self.tracker.episode is None:
+            self._gap_min = math.inf
+        else:
+            since = self._gap_min if last < 0 else math.inf
+            self._gap_min = min(since, _lowest(steps.loss_scale[last + 1 :]))
+
+
+def _lowest(scales: np.ndarray) -> float:
+    """The lowest finite positive loss scale of ``scales`` (``inf``: none)."""
+    scales = scales[np.isfinite(scales) & (scales > 0)]
+    return float(scales.min()) if len(scales) else math.inf
