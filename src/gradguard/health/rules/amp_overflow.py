@@ -55,8 +55,8 @@ class AmpOverflow(Rule):
         self._rows = 0  # rows seen so far
         self._overflow_rows = np.empty(0, dtype=np.int64)  # overflows still in the window
         self._overflow_steps = np.empty(0, dtype=np.int64)
-        # the steps and loss scales of the last amp_window rows: an episode that opens in
-        # this batch may have begun in an earlier one
+        # the steps and loss scales of the last amp_window rows while an overflow is in
+        # the window: an episode that opens in this batch may have begun in an earlier one
         self._tail_steps = np.empty(0, dtype=np.int64)
         self._tail_scales = np.empty(0)
         self._seen = 0  # overflows counted so far (the calibration's are not)
