@@ -52,51 +52,44 @@ class AmpOverflow(Rule):
         c = self.config
         self.tracker = Tracker(self.kind, 1, c.rearm_steps)
         self._counts = Counts(c.amp_window, 1)
-        self._rows = 0  # rows seen so far
-        self._overflow_rows = np.empty(0, dtype=np.int64)  # overflows still in the window
-        self._overflow_steps = np.empty(0, dtype=np.int64)
-        # the steps and loss scales of the last amp_window rows while an overflow is in
-        # the window: an episode that opens in this batch may have begun in an earlier one
+        # the last amp_window rows (steps, loss scales, overflows counted) while one of
+        # them overflowed: an episode that opens in this batch may have begun in them
         self._tail_steps = np.empty(0, dtype=np.int64)
         self._tail_scales = np.empty(0)
+        self._tail_overflow = np.empty(0, dtype=bool)
         self._seen = 0  # overflows counted so far (the calibration's are not)
         # the lowest loss scale of the rows after the open episode's last: a flush with no
         # active row in it is not one of its changes, yet lies within it once it goes on
         self._gap_min = math.inf
         self._calibrating = True
 
-    def _first_overflows(self, at: np.ndarray, overflow: np.ndarray) -> np.ndarray:
-        """Per row, the step of the first overflow in the amp_window rows ending at it."""
-        rows = self._rows + np.arange(len(at))  # the run-wide index of each row
-        self._rows += len(at)
-        if not len(self._overflow_rows) and not overflow.any():
-            return np.full(len(at), np.inf)  # none in any row's window
-        kept = np.concatenate([self._overflow_rows, rows[overflow]])
-        steps = np.concatenate([self._overflow_steps, at[overflow]])
-        first = np.full(len(at), np.inf)
-        if len(kept):  # (a row with no overflow in its window is never active)
-            pick = np.minimum(
-                np.searchsorted(kept, rows - self.config.amp_window + 1), len(kept) - 1
-            )
-            first = steps[pick].astype(np.float64)
-        if len(rows):
-            recent = kept > rows[-1] - self.config.amp_window
-            self._overflow_rows, self._overflow_steps = kept[recent], steps[recent]
-        return first
-
-    def _with_tail(self, steps: Steps) -> tuple[int, np.ndarray, np.ndarray]:
-        """The kept rows' count, then their steps and loss scales followed by the batch's.
-
-        Rows are kept (the last amp_window) only while an overflow is in the window: an
-        episode opens on an overflow, and begins at most amp_window rows before it."""
+    def _with_tail(
+        self, steps: Steps, overflow: np.ndarray
+    ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """The kept rows' count, then their steps, loss scales and overflows followed by
+        the batch's; keeps the last amp_window of these rows if one of them overflowed."""
         past = len(self._tail_steps)
-        at, scale_at = steps.step, steps.loss_scale
+        at, scale_at, flags = steps.step, steps.loss_scale, overflow
         if past:
             at = np.concatenate([self._tail_steps, at])
             scale_at = np.concatenate([self._tail_scales, scale_at])
-        start = max(len(at) - self.config.amp_window, 0) if len(self._overflow_rows) else len(at)
+            flags = np.concatenate([self._tail_overflow, flags])
+        start = max(len(at) - self.config.amp_window, 0)
+        if not flags[start:].any():
+            start = len(at)
         self._tail_steps, self._tail_scales = at[start:], scale_at[start:]
-        return past, at, scale_at
+        self._tail_overflow = flags[start:]
+        return past, at, scale_at, flags
+
+    def _first_overflows(self, past: int, at: np.ndarray, flags: np.ndarray) -> np.ndarray:
+        """Per row of the batch (which starts at ``past`` in ``at``), the step of the first
+        overflow in the amp_window rows ending at it (a row with none is never active)."""
+        rows = np.arange(past, len(at))
+        hits = np.flatnonzero(flags)
+        if not len(hits):
+            return np.full(len(rows), np.inf)
+        pick = np.searchsorted(hits, rows - self.config.amp_window + 1)
+        return at[hits[np.minimum(pick, len(hits) - 1)]].astype(np.float64)
 
     def on_steps(self, steps: Steps) -> None:
         c = self.config
@@ -110,8 +103,8 @@ class AmpOverflow(Rule):
         count = counts[:, 0]
         # the episode runs from the first to the last overflow while the rate is too high
         active = (count > c.amp_overflow_rate * c.amp_window) & overflow
-        first = self._first_overflows(steps.step, overflow)
-        past, at, scale_at = self._with_tail(steps)
+        past, at, scale_at, flags = self._with_tail(steps, overflow)
+        first = self._first_overflows(past, at, flags)
         seen = self._seen + np.cumsum(overflow)  # overflows counted through each row
         self._seen = int(seen[-1]) if len(seen) else self._seen
         last = -1  # the open episode's last row in this flush
