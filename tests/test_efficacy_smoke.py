@@ -286,3 +286,21 @@ def test_sweep_arguments_put_the_unclipped_row_first_and_type_the_extras():
     assert rows == ["none", "default", "clip 1"] and args.steps == 50 and args.seeds == 3
     _, kept = sweep_arguments(["--rows", "clip 1,none"], None, (), 3)
     assert kept == ["clip 1", "none"]
+
+
+def test_blind_trains_every_task_and_judges_the_default_by_the_suites_rule():
+    from benchmarks.efficacy import blind
+
+    for key in blind.TASKS:
+        final, rate = blind.train(key, "none", 101, steps=3)
+        assert math.isfinite(final) and rate == 0.0
+    # the GRU's first gradients are far above 0.1: every step clipped, and counted
+    final, rate = blind.train("gru-sgd-0.5", "clip 0.1", 101, steps=4)
+    assert math.isfinite(final) and rate == 1.0
+    # a lost seed outweighs any median; then the median against the other's seed noise
+    assert blind.verdict([1.0, 1.1, math.inf], [2.0, 2.1, 2.2]) == "worse"
+    assert blind.verdict([1.05, 1.0, 0.95], [1.0, 1.1, 0.9]) == "matches"
+    assert blind.verdict([0.5, 0.5, 0.5], [1.0, 1.01, 0.99]) == "beats"
+    done = {(k, r): [(1.0, 0.0), (1.0, 0.5)] for k in ["wine-mlp-sgd-0.3"] for r in blind.ROWS}
+    text = blind.report(["wine-mlp-sgd-0.3"], list(blind.ROWS), done)
+    assert "| wine-mlp-sgd-0.3 | 1 | clip 0.1: 1 | 1 (25% clipped) | matches | matches |" in text
