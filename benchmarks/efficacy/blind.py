@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -279,12 +280,15 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--tasks: unknown {unknown}; known: {list(TASKS)}")
     seeds = range(args.seed_base, args.seed_base + args.seeds)
     specs = [(key, row, seed) for key in keys for row in rows for seed in seeds]
+    start = time.perf_counter()
     results = starmap(train, specs, args.jobs)
+    wall = time.perf_counter() - start
     done: dict = {}
     for (key, row, _), result in zip(specs, results):
         done.setdefault((key, row), []).append(result)
     print(f"seeds {seeds.start}–{seeds.stop - 1}\n")
     print(report(keys, rows, done))
+    print(f"\n_{len(specs)} runs, {wall:.0f} s wall, {args.jobs} job(s)._")
 
 
 if __name__ == "__main__":
