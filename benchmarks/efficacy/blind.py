@@ -33,14 +33,13 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cache
 
 import torch
 from torch import Tensor, nn
 
 import gradguard as gg
 
-from . import tables, text
+from . import grid, tables, text
 from .parallel import starmap, sweep_arguments
 from .policies import DEFAULT, NONE, fixed_name, is_fixed, resolve
 from .suite import SWEEP
@@ -117,17 +116,10 @@ class PreNormLM(nn.Module):
         return self.head(self.norm(h))
 
 
-@cache
 def _table(name: str) -> tuple[Tensor, Tensor]:
-    import sklearn.datasets
-
-    features, target = getattr(sklearn.datasets, f"load_{name}")(return_X_y=True)
-    x = torch.tensor(features, dtype=torch.float32)
-    x = (x - x.mean(0)) / x.std(0)
-    if name == "diabetes":
-        y = torch.tensor(target, dtype=torch.float32)
-        return x, ((y - y.mean()) / y.std()).unsqueeze(1)
-    return x, torch.tensor(target, dtype=torch.long)
+    """Standardised features and the target: class labels, or diabetes' standardised value."""
+    x, labels = grid._table(name)
+    return x, (grid.standard_target(name) if name == "diabetes" else labels)
 
 
 def _table_model(name: str, features: int, classes: int) -> nn.Module:

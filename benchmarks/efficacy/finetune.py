@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .families import closed_findings, guard_for, train_step
-from .grid import _table
+from .grid import _table, standard_target
 from .parallel import starmap, sweep_arguments
 from .tables import markdown
 
@@ -42,11 +42,7 @@ def _data(setup: str) -> tuple[Tensor, Tensor, bool]:
     if setup == "cancer":
         return (*_table("breast_cancer"), True)
     if setup == "diabetes":
-        import sklearn.datasets
-
-        x, _ = _table("diabetes")
-        target = torch.tensor(sklearn.datasets.load_diabetes().target, dtype=torch.float32)
-        return x, ((target - target.mean()) / target.std())[:, None], False
+        return _table("diabetes")[0], standard_target("diabetes"), False
     draw = torch.Generator().manual_seed(123)
     return torch.randn(256, 8, generator=draw), torch.randn(256, 1, generator=draw), False
 

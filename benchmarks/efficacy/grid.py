@@ -38,6 +38,16 @@ def _table(name: str) -> tuple[torch.Tensor, torch.Tensor]:
     return (x - x.mean(0)) / (x.std(0) + 1e-6), torch.tensor(labels, dtype=torch.long)
 
 
+@cache
+def standard_target(name: str) -> torch.Tensor:
+    """A regression table's target (diabetes), standardised, as a column."""
+    import sklearn.datasets
+
+    _, target = getattr(sklearn.datasets, f"load_{name}")(return_X_y=True)
+    y = torch.tensor(target, dtype=torch.float32)
+    return ((y - y.mean()) / y.std())[:, None]
+
+
 def final_loss(
     dataset: str, model_kind: str, lr: float, momentum: float, row: str, seed: int
 ) -> float:
