@@ -33,6 +33,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -145,8 +146,49 @@ def _optimizer(task: Task, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(model.parameters(), lr=task.lr, momentum=momentum)
 
 
-def _finite(model: nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+class _Problem(NamedTuple):
+    """A model, its batches and loss, and its held-out loss once trained."""
+
+    model: nn.Module
+    batch: Callable[[], tuple[Tensor, Tensor]]
+    loss: Callable[[Tensor, Tensor], Tensor]
+    held_out: Callable[[], float]
+
+
+def _next_byte_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def _text_problem(task: Task, seed: int, batches: torch.Generator) -> _Problem:
+    torch.manual_seed(seed)
+    model = GRULM() if task.family == "gru" else PreNormLM()
+    corpus = text.corpus()[0]
+
+    def batch() -> tuple[Tensor, Tensor]:
+        w = text.windows(corpus, 16, CONTEXT, batches)
+        return w[:, :-1], w[:, 1:]
+
+    return _Problem(model, batch, _next_byte_loss, lambda: text.held_out_loss(model, 64, CONTEXT))
+
+
+def _table_problem(task: Task, seed: int, batches: torch.Generator) -> _Problem:
+    x, y = _table(task.family)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    held, kept = order[: len(x) // 4], order[len(x) // 4 :]
+    regression = task.family == "diabetes"
+    loss = nn.functional.mse_loss if regression else nn.functional.cross_entropy
+    torch.manual_seed(seed)
+    model = _table_model(task.family, x.shape[1], 1 if regression else int(y.max()) + 1)
+
+    def batch() -> tuple[Tensor, Tensor]:
+        index = kept[torch.randint(0, len(kept), (32,), generator=batches)]
+        return x[index], y[index]
+
+    def held_out() -> float:
+        with torch.no_grad():
+            return loss(model(x[held]), y[held]).item()
+
+    return _Problem(model, batch, loss, held_out)
 
 
 def train(key: str, row: str, seed: int, steps: int | None = None) -> tuple[float, float]:
@@ -157,48 +199,20 @@ def train(key: str, row: str, seed: int, steps: int | None = None) -> tuple[floa
     steps = task.steps if steps is None else steps
     factory, _ = resolve(row, SWEEP)
     batches = torch.Generator().manual_seed(seed + 7)
-    if task.family in ("gru", "tf"):
-        torch.manual_seed(seed)
-        model: nn.Module = GRULM() if task.family == "gru" else PreNormLM()
-        corpus = text.corpus()[0]
-
-        def batch() -> tuple[Tensor, Tensor, Callable]:
-            w = text.windows(corpus, 16, CONTEXT, batches)
-            return (
-                w[:, :-1],
-                w[:, 1:],
-                lambda out, y: nn.functional.cross_entropy(out.flatten(0, 1), y.flatten()),
-            )
-    else:
-        x, y_all = _table(task.family)
-        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-        held, kept = order[: len(x) // 4], order[len(x) // 4 :]
-        regression = task.family == "diabetes"
-        loss_fn = nn.functional.mse_loss if regression else nn.functional.cross_entropy
-        torch.manual_seed(seed)
-        model = _table_model(task.family, x.shape[1], 1 if regression else int(y_all.max()) + 1)
-
-        def batch() -> tuple[Tensor, Tensor, Callable]:
-            index = kept[torch.randint(0, len(kept), (32,), generator=batches)]
-            return x[index], y_all[index], loss_fn
-
-    optimizer = _optimizer(task, model)
-    guard = gg.Guard(model, factory(), health=False)
+    make = _text_problem if task.family in ("gru", "tf") else _table_problem
+    problem = make(task, seed, batches)
+    optimizer = _optimizer(task, problem.model)
+    guard = gg.Guard(problem.model, factory(), health=False)
     clipped = 0
     for _ in range(steps):
-        inputs, targets, loss_fn_ = batch()
-        loss = loss_fn_(model(inputs), targets)
+        inputs, targets = problem.batch()
+        loss = problem.loss(problem.model(inputs), targets)
         optimizer.zero_grad()
         loss.backward()
         result = guard.step(optimizer, loss=loss.detach())
         clipped += bool(result.clip_coef < 1.0)
-    if not _finite(model):
-        return math.inf, clipped / steps
-    if task.family in ("gru", "tf"):
-        final = text.held_out_loss(model, 64, CONTEXT)
-    else:
-        with torch.no_grad():
-            final = loss_fn(model(x[held]), y_all[held]).item()
+    params = problem.model.parameters()
+    final = problem.held_out() if all(bool(torch.isfinite(p).all()) for p in params) else math.inf
     return (final if math.isfinite(final) else math.inf), clipped / steps
 
 
