@@ -16,6 +16,15 @@ def test_a_loss_stuck_at_its_start_is_not_learning_since_the_first_step():
     assert "not improving" in finding.message
 
 
+def test_a_loss_that_never_fell_and_ends_higher_is_called_worse_not_flat():
+    rng = np.random.default_rng(0)
+    rising = np.linspace(2.3, 3.7, 300) + 0.02 * rng.normal(size=300)  # ×1.6: no divergence
+    (finding,) = final(batch(noisy(0.4, 300), loss=rising))
+    assert finding.kind == "loss_stall" and finding.evidence["improvement"] < -0.5
+    assert "worse than at the start" in finding.message and "higher" in finding.message
+    assert "not improving" not in finding.message
+
+
 def test_a_learning_run_and_a_converged_run_are_not_stalled():
     assert final(batch(noisy(0.4, 300), loss=np.linspace(2.3, 1.5, 300))) == []
     converged = np.r_[np.linspace(2.3, 0.1, 100), np.full(200, 0.1)]

@@ -74,9 +74,15 @@ class LossStall(Rule):
             if len(now):
                 s["now"] = float(now[-1])
             change_share = (s["initial"] - s["now"]) / max(abs(s["initial"]), 1e-12)
+            steps_seen = episode.last - episode.first + 1
+            if change_share < -c.stall_tolerance:  # no flat line: it ends higher than it began
+                what = f"loss worse than at the start: {s['now']:.4g} after {steps_seen} steps"
+                change = f"{-change_share:.1%} higher"
+            else:
+                what = f"loss not improving: {s['now']:.4g} after {steps_seen} steps"
+                change = f"{change_share:+.1%}"
             self.report(
                 episode,
-                f"loss not improving: {s['now']:.4g} after {episode.last - episode.first + 1} "
-                f"steps against {s['initial']:.4g} at the start ({change_share:+.1%})",
+                f"{what} against {s['initial']:.4g} at the start ({change})",
                 {"loss_initial": s["initial"], "loss_now": s["now"], "improvement": change_share},
             )
