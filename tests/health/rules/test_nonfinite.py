@@ -103,3 +103,37 @@ def test_skip_flags_count_but_amp_overflows_do_not():
     assert kinds(found) == ["nonfinite"]
     quiet = final(batch([0.5, 0.5, INF, 0.5], skipped=[0, 0, 1, 0], reason=[0, 0, AMP, 0]))
     assert quiet == []
+
+
+def _nonfinite(findings):
+    (finding,) = [f for f in findings if f.kind == "nonfinite"]
+    return finding
+
+
+def test_a_nan_loss_right_after_an_explosion_is_blamed_on_it_not_on_the_data():
+    norms, loss = noisy(0.5, 40), noisy(2.0, 40)
+    norms[17:20] = [50.0, 4e3, 2e6]  # the gradient explodes, the next forward overflows
+    norms[20], loss[20] = NAN, NAN
+    finding = _nonfinite(final(batch(norms, loss=loss)))
+    assert finding.origin == FORWARD and finding.steps == (20, 20)
+    assert "exploding updates" in finding.message and "input batch" in finding.message
+    assert "rather than the input batch" in finding.message
+    assert finding.evidence["growth_before"] > 1e6
+    assert any("exploded first" in a for a in finding.advice)
+
+
+def test_a_nan_loss_after_ordinary_norms_still_names_the_input_batch():
+    norms, loss = noisy(0.5, 40), noisy(2.0, 40)
+    norms[19] = 20.0  # a spike, far from an explosion
+    norms[20], loss[20] = NAN, NAN
+    finding = _nonfinite(final(batch(norms, loss=loss)))
+    assert "the forward pass, the loss or the input batch" in finding.message
+    assert "exploding" not in finding.message and "growth_before" not in finding.evidence
+
+
+def test_the_explosion_is_seen_across_flushes():
+    norms, loss = noisy(0.5, 40), noisy(2.0, 40)
+    norms[19] = 2e6  # the last step of the first flush
+    norms[20], loss[20] = NAN, NAN
+    finding = _nonfinite(final(batch(norms, loss=loss), every=20))
+    assert "exploding updates" in finding.message

@@ -15,6 +15,10 @@ from ..episodes import Episode, Tracker
 from ..findings import BACKWARD, FORWARD, Severity
 
 _LATE_LIMIT = 256  # skip events kept for steps not yet seen
+_BASELINE_STEPS = 10  # finite norms at the run's start that set its typical size
+#: a finite norm this many times the run's first ones, on the step before a non-finite
+#: one, makes the explosion the likely source of a non-finite forward pass
+_EXPLODED = 1e3
 
 
 class NonFinite(Rule):
@@ -26,7 +30,9 @@ class NonFinite(Rule):
         "overflow skips excluded); the episode lasts until `rearm_steps` finite steps in a row. "
         "Origin: the forward pass, the loss or the input batch when the loss was non-finite or "
         "every gradient was; otherwise (a NaN born in backward) the first non-finite parameter "
-        "in backward order, from a per-tensor snapshot or the skip event of that step"
+        "in backward order, from a per-tensor snapshot or the skip event of that step. A "
+        "forward origin right after a finite norm >= 1000x the run's first ones is told as "
+        "the explosion's doing, not the data's"
     )
     advice = (
         "Check the input batch and labels for NaN/inf (torch.isfinite(x).all()).",
@@ -43,6 +49,8 @@ class NonFinite(Rule):
         self.tracker = Tracker(self.kind, 1, self.config.rearm_steps)
         self._late: OrderedDict[int, tuple[list[str], str | None]] = OrderedDict()
         self._names: tuple[str, ...] = ()
+        self._first: list[float] = []  # the run's first finite norms (its typical size)
+        self._last_finite: float = math.nan  # the last finite norm of earlier batches
 
     def on_events(self, events: list[Any]) -> None:
         for event in events:
@@ -62,13 +70,21 @@ class NonFinite(Rule):
     def on_steps(self, steps: Steps) -> None:
         if steps.names:
             self._names = steps.names
-        bad = ~steps.finite | (steps.skipped & (steps.reason == int(SkipReason.NONFINITE)))
+        finite = steps.finite
+        if len(self._first) < _BASELINE_STEPS:
+            self._first += steps.norm[finite][: _BASELINE_STEPS - len(self._first)].tolist()
+        bad = ~finite | (steps.skipped & (steps.reason == int(SkipReason.NONFINITE)))
         changes, _ = self.tracker.feed(steps.step, bad)
         for change in self.updated(changes):
             episode = change.episode
             rows = np.arange(change.lo, change.hi + 1)
             rows = rows[bad[rows]]
             stats = episode.stats
+            if "before" not in stats and len(rows):  # the norm of the step before it began
+                earlier = np.flatnonzero(finite[: rows[0]])
+                stats["before"] = (
+                    float(steps.norm[earlier[-1]]) if len(earlier) else self._last_finite
+                )
             stats.setdefault("total_norm", float(steps.norm[rows[0]]) if len(rows) else math.nan)
             stats["count"] = stats.get("count", 0) + len(rows)
             if steps.loss_given:
@@ -82,8 +98,27 @@ class NonFinite(Rule):
                     self._locate(episode, bad_names, None)
             self._use_late(episode, episode.first, episode.last)
             self._report(episode)
+        if finite.any():
+            self._last_finite = float(steps.norm[np.flatnonzero(finite)[-1]])
 
     # ------------------------------------------------------------------ evidence
+
+    def _explosion(self, stats: dict[str, Any]) -> tuple[str, float] | None:
+        """``(clause, growth)`` when the step before the episode had a finite norm
+        >= ``_EXPLODED`` x the run's first ones: then the explosion, not the data, most
+        likely made the forward pass non-finite."""
+        before = stats.get("before", math.nan)
+        if not self._first or not math.isfinite(before):
+            return None
+        typical = float(np.median(self._first))
+        if not typical > 0 or before < _EXPLODED * typical:
+            return None
+        return (
+            f", right after the gradient norm reached {before:.3g} ({before / typical:.2g}× "
+            f"the run's first {typical:.3g}): the exploding updates most likely carried the "
+            "weights or activations past the float range, rather than the input batch",
+            before / typical,
+        )
 
     def _use_late(self, episode: Episode, first: int, last: int) -> bool:
         """Use a skip event's list of non-finite parameters for this episode, once."""
@@ -138,11 +173,17 @@ class NonFinite(Rule):
             params = (first, *(n for n in stats["bad"] if n != first))
             evidence["origin_exact"] = float(stats["exact"])
         extra: tuple[str, ...] = ()
+        exploded = self._explosion(stats)
+        if exploded is not None:
+            evidence["growth_before"] = exploded[1]
         if stats.get("loss_bad", 0) > 0:
             origin: str | None = FORWARD
             why = (
-                "; the loss was non-finite too: the forward pass, the loss or the input batch "
-                "produced them, not a layer's backward"
+                "; the loss was non-finite too: the forward pass produced them, not a layer's "
+                "backward" + exploded[0]
+                if exploded is not None
+                else "; the loss was non-finite too: the forward pass, the loss or the input "
+                "batch produced them, not a layer's backward"
             )
             if "param" in stats:
                 why += (
@@ -155,7 +196,7 @@ class NonFinite(Rule):
                 f"; every gradient was non-finite ({stats['tensors']} tensors, the first in "
                 f"backward order {stats['param']}): the loss or the forward pass produced "
                 "them (a NaN born in one layer's backward spares the layers after it)"
-            )
+            ) + (exploded[0] if exploded is not None else "")
         elif "param" in stats:
             origin = stats["param"]
             where = "first in backward order" if stats["exact"] else "last in model order"
@@ -179,5 +220,11 @@ class NonFinite(Rule):
             extra = (
                 "Pass the loss to guard.step(..., loss=loss) so a non-finite loss can be told "
                 "from a NaN born in backward.",
+            )
+        if exploded is not None and origin == FORWARD:
+            extra = (
+                "The gradient exploded first (see the exploding finding): lower the learning "
+                "rate, clip the gradient norm, or let the guard skip non-finite steps.",
+                *extra,
             )
         self.report(episode, what + why, evidence, params, origin=origin, extra_advice=extra)
