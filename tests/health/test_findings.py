@@ -40,3 +40,10 @@ def test_end_step_wins_over_the_payload_and_old_events_still_read():
 def test_other_events_are_refused():
     with pytest.raises(ValueError, match=r"health\."):
         Finding.from_event(Event(0, "skip", "x", {}))
+
+
+def test_layer_labels_name_a_bare_index_as_a_layer():
+    from gradguard.health.findings import layer_label
+
+    assert layer_label("3") == "layer 3"
+    assert layer_label("features.0") == "features.0" and layer_label("head") == "head"

@@ -28,6 +28,12 @@ FORWARD = "forward"
 BACKWARD = "backward"
 
 
+def layer_label(name: str) -> str:
+    """A layer's name as a message shows it: ``layer 3`` for a bare ``nn.Sequential`` index
+    (a lone number reads as a quantity), the module path otherwise."""
+    return f"layer {name}" if name.isdigit() else name
+
+
 class Severity(str, enum.Enum):
     """How bad it is; compare with :attr:`rank`."""
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..base import LayerRule
-from ..findings import Severity
+from ..findings import Severity, layer_label
 from ..signals import LayerSnapshot
 
 _MAX_PARAMS = 64
@@ -49,14 +49,14 @@ class DeadLayer(LayerRule):
                 names = s["unreached"]
                 parts.append(
                     f"{len(names)} layer(s) require grad but get no gradient at all, e.g. "
-                    f"{names[0]} (detached or unused in forward)"
+                    f"{layer_label(names[0])} (detached or unused in forward)"
                 )
             # the gradient stops at the deepest zero layer; the layers before it get none
             deepest = sorted(zero, key=zero.__getitem__, reverse=True)
             if zero:
                 before = len(zero) - 1
                 parts.append(
-                    f"gradient stops at {deepest[0]}: exactly zero there"
+                    f"gradient stops at {layer_label(deepest[0])}: exactly zero there"
                     + (f" and in the {before} layer(s) before it" if before else "")
                 )
             params = tuple(dict.fromkeys((*s.get("unreached", ()), *deepest)))

@@ -7,7 +7,7 @@ import numpy as np
 from .. import _check as check
 from ..advice import RESIDUAL_NORM
 from ..base import LayerRule, Threshold
-from ..findings import Severity
+from ..findings import Severity, layer_label
 from ..signals import LayerSnapshot
 
 _ALL = ("all",)  # the one streak: the snapshot as a whole
@@ -66,7 +66,8 @@ class LayerDispersion(LayerRule):
             s["message"] = (
                 f"layer gradient norms dispersed: std {std:.3g} = {ratio:.1f}× the mean "
                 f"{mean:.3g} over {len(live)} layers (limit {c.dispersion_ratio:g}×); "
-                f"largest {high_name} {high:.3g}, smallest {low_name} {low:.3g}"
+                f"largest {layer_label(high_name)} {high:.3g}, "
+                f"smallest {layer_label(low_name)} {low:.3g}"
             )
             s["evidence"] = {
                 "mean": mean,

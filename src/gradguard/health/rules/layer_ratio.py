@@ -5,7 +5,7 @@ from __future__ import annotations
 from .. import _check as check
 from ..advice import INIT, RESIDUAL_NORM
 from ..base import LayerRule, Threshold
-from ..findings import Severity
+from ..findings import Severity, layer_label
 from ..signals import LayerSnapshot
 
 
@@ -44,7 +44,8 @@ class LayerRatio(LayerRule):
             (a, b), worst = max(pairs.items(), key=lambda item: item[1])
             self.report(
                 episode,
-                f"adjacent layers differ by up to {worst:.0f}× ({a} vs {b}); "
+                f"adjacent layers differ by up to {worst:.0f}× "
+                f"({layer_label(a)} vs {layer_label(b)}); "
                 f"limit {c.layer_ratio:g}×",
                 {"max_ratio": worst, "pairs": len(pairs), "layer_ratio": c.layer_ratio},
                 tuple(dict.fromkeys(name for pair in pairs for name in pair)),

@@ -9,7 +9,7 @@ import numpy as np
 from .. import _check as check
 from ..advice import ACTIVATIONS, INIT, RESIDUAL_NORM
 from ..base import Context, LayerRule, Threshold
-from ..findings import Severity
+from ..findings import Severity, layer_label
 from ..signals import LayerSnapshot, LossTrend
 
 
@@ -60,7 +60,8 @@ class VanishingLayer(LayerRule):
                     s.update(min=value, min_name=name, largest=snapshot.largest)
             self.report(
                 episode,
-                f"{len(layers)} layer(s) with vanishing gradients; smallest {s['min_name']}: "
+                f"{len(layers)} layer(s) with vanishing gradients; "
+                f"smallest {layer_label(s['min_name'])}: "
                 f"{s['min']:.2e} ({s['min'] / s['largest']:.1e} of the largest layer norm "
                 f"{s['largest']:.3g})",
                 {
