@@ -119,6 +119,10 @@ class NormBaseline(Signal):
         """The median norm of the window now (NaN before any finite norm)."""
         return 10.0 ** self._median.statistic() if len(self._median) else math.nan
 
+    def first(self) -> float:
+        """The run's first finite, positive norm (NaN before one)."""
+        return 10.0 ** self._first[0] if self._first else math.nan
+
 
 class LossTrend(Signal):
     """The loss smoothed by a rolling median, its best level and its initial level.

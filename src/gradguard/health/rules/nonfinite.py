@@ -13,11 +13,11 @@ from ..advice import LOWER_LR
 from ..base import Context, Rule, Steps
 from ..episodes import Episode, Tracker
 from ..findings import BACKWARD, FORWARD, Severity
+from ..signals import NormBaseline
 
 _LATE_LIMIT = 256  # skip events kept for steps not yet seen
-_BASELINE_STEPS = 10  # finite norms at the run's start that set its typical size
-#: a finite norm this many times the run's first ones, on the step before a non-finite
-#: one, makes the explosion the likely source of a non-finite forward pass
+#: a finite norm this many times the run's first, on the step before a non-finite one,
+#: makes the explosion the likely source of a non-finite forward pass
 _EXPLODED = 1e3
 
 
@@ -31,8 +31,8 @@ class NonFinite(Rule):
         "Origin: the forward pass, the loss or the input batch when the loss was non-finite or "
         "every gradient was; otherwise (a NaN born in backward) the first non-finite parameter "
         "in backward order, from a per-tensor snapshot or the skip event of that step. A "
-        "forward origin right after a finite norm >= 1000x the run's first ones is told as "
-        "the explosion's doing, not the data's"
+        "forward origin right after a finite norm >= 1000x the run's first is told as the "
+        "explosion's doing, not the data's"
     )
     advice = (
         "Check the input batch and labels for NaN/inf (torch.isfinite(x).all()).",
@@ -49,7 +49,7 @@ class NonFinite(Rule):
         self.tracker = Tracker(self.kind, 1, self.config.rearm_steps)
         self._late: OrderedDict[int, tuple[list[str], str | None]] = OrderedDict()
         self._names: tuple[str, ...] = ()
-        self._first: list[float] = []  # the run's first finite norms (its typical size)
+        self.baseline = context.signal(NormBaseline)  # (the run's first norm)
         self._last_finite: float = math.nan  # the last finite norm of earlier batches
 
     def on_events(self, events: list[Any]) -> None:
@@ -71,8 +71,6 @@ class NonFinite(Rule):
         if steps.names:
             self._names = steps.names
         finite = steps.finite
-        if len(self._first) < _BASELINE_STEPS:
-            self._first += steps.norm[finite][: _BASELINE_STEPS - len(self._first)].tolist()
         bad = ~finite | (steps.skipped & (steps.reason == int(SkipReason.NONFINITE)))
         changes, _ = self.tracker.feed(steps.step, bad)
         for change in self.updated(changes):
@@ -105,19 +103,16 @@ class NonFinite(Rule):
 
     def _explosion(self, stats: dict[str, Any]) -> tuple[str, float] | None:
         """``(clause, growth)`` when the step before the episode had a finite norm
-        >= ``_EXPLODED`` x the run's first ones: then the explosion, not the data, most
-        likely made the forward pass non-finite."""
-        before = stats.get("before", math.nan)
-        if not self._first or not math.isfinite(before):
-            return None
-        typical = float(np.median(self._first))
-        if not typical > 0 or before < _EXPLODED * typical:
+        >= ``_EXPLODED`` x the run's first: then the explosion, not the data, most likely
+        made the forward pass non-finite."""
+        before, first = stats.get("before", math.nan), self.baseline.first()
+        if not (math.isfinite(before) and first > 0 and before >= _EXPLODED * first):
             return None
         return (
-            f", right after the gradient norm reached {before:.3g} ({before / typical:.2g}× "
-            f"the run's first {typical:.3g}): the exploding updates most likely carried the "
+            f", right after the gradient norm reached {before:.3g} ({before / first:.2g}× "
+            f"the run's first, {first:.3g}): the exploding updates most likely carried the "
             "weights or activations past the float range, rather than the input batch",
-            before / typical,
+            before / first,
         )
 
     def _use_late(self, episode: Episode, first: int, last: int) -> bool:
