@@ -178,6 +178,19 @@ def test_a_damaged_store_is_never_written(tmp_path):
         store.steps()
 
 
+def test_schema_text_that_is_not_utf8_is_a_damaged_store_not_an_internal_error(tmp_path, capsys):
+    _record(tmp_path)
+    path = tmp_path / "gradguard.db"
+    data = bytearray(path.read_bytes())
+    at = data.index(b"CREATE TABLE") + 2  # the schema's SQL text, which sqlite3 decodes
+    data[at] ^= 0x80  # a flipped high bit: no longer UTF-8
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"not a readable gradguard run store.*damaged"):
+        RunStore.open(tmp_path)
+    assert main(["runs", str(tmp_path)]) == 2
+    assert "internal error" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "edit, method, words",
     [

@@ -239,6 +239,19 @@ def connect_writer(path: Path) -> sqlite3.Connection:
         raise StoreError(f"cannot open run store {label(path)} for writing: {e}") from e
 
 
+def _probed(conn: sqlite3.Connection, path: Path) -> sqlite3.Connection:
+    """``conn`` once its schema reads; schema text that is not UTF-8 (a flipped byte) is a
+    damaged store, not an internal error."""
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except UnicodeDecodeError as e:
+        conn.close()
+        raise StoreError(
+            f"{label(path)} is not a readable gradguard run store ({e}); {DAMAGED}"
+        ) from e
+    return conn
+
+
 def connect_reader(path: Path) -> sqlite3.Connection:
     """A read-only connection that writes nothing next to the file.
 
@@ -252,8 +265,7 @@ def connect_reader(path: Path) -> sqlite3.Connection:
         conn = sqlite3.connect(
             f"{uri}?mode=ro", uri=True, timeout=TIMEOUT_S, check_same_thread=False
         )
-        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        return conn
+        return _probed(conn, path)
     except sqlite3.DatabaseError as e:
         with contextlib.suppress(Exception):
             conn.close()
@@ -271,8 +283,7 @@ def connect_reader(path: Path) -> sqlite3.Connection:
         conn = sqlite3.connect(
             f"{uri}?mode=ro&immutable=1", uri=True, timeout=TIMEOUT_S, check_same_thread=False
         )
-        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        return conn
+        return _probed(conn, path)
     except sqlite3.Error as e:
         raise StoreError(f"cannot open run store {label(path)}: {e}") from e
 
