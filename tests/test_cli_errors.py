@@ -48,8 +48,30 @@ def test_export_never_writes_over_the_store(two_runs, capsys):
     db = two_runs / "gradguard.db"
     before = db.read_bytes()
     assert cli.main(["export", str(two_runs), "--format", "csv", "--out", str(db)]) == 2
-    assert "the run store itself" in _one_line_error(capsys)
+    assert "is a database (a run store)" in _one_line_error(capsys)
     assert db.read_bytes() == before
+
+
+@pytest.mark.parametrize("target", ["gradguard.db", "gradguard.db-wal", "other.sqlite"])
+def test_report_and_export_never_write_over_a_database(two_runs, tmp_path, target, capsys):
+    # the store read, or any other SQLite file (another run's store, renamed or not), or
+    # the write-ahead log beside one: a report or an export over it would destroy a run
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    (other / "gradguard.db").write_bytes((two_runs / "gradguard.db").read_bytes())
+    (other / "other.sqlite").write_bytes((two_runs / "gradguard.db").read_bytes())
+    (other / "gradguard.db-wal").write_bytes(b"")
+    out = other / target
+    before = out.read_bytes()
+    for argv in (["report", str(two_runs)], ["export", str(two_runs), "--format", "jsonl"]):
+        assert cli.main([*argv, "--out", str(out)]) == 2
+        assert "is a database (a run store)" in _one_line_error(capsys)
+        assert out.read_bytes() == before
+    # the report's own store, named by its file
+    db = two_runs / "gradguard.db"
+    store_bytes = db.read_bytes()
+    assert cli.main(["report", str(two_runs), "--out", str(db)]) == 2
+    assert db.read_bytes() == store_bytes
 
 
 @pytest.mark.parametrize("value", ["inf", "nan", "0", "-2", "1e9", "x"])
@@ -99,3 +121,23 @@ def test_an_internal_error_is_one_line_and_exit_70(two_runs, monkeypatch, capsys
     monkeypatch.setenv("GRADGUARD_DEBUG", "1")
     with pytest.raises(ZeroDivisionError):
         cli.main(argv)
+
+
+COMMANDS = [["report", "RUN"], ["export", "RUN", "--format", "csv"], ["demo"]]
+READERS = [["report"], ["export", "--format", "csv"], ["runs"], ["watch"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("out", ["", "a\x00b"])
+def test_an_output_path_the_os_cannot_create_is_a_usage_error(two_runs, command, out, capsys):
+    argv = [str(two_runs) if word == "RUN" else word for word in command]
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*argv, "--out", out])
+    assert exc.value.code == 2 and "--out: expected a file path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", READERS)
+def test_a_run_directory_the_os_cannot_name_is_a_usage_error(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main([*command[:1], "a\x00b", *command[1:]])
+    assert exc.value.code == 2 and "expected a file path" in capsys.readouterr().err

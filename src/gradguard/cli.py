@@ -43,6 +43,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _path(text: str) -> str:
+    """A path the OS can take (``-``, stdout, where the command allows it)."""
+    if not text or "\x00" in text:
+        raise argparse.ArgumentTypeError(f"expected a file path, got {text!r}")
+    return text
+
+
 def _run_id(text: str) -> int | str:
     if text == "latest":
         return text
@@ -55,7 +62,9 @@ def _run_id(text: str) -> int | str:
 
 
 def _add_run_dir(parser: argparse.ArgumentParser, run: bool = True) -> None:
-    parser.add_argument("run_dir", metavar="RUN_DIR", help="run directory or gradguard.db file")
+    parser.add_argument(
+        "run_dir", type=_path, metavar="RUN_DIR", help="run directory or gradguard.db file"
+    )
     if run:
         parser.add_argument(
             "--run",
@@ -82,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=600, help="training steps per run")
     demo.add_argument(
         "--out",
+        type=_path,
         metavar="DIR",
         default="gradguard-demo",
         help="where the runs and their comparison report go (default ./gradguard-demo)",
@@ -95,10 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
         "overlay them on the same axes with a side-by-side summary.",
     )
     report.add_argument(
-        "run_dirs", nargs="+", metavar="RUN_DIR", help="run directory or gradguard.db file"
+        "run_dirs",
+        nargs="+",
+        type=_path,
+        metavar="RUN_DIR",
+        help="run directory or gradguard.db file",
     )
     report.add_argument(
         "--out",
+        type=_path,
         metavar="FILE",
         help="output file (default RUN_DIR/report.html; for several runs, compare.html in "
         "their common parent directory)",
@@ -153,7 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_dir(export)
     export.add_argument("--format", required=True, choices=("csv", "parquet", "jsonl"))
     export.add_argument(
-        "--out", metavar="FILE", help="output file, '-' for stdout (default RUN_DIR/steps.FORMAT)"
+        "--out",
+        type=_path,
+        metavar="FILE",
+        help="output file, '-' for stdout (default RUN_DIR/steps.FORMAT)",
     )
     export.add_argument(
         "--tensors",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .record.store import RunStore, resolve_path
+from .record.store import RunStore, is_database
 from .schema import STEP_COLUMNS
 
 FORMATS = ("csv", "jsonl", "parquet")
@@ -27,13 +27,6 @@ def _cell(value: object) -> object:
     if isinstance(value, float) and not math.isfinite(value):
         return None if math.isnan(value) else ("inf" if value > 0 else "-inf")
     return value
-
-
-def _same_file(a: str | os.PathLike[str], b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 def table(
@@ -87,8 +80,8 @@ def export(
         base = Path(run_dir)
         base = base.parent if base.is_file() else base
         out = os.fspath(base / f"{'tensors' if tensors else 'steps'}.{fmt}")
-    if out != "-" and _same_file(out, resolve_path(run_dir)):
-        raise ExportError(f"--out {out!r} is the run store itself; choose another file")
+    if out != "-" and is_database(out):
+        raise ExportError(f"--out {out!r} is a database (a run store); choose another file")
     if fmt == "parquet":
         if out == "-":
             raise ExportError("--format parquet cannot be written to stdout; give --out FILE")

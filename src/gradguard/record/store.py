@@ -66,7 +66,15 @@ from ._db import SCHEMA_VERSION, StoreError
 from ._reading import StoreReader
 from ._runs import RunInfo
 
-__all__ = ["DB_NAME", "SCHEMA_VERSION", "RunInfo", "RunStore", "StoreError", "resolve_path"]
+__all__ = [
+    "DB_NAME",
+    "SCHEMA_VERSION",
+    "RunInfo",
+    "RunStore",
+    "StoreError",
+    "is_database",
+    "resolve_path",
+]
 
 DB_NAME = "gradguard.db"
 _INT_COLUMNS = _db.INT_COLUMNS
@@ -78,6 +86,22 @@ def resolve_path(path: str | os.PathLike[str]) -> Path:
     if p.suffix in (".db", ".sqlite", ".sqlite3") or p.is_file():
         return p
     return p / DB_NAME
+
+
+def is_database(path: str | os.PathLike[str]) -> bool:
+    """Whether writing a file at ``path`` would destroy a database: an existing SQLite file
+    (a run store, whatever its name), or the journal, write-ahead log or shared memory
+    beside one. Writers of reports and exports refuse such a target."""
+    p = Path(path)
+    for suffix in ("-wal", "-shm", "-journal"):
+        if p.name.endswith(suffix):
+            p = p.with_name(p.name[: -len(suffix)])
+            break
+    try:
+        with open(p, "rb") as f:
+            return f.read(len(_db.SQLITE_MAGIC)) == _db.SQLITE_MAGIC
+    except OSError:  # absent, a directory, unreadable: nothing of ours to destroy
+        return False
 
 
 def default_run_dir(root: str | os.PathLike[str] = "runs") -> Path:

@@ -26,6 +26,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..record.store import StoreError, is_database
 from .data import RunData, load_run, open_run
 from .page import render
 
@@ -79,8 +80,10 @@ def build_report(
 ) -> Path:
     """Write the report of ``runs`` to ``out`` (default: :func:`default_output`)."""
     paths = _paths(runs)
-    html = render_report(paths, labels=labels, rules=rules)
     path = Path(out) if out is not None else default_output(paths)
+    if is_database(path):  # checked before any work: a typo must not cost a run
+        raise StoreError(f"--out {str(path)!r} is a database (a run store); choose another file")
+    html = render_report(paths, labels=labels, rules=rules)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html, encoding="utf-8")
     return path
