@@ -276,7 +276,7 @@ def _threshold(family: str, totals: list[float], findings: list[Finding]) -> tup
         median = sorted(finite)[len(finite) // 2] if finite else math.nan
         where = f"median norm {median:.3g}" if finite else "no finite norm"
         return math.nan, (
-            f"no healthy window found ({where}; {family} models are healthy up to "
+            f"no healthy window found ({where}; {row.label} models are healthy up to "
             f"{high:g}): fix the non-finite or exploding gradients first, then lower the "
             "learning rate or warm it up, and probe again"
         )
@@ -286,12 +286,13 @@ def _threshold(family: str, totals: list[float], findings: list[Finding]) -> tup
         clip_low, clip_high = row.clip_range
         median = sorted(healthy)[len(healthy) // 2]
         return min(row.clip_start, high), (
-            f"{family} family table starts at {clip_low:g}–{clip_high:g}; the probe's median "
-            f"norm is {median:.3g} (run --steps 20 or more for a threshold from measured norms)"
+            f"the {row.label} family table starts at {clip_low:g}–{clip_high:g}; the probe's "
+            f"median norm is {median:.3g} (run --steps 20 or more for a threshold from "
+            "measured norms)"
         )
     if advice.threshold > high:
         return high, (
-            f"{advice.reason}; capped at the top of the {family} healthy band ({high:g}): "
+            f"{advice.reason}; capped at the top of the {row.label} healthy band ({high:g}): "
             "norms above it call for a lower learning rate, not a higher threshold"
         )
     return advice.threshold, advice.reason

@@ -4,7 +4,7 @@
 """
 
 LOWER_LR = "Lower the learning rate (try halving it) or lengthen warmup."
-CLIP = "Enable global-norm clipping; a {family} model usually starts at {clip_low}–{clip_high}."
+CLIP = "Enable global-norm clipping; {family} models usually start at {clip_low}–{clip_high}."
 ACTIVATIONS = "Use ReLU-family activations (ReLU, LeakyReLU, GELU) instead of sigmoid/tanh."
 RESIDUAL_NORM = "Add residual connections and normalisation layers (LayerNorm/BatchNorm)."
 INIT = "Use He initialisation for ReLU layers, Xavier/Glorot for tanh/sigmoid layers."

@@ -267,7 +267,7 @@ def make_finding(
 
     row = config.family_row
     fill = {
-        "family": row.name,
+        "family": row.label,
         "clip_low": f"{row.clip_range[0]:g}",
         "clip_high": f"{row.clip_range[1]:g}",
     }

@@ -36,10 +36,17 @@ class Family:
     markers: tuple[str, ...] = ()
 
     @property
+    def label(self) -> str:
+        """The family as prose names it, before "models" ("RNN models", "generic models")."""
+        return _LABELS.get(self.name, self.name)
+
+    @property
     def clip_start(self) -> float:
         """The suggested first clip threshold: the low end of :attr:`clip_range`."""
         return self.clip_range[0]
 
+
+_LABELS = {"rnn": "RNN", "cnn": "CNN", "embedding": "embedding-heavy", "default": "generic"}
 
 #: The family table, in inference precedence order (first match wins; ``default`` last).
 FAMILIES: tuple[Family, ...] = (

@@ -48,6 +48,29 @@ def test_norms_far_above_the_limit_are_exploding_even_if_steady():
     assert "far above" in finding.message
 
 
+def test_norms_far_above_the_limit_from_the_first_step_point_at_the_scale():
+    # unstandardised regression targets: the norm is 1e4 from step 0 and does not grow
+    (finding,) = final(batch(noisy(1e4, 60)))
+    assert "from the first step on" in finding.message and "scale" in finding.message
+    assert "generic explosion limit 10" in finding.message  # not "the default ... limit"
+    assert any("standardise regression targets" in a for a in finding.advice)
+    # the same norms after a healthy start are an explosion, told as one
+    (later,) = final(batch(noisy(0.5, 40) + noisy(1e4, 60, seed=1)))
+    assert "from the first step" not in later.message
+    assert not any("standardise" in a for a in later.advice)
+    # and so is a norm that starts far above the limit and keeps growing ×1000
+    (growing,) = final(batch([200.0 * 1.2**i for i in range(60)]))
+    assert "from the first step on" not in growing.message
+
+
+def test_advice_names_the_family_in_plain_words():
+    (finding,) = final(batch(noisy(400.0, 60)), config=HealthConfig(family="rnn"))
+    assert "the RNN explosion limit 20" in finding.message
+    assert any("RNN models usually start at 5–10" in a for a in finding.advice)
+    (generic,) = final(batch(noisy(400.0, 60)))
+    assert any("generic models usually start at 1–5" in a for a in generic.advice)
+
+
 def test_the_family_sets_the_limit():
     norms = [1.0, *noisy(14.0, 60)]
     assert kinds(final(batch(norms), config=HealthConfig(family="default"))) == ["exploding"]

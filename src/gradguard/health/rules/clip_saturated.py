@@ -24,7 +24,7 @@ class ClipSaturated(Rule):
     advice = (
         LOWER_LR + " Clipping every step turns the optimiser into normalised SGD.",
         "Check the architecture (normalisation, residuals) and the data/loss scale.",
-        "If the norms are steady and typical of a {family} model, raise the threshold "
+        "If the norms are steady and typical of {family} models, raise the threshold "
         "(recommend_threshold()).",
     )
     thresholds = (

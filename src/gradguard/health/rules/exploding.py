@@ -27,6 +27,13 @@ _FROM_THE_START = (
 )
 
 
+#: for a norm far above the limit from the first step that does not grow
+_SCALE = (
+    "Large from the start: standardise regression targets (and inputs), and average the "
+    "loss over the batch rather than summing it; then see whether the norm still needs a clip."
+)
+
+
 class Exploding(Rule):
     kind = "exploding"
     severity = Severity.WARNING
@@ -105,6 +112,8 @@ class Exploding(Rule):
             why, base = _GROWTH, float(10.0 ** b.early[row])
         else:
             why, base = _ABOVE, 10.0 * c.explode_above / math.sqrt(c.jump_factor)
+            if episode.first <= self.context.first_step:  # from the run's first step on
+                episode.stats["first"] = b.first()
         self._why, self._base = why, base
         episode.stats.update(base=base, why=why)
 
@@ -112,6 +121,9 @@ class Exploding(Rule):
         c = self.config
         s = episode.stats
         peak, base = s["peak"], s["base"]
+        family = c.family_row.label
+        # far above the limit from the first step, and not growing: a scale, not a fault
+        from_start = s["why"] == _ABOVE and s.get("first", math.nan) * c.jump_factor > peak
         if s["why"] == _JUMP:
             message = (
                 f"gradient norm jumped to {peak / base:.3g}× its recent median "
@@ -120,12 +132,19 @@ class Exploding(Rule):
         elif s["why"] == _GROWTH:
             message = (
                 f"gradient norm grew {peak / base:.3g}× from the run's first steps "
-                f"({base:.3g} → peak {peak:.3g}), above the {c.family} explosion limit "
+                f"({base:.3g} → peak {peak:.3g}), above the {family} explosion limit "
                 f"{c.explode_above:g}"
+            )
+        elif from_start:
+            message = (
+                f"gradient norm far above the {family} explosion limit {c.explode_above:g} "
+                f"from the first step on (first {s['first']:.3g}, peak {peak:.3g}): large "
+                "from the start rather than growing, which points at the scale of the loss "
+                "or the targets before the learning rate"
             )
         else:
             message = (
-                f"gradient norm far above the {c.family} explosion limit {c.explode_above:g} "
+                f"gradient norm far above the {family} explosion limit {c.explode_above:g} "
                 f"(peak {peak:.3g})"
             )
         evidence = {
@@ -136,5 +155,5 @@ class Exploding(Rule):
         }
         if "lr" in s:
             evidence["lr"] = s["lr"]
-        extra = (_FROM_THE_START,) if s["why"] == _GROWTH else ()
+        extra = (_FROM_THE_START,) if s["why"] == _GROWTH else (_SCALE,) if from_start else ()
         self.report(episode, message, evidence, extra_advice=extra)
