@@ -274,3 +274,13 @@ def test_a_run_without_steps_renders_without_errors(browser, tmp_path):
     assert "No steps were recorded." in page.page.locator("#panels").inner_text()
     assert "No per-layer snapshots" in page.page.locator("#heatmap").inner_text()
     assert page.errors == []
+
+
+def test_a_sequential_index_is_titled_as_a_layer(browser, tmp_path):
+    write_synthetic(tmp_path / "seq", 100, ["0.weight", "1.weight"], every=10, batch=100)
+    page = Page(browser, build_report(tmp_path / "seq", tmp_path / "seq.html")).ready()
+    assert page.page.locator("#history-title").inner_text() in (
+        "Norm history of layer 0",
+        "Norm history of layer 1",
+    )
+    assert page.errors == []

@@ -502,7 +502,7 @@
   function selectRow(i) {
     LV.row = i;
     var L = LV.L, name = L.rows[i].name, data = [L.start, L.start.map(function (a, c) { var v = LV.value(i, c); return v > 0 && isFinite(v) ? v : null; })];
-    document.getElementById("history-title").textContent = "Norm history of " + name + (MULTI ? " (" + RUNS[LV.run].label + ")" : "");
+    document.getElementById("history-title").textContent = "Norm history of " + (/^\d+$/.test(name) ? "layer " + name : name) + (MULTI ? " (" + RUNS[LV.run].label + ")" : "");
     if (charts.history) { charts.history.destroy(); delete charts.history; }
     var spec = { id: "history", height: 170 };
     var built = { data: data, scales: { y: yScale(true) }, bands: [], log: true,
