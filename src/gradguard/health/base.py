@@ -271,7 +271,9 @@ def make_finding(
         "clip_low": f"{row.clip_range[0]:g}",
         "clip_high": f"{row.clip_range[1]:g}",
     }
-    advice = tuple(text.format(**fill) for text in rule.advice) + extra_advice
+    # advice for this finding's situation first: a reader (and the CLI, which prints three)
+    # sees what fits the case before the rule's general remedies
+    advice = extra_advice + tuple(text.format(**fill) for text in rule.advice)
     return Finding(
         kind=Kind(rule.kind),
         severity=severity or rule.severity,

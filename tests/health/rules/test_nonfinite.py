@@ -119,7 +119,7 @@ def test_a_nan_loss_right_after_an_explosion_is_blamed_on_it_not_on_the_data():
     assert "exploding updates" in finding.message and "input batch" in finding.message
     assert "rather than the input batch" in finding.message
     assert finding.evidence["growth_before"] > 1e6
-    assert any("exploded first" in a for a in finding.advice)
+    assert "exploded first" in finding.advice[0]
 
 
 def test_a_nan_loss_after_ordinary_norms_still_names_the_input_batch():
