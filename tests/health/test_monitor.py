@@ -197,3 +197,17 @@ def test_misaligned_input_is_refused_naming_the_column():
 def test_split_helper_keeps_snapshots_with_their_steps():
     parts = split(batch([1.0] * 10, names=("a",), snapshots=[(3, [1.0]), (7, [2.0])]), 5)
     assert [p.tensor_steps for p in parts] == [[3], [7]]
+
+
+def test_findings_of_one_step_and_severity_come_in_the_same_order_however_chunked():
+    # an applied NaN streak (run_lost, critical) where a collapsing loss scale
+    # (loss_scale_collapse, critical) also begins: the order once depended on the chunk
+    columns = rare_events(0, [(290, 5, False)], [(0, 1), (291, 31)], scale=True)
+    n = len(columns["loss"])
+    whole = diagnose(columns, range(n), chunk=1000)
+    assert [f.kind for f in whole if f.steps[0] == 290] == [
+        "loss_scale_collapse",
+        "nonfinite",
+        "run_lost",
+    ]
+    assert repr(diagnose(columns, range(n), chunk=1)) == repr(whole)

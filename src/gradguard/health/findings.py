@@ -34,6 +34,12 @@ def layer_label(name: str) -> str:
     return f"layer {name}" if name.isdigit() else name
 
 
+def reading_order(finding: Finding) -> tuple[int, int, str, int]:
+    """Sort key of findings as they are shown: by first step, the worst first, then by
+    kind, so that the order never depends on which flush reported a finding first."""
+    return (finding.steps[0], -finding.severity.rank, finding.kind.value, finding.steps[1])
+
+
 class Severity(str, enum.Enum):
     """How bad it is; compare with :attr:`rank`."""
 

@@ -21,7 +21,7 @@ from ..layers import group_index
 from ..schema import Event, HostBatch
 from .base import Context, Rule, Steps
 from .config import HealthConfig
-from .findings import Finding
+from .findings import Finding, reading_order
 from .rules import RULES, Kind
 from .signals import LayerSnapshot
 
@@ -120,7 +120,7 @@ class HealthMonitor:
         for finding in found:
             if finding.key in self.opened:
                 self.counts[finding.kind] = self.counts.get(finding.kind, 0) + 1
-        found.sort(key=lambda f: (f.steps[0], -f.severity.rank))
+        found.sort(key=reading_order)
         return found
 
     def _unreached(self, names: tuple[str, ...]) -> tuple[str, ...]:
@@ -254,5 +254,5 @@ def diagnose(
         for finding in monitor.update(HostBatch(steps=[], columns={})):
             found[finding.key or id(finding)] = finding  # type: ignore[index]
     out = [*found.values(), *loose]
-    out.sort(key=lambda f: (f.steps[0], -f.severity.rank))
+    out.sort(key=reading_order)
     return out

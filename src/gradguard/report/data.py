@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..health import Finding, HealthConfig, diagnose
+from ..health.findings import reading_order
 from ..layers import group_index
 from ..record.store import RunStore, StoreError
 from ..schema import Event, EventKind
@@ -118,7 +119,7 @@ def merge_findings(*groups: list[Finding]) -> list[Finding]:
         if key not in seen:
             seen.add(key)
             out.append(finding)
-    out.sort(key=lambda f: (f.steps[0], -f.severity.rank))
+    out.sort(key=reading_order)
     return out
 
 
