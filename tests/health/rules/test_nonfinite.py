@@ -137,3 +137,28 @@ def test_the_explosion_is_seen_across_flushes():
     norms[20], loss[20] = NAN, NAN
     finding = _nonfinite(final(batch(norms, loss=loss), every=20))
     assert "exploding updates" in finding.message
+
+
+def test_an_infinite_loss_with_finite_gradients_is_told_as_a_broken_objective():
+    # log(relu(x)): the loss is inf where relu is 0, relu's backward masks the gradient
+    norms, loss = noisy(0.5, 300), noisy(2.0, 300)
+    loss[100:105] = [INF] * 5
+    (finding,) = final(batch(norms, loss=loss))
+    assert finding.kind == "nonfinite" and finding.steps == (100, 104)
+    assert finding.severity == "warning" and finding.origin == FORWARD
+    assert "infinite loss at 5 steps (100–104)" in finding.message
+    assert "every gradient stayed finite" in finding.message
+    assert "clamp" in finding.advice[0]
+    assert finding.evidence["loss_nonfinite_steps"] == 5
+
+
+def test_a_step_recorded_without_its_loss_or_an_amp_overflow_is_no_loss_finding():
+    norms, loss = noisy(0.5, 300), noisy(2.0, 300)
+    loss[50:60] = [NAN] * 10  # NaN: the store cannot tell it from a loss not given
+    loss[200] = INF  # the GradScaler skipped this step for an overflow
+    reason = [0.0] * 300
+    reason[200] = AMP
+    skipped = [0.0] * 300
+    skipped[200] = 1.0
+    found = final(batch(norms, loss=loss, skipped=skipped, reason=reason))
+    assert "nonfinite" not in kinds(found)

@@ -32,7 +32,9 @@ class NonFinite(Rule):
         "every gradient was; otherwise (a NaN born in backward) the first non-finite parameter "
         "in backward order, from a per-tensor snapshot or the skip event of that step. A "
         "forward origin right after a finite norm >= 1000x the run's first is told as the "
-        "explosion's doing, not the data's"
+        "explosion's doing, not the data's. An infinite loss (not NaN: a step recorded "
+        "without its loss reads NaN) with finite gradients, outside AMP overflows, is a "
+        "warning of its own: the updates went through on a broken objective"
     )
     advice = (
         "Check the input batch and labels for NaN/inf (torch.isfinite(x).all()).",
@@ -71,20 +73,29 @@ class NonFinite(Rule):
         if steps.names:
             self._names = steps.names
         finite = steps.finite
-        bad = ~finite | (steps.skipped & (steps.reason == int(SkipReason.NONFINITE)))
+        grads = ~finite | (steps.skipped & (steps.reason == int(SkipReason.NONFINITE)))
+        # an infinite loss whose gradients stayed finite (masked: relu, where, a clamp);
+        # not NaN, which the store cannot tell from a step recorded without its loss,
+        # and not an AMP overflow, the GradScaler's own business
+        amp = steps.skipped & (steps.reason == int(SkipReason.AMP_OVERFLOW))
+        loss_only = np.isinf(steps.loss) & ~grads & ~amp
+        bad = grads | loss_only
         changes, _ = self.tracker.feed(steps.step, bad)
         for change in self.updated(changes):
             episode = change.episode
-            rows = np.arange(change.lo, change.hi + 1)
-            rows = rows[bad[rows]]
+            span = np.arange(change.lo, change.hi + 1)
+            rows = span[grads[span]]
             stats = episode.stats
-            if "before" not in stats and len(rows):  # the norm of the step before it began
-                earlier = np.flatnonzero(finite[: rows[0]])
+            first_bad = span[bad[span]]
+            if "before" not in stats and len(first_bad):  # the norm before it began
+                earlier = np.flatnonzero(finite[: first_bad[0]])
                 stats["before"] = (
                     float(steps.norm[earlier[-1]]) if len(earlier) else self._last_finite
                 )
-            stats.setdefault("total_norm", float(steps.norm[rows[0]]) if len(rows) else math.nan)
+            if len(rows):
+                stats.setdefault("total_norm", float(steps.norm[rows[0]]))
             stats["count"] = stats.get("count", 0) + len(rows)
+            stats["loss_only"] = stats.get("loss_only", 0) + int(loss_only[span].sum())
             if steps.loss_given:
                 lost = ~np.isfinite(steps.loss[rows])
                 stats["loss_seen"] = stats.get("loss_seen", 0) + len(rows)
@@ -113,6 +124,28 @@ class NonFinite(Rule):
             f"the run's first, {first:.3g}): the exploding updates most likely carried the "
             "weights or activations past the float range, rather than the input batch",
             before / first,
+        )
+
+    def _report_loss(self, episode: Episode, steps: int) -> None:
+        first, last = episode.first, episode.last
+        where = (
+            f"at step {first}"
+            if steps <= 1 and first == last
+            else (f"at {steps} steps ({first}–{last})")
+        )
+        self.report(
+            episode,
+            f"infinite loss {where} while every gradient stayed finite: a log or a division "
+            "reached zero (or the loss overflowed) on examples whose gradient is masked "
+            "(relu, torch.where, a clamp), so the updates went through on a broken objective",
+            {"loss_nonfinite_steps": float(steps), "nonfinite_steps": 0.0},
+            origin=FORWARD,
+            severity=Severity.WARNING,
+            extra_advice=(
+                "Find the examples whose loss is infinite (torch.isinf on the per-example "
+                "loss); clamp the argument of log (x.clamp_min(eps)) or use a stable loss "
+                "(log_softmax, BCEWithLogitsLoss).",
+            ),
         )
 
     def _use_late(self, episode: Episode, first: int, last: int) -> bool:
@@ -147,6 +180,9 @@ class NonFinite(Rule):
         stats = episode.stats
         count = stats.get("count", 0)
         first, last = episode.first, episode.last
+        if count == 0:  # only the loss was infinite: the updates went through
+            self._report_loss(episode, stats["loss_only"])
+            return
         what = (
             f"non-finite gradient at step {first}"
             if count <= 1 and first == last
