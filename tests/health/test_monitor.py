@@ -211,3 +211,14 @@ def test_findings_of_one_step_and_severity_come_in_the_same_order_however_chunke
         "run_lost",
     ]
     assert repr(diagnose(columns, range(n), chunk=1)) == repr(whole)
+
+
+def test_a_nan_step_inside_a_vanishing_episode_leaves_its_lowest_norm_alike_however_chunked():
+    series = np.array(noisy(0.5, 300, seed=0))
+    series[0:8] = 1e-8  # vanishing from the first step ...
+    series[5] = NAN  # ... with a NaN step inside the episode
+    columns = {"total_norm": series, "loss": np.linspace(2.0, 1.0, 300)}
+    whole = diagnose(columns, range(300), chunk=1000)
+    (vanishing,) = [f for f in whole if f.kind == "vanishing"]
+    assert vanishing.evidence["min_norm"] == pytest.approx(1e-8)
+    assert repr(diagnose(columns, range(300), chunk=7)) == repr(whole)

@@ -49,9 +49,10 @@ class Vanishing(Rule):
             stats = episode.stats
             before = self.tracker.sustain - 1 if "count" not in stats else stats["count"]
             stats["count"] = before + int(low[rows].sum())
-            stats["min"] = min(
-                stats.get("min", np.inf), float(np.min(steps.norm[rows], initial=np.inf))
-            )
+            # the lowest of the vanishing norms themselves: the span can hold a NaN step,
+            # whose NaN would win np.min in one flush and lose to min() in another
+            below = steps.norm[rows][low[rows]]
+            stats["min"] = min(stats.get("min", np.inf), float(np.min(below, initial=np.inf)))
             self.report(
                 episode,
                 f"gradient norm below {c.vanish_total:g} for {stats['count']} steps "
