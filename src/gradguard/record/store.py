@@ -98,10 +98,10 @@ def is_database(path: str | os.PathLike[str]) -> bool:
             p = p.with_name(p.name[: -len(suffix)])
             break
     try:
-        with open(p, "rb") as f:
-            return f.read(len(_db.SQLITE_MAGIC)) == _db.SQLITE_MAGIC
-    except OSError:  # absent, a directory, unreadable: nothing of ours to destroy
+        _db.check_header(p)
+    except StoreError:  # absent, a directory, unreadable, not SQLite: nothing to destroy
         return False
+    return True
 
 
 def default_run_dir(root: str | os.PathLike[str] = "runs") -> Path:

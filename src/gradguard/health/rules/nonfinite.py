@@ -86,9 +86,9 @@ class NonFinite(Rule):
             span = np.arange(change.lo, change.hi + 1)
             rows = span[grads[span]]
             stats = episode.stats
-            first_bad = span[bad[span]]
-            if "before" not in stats and len(first_bad):  # the norm before it began
-                earlier = np.flatnonzero(finite[: first_bad[0]])
+            bad_rows = span[bad[span]]
+            if "before" not in stats and len(bad_rows):  # the norm before it began
+                earlier = np.flatnonzero(finite[: bad_rows[0]])
                 stats["before"] = (
                     float(steps.norm[earlier[-1]]) if len(earlier) else self._last_finite
                 )
@@ -128,11 +128,8 @@ class NonFinite(Rule):
 
     def _report_loss(self, episode: Episode, steps: int) -> None:
         first, last = episode.first, episode.last
-        where = (
-            f"at step {first}"
-            if steps <= 1 and first == last
-            else (f"at {steps} steps ({first}–{last})")
-        )
+        where = f"at step {first}" if steps <= 1 and first == last else f"at {steps} steps"
+        where += "" if first == last else f" ({first}–{last})"
         self.report(
             episode,
             f"infinite loss {where} while every gradient stayed finite: a log or a division "
@@ -181,7 +178,7 @@ class NonFinite(Rule):
         count = stats.get("count", 0)
         first, last = episode.first, episode.last
         if count == 0:  # only the loss was infinite: the updates went through
-            self._report_loss(episode, stats["loss_only"])
+            self._report_loss(episode, stats.get("loss_only", 0))
             return
         what = (
             f"non-finite gradient at step {first}"
